@@ -1,0 +1,12 @@
+"""peftlab: the parameter-efficient fine-tuning taxonomy, applied to any PyTorch model, measured side by side."""
+from .core.config import PeftConfig, config_from_dict, load_config
+from .core.errors import CheckpointError, PeftlabError
+from .core.model import ParameterReport, PeftModel, get_peft_model
+from .core.registry import MethodSpec, get_method, list_methods, register
+from .methods.reparameterized.lora import LoraConfig
+
+__all__ = [
+    "CheckpointError", "LoraConfig", "MethodSpec", "ParameterReport", "PeftConfig", "PeftModel",
+    "PeftlabError", "config_from_dict", "get_method", "get_peft_model", "list_methods", "load_config", "register",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Method-agnostic core: registry, configs, targets, injection, the model wrapper, state files."""

@@ -1,0 +1,98 @@
+"""Base class for method configs: frozen dataclasses, validated on construction, JSON round trip.
+
+A config file carries the method name (``"method"``) so it can be read back without knowing the
+method in advance. Methods that HF ``peft`` also has add ``peft``'s own keys (``peft_fields``) so
+that ``peft`` reads the same file, and read ``peft``'s files through ``from_peft``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import PeftlabError
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """Fields every method has.
+
+    targets: which modules the method touches (see :mod:`peftlab.core.targets`); ``None`` means the
+        method's per-architecture default.
+    modules_to_save: modules trained in full beside the method (a new classification head).
+    """
+
+    method: ClassVar[str] = ""
+    # Where the base model's tensors sit in a checkpoint; peft uses a different root for soft prompts.
+    checkpoint_model_prefix: ClassVar[str] = "base_model.model."
+
+    targets: tuple[str, ...] | str | None = None
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Accept lists from users and JSON, store tuples so configs stay hashable and frozen.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+        if self.targets is not None and not isinstance(self.targets, (str, tuple)):
+            raise PeftlabError(f"targets={self.targets!r}: expected a list of module names/patterns, "
+                               "a regex string, 'all-linear' or None for the method's default")
+        self.validate()
+
+    def validate(self) -> None:
+        """Override to check method-specific fields; raise PeftlabError with what/expected/fix."""
+
+    # -- helpers for validate() -------------------------------------------------------------
+    def _require(self, ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            raise PeftlabError(f"{type(self).__name__}.{field}={getattr(self, field)!r} is invalid: "
+                               f"expected {expected}.")
+
+    # -- JSON ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.peft_fields()
+        out.update({f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        out["method"] = self.method
+        return out
+
+    def peft_fields(self) -> dict[str, Any]:
+        """Keys HF peft needs to read this file (only for methods peft also has)."""
+        return {}
+
+    @classmethod
+    def from_peft(cls, data: dict[str, Any]) -> "PeftConfig":
+        raise PeftlabError(f"{cls.__name__} cannot read a peft config")
+
+    def replace(self, **changes: Any) -> "PeftConfig":
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+def config_from_dict(data: dict[str, Any]) -> PeftConfig:
+    """Rebuild a config from its JSON form (peftlab's, or a peft ``adapter_config.json``)."""
+    from .registry import get_method, spec_for_peft_type
+
+    if "method" in data:
+        cls = get_method(data["method"]).config_cls
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+    if "peft_type" in data:
+        return spec_for_peft_type(data["peft_type"]).config_cls.from_peft(data)
+    raise PeftlabError(f"config {sorted(data)} names no method: expected a 'method' key "
+                       "(peftlab) or a 'peft_type' key (HF peft)")
+
+
+def load_config(path: str | Path) -> PeftConfig:
+    return config_from_dict(json.loads(Path(path).read_text()))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,138 @@
+"""DeltaModule: the one base class for modules that hold adapter weights.
+
+A delta module keeps each adapter's tensors in ``nn.ModuleDict``/``nn.ParameterDict`` attributes
+keyed by adapter name, and declares those attributes in ``adapter_attrs``. Freezing, saving,
+loading and deleting read that declaration — never a substring of a parameter name. Wrappers
+keep the module they wrap as ``base_layer``.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class DeltaModule(nn.Module):
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # Per-adapter settings that are not tensors (scaling, dropout probability, ...).
+        self.settings: dict[str, Any] = {}
+
+    # -- which adapters this module holds ------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for attr in self.adapter_attrs:
+            for key in getattr(self, attr).keys():
+                names[key] = None
+        return list(names)
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names()]
+
+    def live_adapters(self) -> list[str]:
+        """Adapters whose delta must be computed in this forward pass (active, not merged)."""
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name not in container:
+                continue
+            item = container[name]
+            params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return params
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge(name)
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.settings.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    # -- checkpoint form -----------------------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Tensors of adapter ``name``, keyed relative to this module, without the adapter name
+        (the layout HF peft writes: ``lora_A.weight``, ``ia3_l``)."""
+        state: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name not in container:
+                continue
+            item = container[name]
+            if isinstance(item, nn.Module):
+                state.update({f"{attr}.{k}": v for k, v in item.state_dict().items()})
+            else:
+                state[attr] = item
+        return state
+
+    def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy checkpoint tensors in; the caller has already checked keys and shapes."""
+        current = self.adapter_state(name)
+        with torch.no_grad():
+            for key, value in tensors.items():
+                current[key].copy_(value.to(dtype=current[key].dtype, device=current[key].device))
+
+    def release(self, model: nn.Module) -> None:
+        """Undo anything this module hooked outside its own tree (model-level modules override)."""
+
+    # -- merging (mergeable methods override) ----------------------------------------------
+    def merge(self, name: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unmerge(self, name: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
+
+
+class TrainableCopy(DeltaModule):
+    """``modules_to_save``: a full trainable copy of a module (a new task head) per adapter."""
+
+    adapter_attrs = ("copies",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.copies = nn.ModuleDict()
+
+    def add(self, name: str, config: Any = None) -> None:
+        import copy
+
+        # The copy starts from the base module, so a head keeps its initialisation.
+        self.copies[name] = copy.deepcopy(self.base_layer)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        live = self.live_adapters()
+        module = self.copies[live[-1]] if live else self.base_layer
+        return module(*args, **kwargs)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.copies[name].state_dict()) if name in self.copies else {}
+
+    def merge(self, name: str) -> None:
+        # Merging a full copy means the base module takes the copy's weights; keep the originals.
+        self._originals = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
+        self.base_layer.load_state_dict(self.copies[name].state_dict())
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str) -> None:
+        self.base_layer.load_state_dict(self._originals)
+        self.merged_adapters.remove(name)
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The original module under any stack of wrappers."""
+    while isinstance(module, DeltaModule) and hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+

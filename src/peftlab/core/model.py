@@ -1,0 +1,320 @@
+"""PeftModel: a model with named adapters.
+
+It forwards calls to the wrapped model (so it drops into a plain loop or the HF ``Trainer``),
+keeps one config per adapter, and does the method-agnostic work: activate, disable, delete,
+merge, save and load. Everything method-specific sits in the methods' delta modules.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .config import PeftConfig, config_from_dict
+from .errors import PeftlabError
+from .inject import delta_modules, remove_empty_wrappers, unwrap_all, wrap
+from .layer import DeltaModule, TrainableCopy
+from .registry import spec_for_config
+from .state import CONFIG_NAME, WEIGHTS_NAME, check_state, read_tensors, save_adapter
+from .targets import resolve_modules_to_save
+
+_BASE = "base_model."
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """Trainable parameters as the review reports them: count and share of the whole model."""
+
+    trainable: int
+    total: int
+    base: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {self.percent:.4f}")
+
+
+class PeftModel(nn.Module):
+    """A base model plus one or more named adapters, one of them active."""
+
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        # Model-level delta modules (soft prompts) that do not sit inside a layer of the model.
+        self.model_adapters = nn.ModuleDict()
+        self.peft_configs: dict[str, PeftConfig] = {}
+        self.active_adapter: str | None = None
+        self.trainable = True
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # -- forwarding ----------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def _input_adapters(self) -> list[DeltaModule]:
+        return [m for m in self.model_adapters.values() if m.live_adapters()]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        for module in self._input_adapters():
+            args, kwargs = module.transform_inputs(self.base_model, args, kwargs)
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        for module in self._input_adapters():
+            return module.generate(self.base_model, args, kwargs)
+        return self.base_model.generate(*args, **kwargs)
+
+    # -- adapters ------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Add an adapter (inactive unless it is the first); a name in use is refused."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise PeftlabError(f"adapter name {adapter_name!r}: expected a non-empty string without '.'")
+        if adapter_name in self.peft_configs:
+            raise PeftlabError(f"an adapter named {adapter_name!r} already exists (adapters: "
+                               f"{sorted(self.peft_configs)}); pick another name or delete_adapter() first")
+        if not isinstance(config, PeftConfig):
+            raise PeftlabError(f"config must be a peftlab config such as LoraConfig(...), got {type(config).__name__}")
+        spec = spec_for_config(config)
+        try:
+            spec.attach(self.base_model, adapter_name, config, self)
+            for path in resolve_modules_to_save(self.base_model, config.modules_to_save):
+                wrap(self.base_model, path, TrainableCopy).add(adapter_name, config)
+        except BaseException:
+            self._remove_everywhere(adapter_name)  # leave the model as it was
+            raise
+        self.peft_configs[adapter_name] = config
+        self.set_adapter(self.active_adapter or adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter; only its weights train."""
+        self._check_known(adapter_name)
+        self.active_adapter = adapter_name
+        for _, module in self._delta_modules():
+            module.set_active([adapter_name])
+        self._set_trainable()
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if self.active_adapter else []
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes as the base model."""
+        modules = [m for _, m in self._delta_modules()]
+        if any(m.merged_adapters for m in modules):
+            raise PeftlabError("an adapter is merged into the base weights; unmerge_adapter() before disabling")
+        previous = [m.disabled for m in modules]
+        for module in modules:
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module, was in zip(modules, previous):
+                module.disabled = was
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known(adapter_name)
+        self._remove_everywhere(adapter_name)
+        del self.peft_configs[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_configs), None)
+            if self.active_adapter:
+                self.set_adapter(self.active_adapter)
+
+    def _remove_everywhere(self, adapter_name: str) -> None:
+        for _, module in list(self._delta_modules()):
+            module.delete_adapter(adapter_name)
+        remove_empty_wrappers(self.base_model)
+        for key in [k for k, m in self.model_adapters.items() if not m.adapter_names()]:
+            self.model_adapters[key].release(self.base_model)
+            del self.model_adapters[key]
+
+    # -- merging -------------------------------------------------------------------------
+    def merge_adapter(self, adapter_name: str | None = None) -> None:
+        name = adapter_name or self.active_adapter
+        self._check_known(name)
+        spec = spec_for_config(self.peft_configs[name])
+        if not spec.mergeable:
+            raise PeftlabError(f"method {spec.name!r} cannot be merged into the base weights "
+                               "(it adds computation the base model does not have); keep it unmerged")
+        for _, module in self._delta_modules():
+            if name in module.adapter_names() and name not in module.merged_adapters:
+                module.merge(name)
+
+    def unmerge_adapter(self, adapter_name: str | None = None) -> None:
+        name = adapter_name or self.active_adapter
+        for _, module in self._delta_modules():
+            if name in module.merged_adapters:
+                module.unmerge(name)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active adapter into the base weights and return the plain base model."""
+        self.merge_adapter()
+        unwrap_all(self.base_model)
+        for key in list(self.model_adapters):
+            self.model_adapters[key].release(self.base_model)
+            del self.model_adapters[key]
+        self.peft_configs.clear()
+        return self.base_model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the base model."""
+        for name in list(self.peft_configs):
+            self.delete_adapter(name)
+        return self.base_model
+
+    # -- parameters ----------------------------------------------------------------------
+    def _delta_modules(self) -> Iterator[tuple[str, DeltaModule]]:
+        return delta_modules(self)
+
+    def _check_known(self, adapter_name: str | None) -> None:
+        if adapter_name not in self.peft_configs:
+            raise PeftlabError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_configs)}")
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for _, module in self._delta_modules():
+            for param in module.adapter_parameters(adapter_name):
+                seen[id(param)] = param
+        return list(seen.values())
+
+    def _set_trainable(self) -> None:
+        for name in self.peft_configs:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(False)
+        if self.trainable and self.active_adapter:
+            for param in self.adapter_parameters(self.active_adapter):
+                param.requires_grad_(True)
+        self.check_parameter_partition()
+
+    def check_parameter_partition(self) -> None:
+        """Every parameter is either trainable state of the active adapter or frozen; nothing else."""
+        wanted = {id(p) for p in self.adapter_parameters(self.active_adapter)} if (
+            self.trainable and self.active_adapter) else set()
+        wrong = [n for n, p in self.named_parameters() if p.requires_grad != (id(p) in wanted)]
+        if wrong:
+            raise PeftlabError(f"parameters outside the active adapter are trainable, or adapter parameters "
+                               f"are frozen: {wrong[:5]}. Something set requires_grad by hand; "
+                               "call set_adapter() to restore the partition.")
+
+    def trainable_parameters_report(self) -> ParameterReport:
+        adapters = {id(p) for n in self.peft_configs for p in self.adapter_parameters(n)}
+        params = {id(p): p for p in self.parameters()}
+        return ParameterReport(
+            trainable=sum(p.numel() for p in params.values() if p.requires_grad),
+            total=sum(p.numel() for p in params.values()),
+            base=sum(p.numel() for i, p in params.items() if i not in adapters),
+        )
+
+    def print_trainable_parameters(self) -> None:
+        print(self.trainable_parameters_report())
+
+    # -- state ---------------------------------------------------------------------------
+    def _state_entries(self, adapter_name: str) -> dict[str, tuple[DeltaModule, str, torch.Tensor]]:
+        """Checkpoint key -> (module, key inside the module, tensor) for one adapter."""
+        prefix = self.peft_configs[adapter_name].checkpoint_model_prefix
+        entries: dict[str, tuple[DeltaModule, str, torch.Tensor]] = {}
+        for path, module in self._delta_modules():
+            for local, tensor in module.adapter_state(adapter_name).items():
+                if path.startswith(_BASE):
+                    key = f"{prefix}{path[len(_BASE):]}.{local}"
+                else:  # model-level modules name their tensors at the top level, as peft does
+                    key = local
+                entries[key] = (module, local, tensor)
+        return entries
+
+    def _adapter_paths(self, adapter_name: str) -> list[str]:
+        return [path[len(_BASE):] for path, m in self._delta_modules()
+                if path.startswith(_BASE) and not isinstance(m, TrainableCopy) and adapter_name in m.adapter_names()]
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Only the adapter's tensors, under the keys written to ``adapter_model.safetensors``."""
+        name = adapter_name or self.active_adapter
+        self._check_known(name)
+        return {k: t for k, (_, _, t) in self._state_entries(name).items()}
+
+    def load_adapter_state_dict(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        entries = self._state_entries(adapter_name)
+        check_state({k: t for k, (_, _, t) in entries.items()}, tensors, source)
+        per_module: dict[int, tuple[DeltaModule, dict[str, torch.Tensor]]] = {}
+        for key, (module, local, _) in entries.items():
+            per_module.setdefault(id(module), (module, {}))[1][local] = tensors[key]
+        for module, local_tensors in per_module.values():
+            module.load_adapter_state(adapter_name, local_tensors)
+        self._set_trainable()
+
+    def save_pretrained(self, path: str | Path, adapter_names: list[str] | None = None) -> None:
+        """Save each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        The default adapter goes to ``path``, any other to ``path/<name>`` (peft's layout).
+        """
+        for name in adapter_names or list(self.peft_configs):
+            self._check_known(name)
+            folder = Path(path) if name == "default" else Path(path) / name
+            config = self.peft_configs[name].to_dict()
+            config["base_model_name_or_path"] = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+            config["task_type"] = config.get("task_type") or _task_type(self.base_model)
+            if "target_modules" in config:  # peft cannot read '@' sites: write the resolved names
+                config["target_modules"] = self._adapter_paths(name)
+            save_adapter(folder, config, self.adapter_state_dict(name))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "PeftModel":
+        """Load an adapter saved by peftlab or HF peft onto ``model``; strict about every key."""
+        config = _read_config(path)
+        peft_model = cls(model, config, adapter_name)
+        peft_model.trainable = is_trainable
+        peft_model.load_adapter_state_dict(adapter_name, read_tensors(Path(path) / WEIGHTS_NAME), str(path))
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, path: str | Path, adapter_name: str) -> None:
+        """Add a saved adapter under ``adapter_name`` (inactive until set_adapter)."""
+        self.add_adapter(adapter_name, _read_config(path))
+        try:
+            self.load_adapter_state_dict(adapter_name, read_tensors(Path(path) / WEIGHTS_NAME), str(path))
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+
+def _read_config(path: str | Path) -> PeftConfig:
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise PeftlabError(f"no {CONFIG_NAME} in {path}; expected a folder written by save_pretrained")
+    return config_from_dict(json.loads(file.read_text()))
+
+
+def _task_type(model: nn.Module) -> str | None:
+    # peft reads task_type to pick its model class; map from the HF head class name.
+    name = type(model).__name__
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION"
+
+
+def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with a new adapter built from ``config``; only the adapter trains."""
+    return PeftModel(model, config, adapter_name)

@@ -1,0 +1,96 @@
+"""The registry of PEFT methods.
+
+Each method file calls :func:`register` once with a :class:`MethodSpec`. Generic code (the model
+wrapper, the conformance tests, the assessment) reads capabilities from the spec and never
+compares method names.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import PeftlabError
+
+if TYPE_CHECKING:
+    from .config import PeftConfig
+
+FAMILIES = ("additive", "partial", "reparameterized", "hybrid", "unified")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is and what it can do.
+
+    ``attach(model, adapter_name, config, host)`` adds adapter ``adapter_name`` to ``model`` in
+    place; ``host`` is the :class:`~peftlab.core.model.PeftModel`, used by methods that keep
+    model-level state (soft prompts). Capabilities are declarations the conformance suite checks.
+    """
+
+    name: str
+    family: str
+    subcategory: str
+    config_cls: type
+    trains: str
+    attach: Callable[..., None]
+    paper: str = ""
+    mergeable: bool = False
+    identity_at_init: bool = True
+    merge_tolerance: float = 1e-5
+    changes_sequence_length: bool = False
+    peft_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise PeftlabError(f"method {self.name!r}: family {self.family!r} is not one of {FAMILIES}")
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method to the registry; a second method with the same name is refused."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise PeftlabError(f"a method named {spec.name!r} is already registered; pick another name")
+    _REGISTRY[spec.name] = spec
+    spec.config_cls.method = spec.name
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of method ``name``; an unknown name lists the known ones."""
+    _load_builtin_methods()
+    key = name.lower().replace("-", "_")
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    close = difflib.get_close_matches(key, list(_REGISTRY), n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise PeftlabError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_REGISTRY))}.")
+
+
+def spec_for_config(config: Any) -> MethodSpec:
+    return get_method(type(config).method)
+
+
+def all_methods() -> list[MethodSpec]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY.values(), key=lambda s: (FAMILIES.index(s.family), s.subcategory, s.name))
+
+
+def list_methods() -> list[tuple[str, str, str]]:
+    """(name, family, subcategory) of every registered method, in taxonomy order."""
+    return [(s.name, s.family, s.subcategory) for s in all_methods()]
+
+
+def spec_for_peft_type(peft_type: str) -> MethodSpec:
+    _load_builtin_methods()
+    for spec in _REGISTRY.values():
+        if spec.peft_type == peft_type:
+            return spec
+    known = sorted(s.peft_type for s in _REGISTRY.values() if s.peft_type)
+    raise PeftlabError(f"peft_type {peft_type!r} has no peftlab method; peftlab reads {known}")
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package registers every built-in method (one import line per method file).
+    import peftlab.methods  # noqa: F401

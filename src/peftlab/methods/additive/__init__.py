@@ -1,0 +1,1 @@
+"""Additive PEFT methods."""

@@ -1,0 +1,1 @@
+"""Reparameterized PEFT methods."""
