@@ -4,9 +4,16 @@ from .core.errors import CheckpointError, PeftlabError
 from .core.model import ParameterReport, PeftModel, get_peft_model
 from .core.registry import MethodSpec, get_method, list_methods, register
 from .methods.reparameterized.lora import LoraConfig
+from .methods.additive.parallel_adapter import ParallelAdapterConfig
+from .methods.additive.residual_adapter import ResidualAdapterConfig
+from .methods.additive.sequential_adapter import SequentialAdapterConfig
+from .methods.additive.ia3 import IA3Config
+from .methods.partial.bitfit import BitFitConfig
 
 __all__ = [
+    "BitFitConfig", "IA3Config",
     "CheckpointError", "LoraConfig", "MethodSpec", "ParameterReport", "PeftConfig", "PeftModel",
-    "PeftlabError", "config_from_dict", "get_method", "get_peft_model", "list_methods", "load_config", "register",
+    "PeftlabError", "ParallelAdapterConfig", "ResidualAdapterConfig",
+    "SequentialAdapterConfig", "config_from_dict", "get_method", "get_peft_model", "list_methods", "load_config", "register",
 ]
 __version__ = "0.1.0"

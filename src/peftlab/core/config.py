@@ -61,6 +61,11 @@ class PeftConfig:
         """Keys HF peft needs to read this file (only for methods peft also has)."""
         return {}
 
+    def peft_fields_for(self, model: Any, adapter_name: str) -> dict[str, Any]:
+        """peft keys that only the model can tell (module paths resolved from '@' sites), written
+        over ``peft_fields`` when adapter ``adapter_name`` of ``model`` is saved; most methods need none."""
+        return {}
+
     @classmethod
     def from_peft(cls, data: dict[str, Any]) -> "PeftConfig":
         raise PeftlabError(f"{cls.__name__} cannot read a peft config")
@@ -84,6 +89,26 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
         return spec_for_peft_type(data["peft_type"]).config_cls.from_peft(data)
     raise PeftlabError(f"config {sorted(data)} names no method: expected a 'method' key "
                        "(peftlab) or a 'peft_type' key (HF peft)")
+
+
+def config_from_options(method: str, options: dict[str, str]) -> PeftConfig:
+    """Build a config from command-line ``key=value`` strings (JSON values, or comma lists)."""
+    from .registry import get_method
+
+    cls = get_method(method).config_cls
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise PeftlabError(f"{cls.__name__} has no option {unknown}; its options are {sorted(names)}")
+    values: dict[str, Any] = {}
+    for key, raw in options.items():
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = tuple(raw.split(",")) if "," in raw else raw
+        if key in ("targets", "modules_to_save") and isinstance(values[key], str) and not raw.startswith(("re:", "all-")):
+            values[key] = (values[key],)
+    return cls(**values)
 
 
 def load_config(path: str | Path) -> PeftConfig:

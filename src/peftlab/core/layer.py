@@ -24,6 +24,14 @@ class DeltaModule(nn.Module):
         # Per-adapter settings that are not tensors (scaling, dropout probability, ...).
         self.settings: dict[str, Any] = {}
 
+    @property
+    def weight(self) -> torch.Tensor:
+        # Model code reads the weight of a module it calls (T5's FFN checks ``self.wo.weight.dtype``);
+        # a wrapper answers with the weight of the module it wraps.
+        if "base_layer" not in self._modules:
+            raise AttributeError(f"{type(self).__name__} wraps no module, so it has no weight")
+        return base_of(self).weight
+
     # -- which adapters this module holds ------------------------------------------------
     def adapter_names(self) -> list[str]:
         names: dict[str, None] = {}

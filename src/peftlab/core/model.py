@@ -268,11 +268,14 @@ class PeftModel(nn.Module):
         for name in adapter_names or list(self.peft_configs):
             self._check_known(name)
             folder = Path(path) if name == "default" else Path(path) / name
-            config = self.peft_configs[name].to_dict()
+            # Methods HF peft also has are written in peft's own form (read back via from_peft),
+            # so either library loads the folder without unknown-key warnings.
+            config = self.peft_configs[name].peft_fields() or self.peft_configs[name].to_dict()
             config["base_model_name_or_path"] = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
             config["task_type"] = config.get("task_type") or _task_type(self.base_model)
             if "target_modules" in config:  # peft cannot read '@' sites: write the resolved names
                 config["target_modules"] = self._adapter_paths(name)
+            config.update(self.peft_configs[name].peft_fields_for(self.base_model, name))
             save_adapter(folder, config, self.adapter_state_dict(name))
 
     @classmethod

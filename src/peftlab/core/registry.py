@@ -39,6 +39,9 @@ class MethodSpec:
     merge_tolerance: float = 1e-5
     changes_sequence_length: bool = False
     peft_type: str | None = None
+    # A learning rate that works for this method on BERT-size models (methods train at very
+    # different rates: soft prompts want ~1e-2, LoRA ~5e-4); the assessment starts from it.
+    default_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

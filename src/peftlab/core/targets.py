@@ -24,8 +24,8 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()  # type: ignore[assignment]
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)  # type: ignore[assignment]
-SITES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out", "ffn", "attention", "layernorm",
-         "embeddings")
+SITES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out", "ffn", "attention", "self_attention",
+         "layernorm", "embeddings")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ _BERT = Architecture(
         "ffn_out": r"\.layer\.\d+\.output\.dense$",
         "ffn": r"\.layer\.\d+\.output$",
         "attention": r"\.attention\.self$",
+        "self_attention": r"\.attention\.self$",
         "layernorm": r"LayerNorm$",
         "embeddings": r"embeddings\.word_embeddings$",
     },
@@ -70,6 +71,7 @@ _GPT2 = Architecture(
         "ffn_out": r"\.mlp\.c_proj$",
         "ffn": r"\.h\.\d+\.mlp$",
         "attention": r"\.h\.\d+\.attn$",
+        "self_attention": r"\.h\.\d+\.attn$",
         "layernorm": r"ln_(1|2|f)$",
         "embeddings": r"(^|\.)wte$",
     },
@@ -86,6 +88,7 @@ _LLAMA = Architecture(
         "ffn_out": r"mlp\.down_proj$",
         "ffn": r"layers\.\d+\.mlp$",
         "attention": r"layers\.\d+\.self_attn$",
+        "self_attention": r"layers\.\d+\.self_attn$",
         "layernorm": r"norm$",
         "embeddings": r"embed_tokens$",
     },
@@ -101,6 +104,7 @@ _T5 = Architecture(
         "ffn_out": r"DenseReluDense\.wo$",
         "ffn": r"DenseReluDense$",
         "attention": r"(SelfAttention|EncDecAttention)$",
+        "self_attention": r"SelfAttention$",
         "layernorm": r"layer_norm$",
         "embeddings": r"(^|\.)shared$",
     },

@@ -1,2 +1,7 @@
 """Built-in methods. One import line per method file registers it."""
 from .reparameterized import lora  # noqa: F401
+from .additive import sequential_adapter  # noqa: F401
+from .additive import residual_adapter  # noqa: F401
+from .additive import parallel_adapter  # noqa: F401
+from .additive import ia3  # noqa: F401
+from .partial import bitfit  # noqa: F401

@@ -430,7 +430,10 @@ def _load_from_hub(spec: GlueTask, split: str, limit: int | None) -> list[Exampl
 # ---------------------------------------------------------------------------------------
 
 
-def _pair_arrays(predictions: Sequence[Any] | np.ndarray, references: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+_ArrayLike = Sequence[Any] | np.ndarray
+
+
+def _pair_arrays(predictions: _ArrayLike, references: _ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     p, r = np.asarray(predictions), np.asarray(references)
     if p.shape[0] != r.shape[0]:
         raise ValueError(f"{p.shape[0]} predictions but {r.shape[0]} references")
@@ -445,7 +448,9 @@ def accuracy(predictions: Sequence[int] | np.ndarray, references: Sequence[int] 
     return float(np.mean(p == r))
 
 
-def f1_binary(predictions: Sequence[int] | np.ndarray, references: Sequence[int] | np.ndarray, positive: int = 1) -> float:
+def f1_binary(
+    predictions: Sequence[int] | np.ndarray, references: Sequence[int] | np.ndarray, positive: int = 1
+) -> float:
     """F1 of the positive class (GLUE's MRPC/QQP F1); 0.0 when there are no true positives."""
     p, r = _pair_arrays(predictions, references)
     tp = int(np.sum((p == positive) & (r == positive)))

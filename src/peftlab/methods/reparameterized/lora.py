@@ -152,5 +152,5 @@ SPEC = register(MethodSpec(
     name="lora", family="reparameterized", subcategory="LoRA", config_cls=LoraConfig,
     trains="low-rank update B A of chosen weight matrices", attach=attach,
     paper="Hu et al. 2022, LoRA: Low-Rank Adaptation of Large Language Models",
-    mergeable=True, merge_tolerance=1e-4, peft_type="LORA",
+    mergeable=True, merge_tolerance=1e-4, peft_type="LORA", default_lr=5e-4,
 ))

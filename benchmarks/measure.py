@@ -1,0 +1,107 @@
+"""Timing and memory measurement.
+
+Timing: every case runs the same number of warm-up calls, then the cases take turns (A, B, C,
+..., then C, B, A, ...) so slow drift of the machine (other processes, thermal state) falls on
+all of them alike. A ratio between two cases is the median over repetitions of the per-round
+ratio, which cancels drift that is slower than one round.
+
+Memory: the peak bytes of live tensors during one step, counted as the tensors the case holds
+before the step (parameters, buffers, gradients, optimizer state; each storage once) plus the
+largest rise during the step. On CUDA the rise is the caching allocator's peak
+(``torch.cuda.max_memory_allocated``). On CPU it is the running sum of the allocation and free
+events that ``torch.profiler`` (``profile_memory=True``) records from PyTorch's CPU allocator.
+That sees every tensor PyTorch allocates, including activations autograd saves in C++; it
+misses memory allocated outside PyTorch's allocator (oneDNN/MKL scratch space, Python objects),
+allocator fragmentation and the process's code and libraries.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Callable, Iterable
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: str,
+                      between: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``repeats`` rounds, taking turns (order reversed on odd rounds)."""
+    for _ in range(warmup):
+        for key, fn in fns.items():
+            fn()
+            if between:
+                between(key)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    gc.collect()
+    gc.disable()  # a collection inside one timed call would land on whichever case triggered it
+    try:
+        for r in range(repeats):
+            for key in (order if r % 2 == 0 else order[::-1]):
+                sync(device)
+                start = time.perf_counter()
+                fns[key]()
+                sync(device)
+                times[key].append(time.perf_counter() - start)
+                if between:
+                    between(key)
+    finally:
+        gc.enable()
+    return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of ``a[i] / b[i]``."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (shared and tied tensors count once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def held_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """What a training case keeps between steps: weights, buffers, gradients, optimizer state."""
+    out: list[torch.Tensor] = list(model.parameters()) + list(model.buffers())
+    out += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def peak_rise_bytes(fn: Callable[[], object], device: str) -> int:
+    """Largest rise of live tensor bytes above the level at the start, while ``fn`` runs."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - start)
+    from torch._C._autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    events.sort(key=lambda e: e[0])
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak

@@ -1,0 +1,127 @@
+"""The ``peftlab`` command: ``methods``, ``train``, ``eval``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .core.config import config_from_options
+from .core.errors import PeftlabError
+from .core.registry import all_methods, get_method
+
+
+def _options(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise PeftlabError(f"option {pair!r}: expected KEY=VALUE, e.g. --opt r=8")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _task_and_root(task: str, data_dir: str | None) -> tuple[str, str | None]:
+    path = Path(task)
+    if path.is_dir():  # a task folder such as ../shared/data/glue/SST-2
+        return path.name, str(path)
+    return task, data_dir
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    specs = all_methods()
+    rows = [(s.name, s.family, s.subcategory, "yes" if s.mergeable else "no", s.trains) for s in specs]
+    head = ("method", "family", "subcategory", "mergeable", "what it trains")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    for row in [head, tuple("-" * w for w in widths)] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.glue_job import GlueRun, run_glue
+    from .train.loop import TrainArgs
+
+    task, root = _task_and_root(args.task, args.data_dir)
+    config = None
+    if args.method != "full":
+        options = _options(args.opt)
+        if args.targets:
+            options["targets"] = args.targets
+        config = config_from_options(args.method, options)
+    lr = args.lr or (get_method(args.method).default_lr if config else 5e-5)
+    run = GlueRun(model=args.model, task=task, data_dir=root, train_limit=args.train_limit,
+                  eval_limit=args.eval_limit, batch_size=args.batch_size, max_length=args.max_length)
+    summary = run_glue(run, config, TrainArgs(epochs=args.epochs, lr=lr, seed=args.seed), out=args.out)
+    print(f"trainable params: {summary['trainable_params']:,} / {summary['total_params']:,} "
+          f"({summary['trainable_percent']:.4f}%)")
+    print("dev " + "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items()))
+    print(f"saved adapter and metrics.json to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .core.model import PeftModel
+    from .tasks.glue import get_glue_task, glue_metrics, load_glue
+    from .train.data import encode_pairs, make_loader
+    from .train.glue_job import load_classifier
+    from .train.loop import predict
+
+    task_name, root = _task_and_root(args.task, args.data_dir)
+    task = get_glue_task(task_name)
+    model, tokenizer = load_classifier(args.model, task.num_labels)
+    model = PeftModel.from_pretrained(model, args.adapter)
+    metrics = {}
+    for split in task.eval_splits:
+        rows = encode_pairs(load_glue(task, root, split, args.eval_limit), tokenizer, args.max_length)
+        logits, labels = predict(model, make_loader(rows, tokenizer, 128, shuffle=False), progress=True)
+        metrics[split] = glue_metrics(task, logits, labels)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list the registered PEFT methods").set_defaults(func=cmd_methods)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="model folder or hub id")
+        p.add_argument("--task", required=True, help="GLUE task folder (…/glue/SST-2) or task name with --data-dir")
+        p.add_argument("--data-dir", default=None, help="GLUE root folder (omit to read the hub's 'glue' dataset)")
+        p.add_argument("--max-length", type=int, default=64)
+        p.add_argument("--eval-limit", type=int, default=None)
+
+    train = sub.add_parser("train", help="fine-tune with a PEFT method on a GLUE task")
+    common(train)
+    train.add_argument("--method", default="lora", help="a name from `peftlab methods`, or 'full'")
+    train.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    train.add_argument("--targets", default=None, help="comma-separated targets, e.g. query,value or @ffn_out")
+    train.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=None, help="default: the method's own default_lr")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default="runs/train", help="folder for the adapter and metrics.json")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="score a saved adapter on a GLUE dev split")
+    common(evaluate)
+    evaluate.add_argument("--adapter", required=True, help="folder written by `peftlab train`")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (PeftlabError, ValueError, FileNotFoundError) as err:
+        print(f"peftlab: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Prefix tuning (Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation").
+
+Every self-attention layer ``i`` attends over ``p`` trainable key/value vectors in front of the keys
+and values of the real tokens; the model's weights stay frozen::
+
+    head = softmax(q [P_k^i; K]^T / sqrt(d_h) + mask) [P_v^i; V]      P_k^i, P_v^i: (kv_heads, p, d_h)
+
+Training goes through the paper's reparameterisation (``prefix_projection=True``, section 4.3), which
+the authors found necessary for stable optimisation::
+
+    [P_k^0, P_v^0, ..., P_k^{L-1}, P_v^{L-1}] = MLP(P') = W2 tanh(W1 P' + b1) + b2     P': (p, d)
+
+and is folded away afterwards: the checkpoint holds the MLP's output only, ``prompt_embeddings``
+(p, L*2*kv_heads*d_h), laid out as HF peft writes it (row view (p, L*2, kv_heads, d_h); entry 2i
+holds the keys of layer i, 2i+1 its values). Loading a checkpoint, or :meth:`PrefixKV.fold`, puts an
+adapter in direct mode: one parameter holding that tensor, no MLP.
+
+Mechanism: transformers routes attention through ``ALL_ATTENTION_FUNCTIONS`` with keys/values of shape
+(batch, kv_heads, kv_len, d_h) after RoPE and after the KV cache. Attaching registers an attention
+function ``peftlab_prefix_<original>`` (with the original's mask function) and switches every config
+of the model to it; it prepends the prefix to the keys/values of the chosen self-attention modules,
+pads the mask (True / 0 for the prefix columns; T5's position bias with 0) and calls the original.
+Position ids and the KV cache hold the real tokens only, so generation needs nothing special. With
+RoPE (Llama) this computes what peft computes (peft puts the prefix in the cache and shifts positions
+by p; relative rotations are unchanged); with absolute positions (BERT, GPT-2) peft's token positions
+start at p and peftlab's at 0, so outputs differ from peft's while checkpoints load both ways.
+Encoder-decoder models get a prefix in every encoder and decoder self-attention (layers numbered in
+model order, encoder first); peft instead prefixes decoder self- and cross-attention, so such
+checkpoints do not carry over between the two.
+
+Supports the ``eager`` and ``sdpa`` attention implementations. Not identity at init (the prefix is
+attended to from the first step) and not mergeable (it adds attention positions, not weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ...core.config import PeftConfig
+from ...core.errors import PeftlabError
+from ...core.layer import DeltaModule, base_of
+from ...core.registry import MethodSpec, register
+from ...core.targets import resolve_targets
+
+_KEY = "prefix_tuning"          # this method's entry in PeftModel.model_adapters
+_PREFIX = "peftlab_prefix_"     # attention implementation name = _PREFIX + original name
+_SITE_ATTR = "_peftlab_prefix_site"  # (owner, layer index), kept in the attention module's __dict__
+SUPPORTED = ("eager", "sdpa")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuningConfig(PeftConfig):
+    """num_virtual_tokens: prefix length ``p`` per layer; prefix_projection: train through the MLP
+    reparameterisation (folded away in checkpoints); projection_hidden: the MLP's hidden width
+    (default: the model's hidden size). targets default to every self-attention module."""
+
+    checkpoint_model_prefix: ClassVar[str] = "base_model."
+
+    targets: tuple[str, ...] | str | None = ("@self_attention",)
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = True
+    projection_hidden: int | None = None
+
+    def validate(self) -> None:
+        self._require(self.targets is not None, "targets",
+                      "the self-attention modules to prefix, e.g. ('@self_attention',)")
+        self._require(isinstance(self.num_virtual_tokens, int) and not isinstance(self.num_virtual_tokens, bool)
+                      and self.num_virtual_tokens > 0, "num_virtual_tokens", "a positive integer such as 20")
+        self._require(isinstance(self.prefix_projection, bool), "prefix_projection", "True or False")
+        self._require(self.projection_hidden is None or (isinstance(self.projection_hidden, int)
+                      and not isinstance(self.projection_hidden, bool) and self.projection_hidden > 0),
+                      "projection_hidden", "None (the model's hidden size) or a positive integer such as 512")
+
+    def peft_fields(self) -> dict[str, Any]:
+        return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": self.num_virtual_tokens,
+                "prefix_projection": self.prefix_projection, "encoder_hidden_size": self.projection_hidden,
+                "num_transformer_submodules": 1, "inference_mode": True,
+                "modules_to_save": list(self.modules_to_save) or None}
+
+    def peft_fields_for(self, model: Any, adapter_name: str) -> dict[str, Any]:
+        # peft sizes its prefix from these; write the numbers peftlab used.
+        kv_heads, head_dim = _kv_shape(model)
+        return {"num_layers": len(resolve_targets(model, self.targets)), "token_dim": kv_heads * head_dim,
+                "num_attention_heads": kv_heads}
+
+    @classmethod
+    def from_peft(cls, data: dict[str, Any]) -> "PrefixTuningConfig":
+        if (data.get("num_transformer_submodules") or 1) != 1:
+            raise PeftlabError("this peft prefix-tuning checkpoint is laid out for an encoder-decoder model "
+                               "(prefix shared by decoder self- and cross-attention); peftlab cannot read it")
+        return cls(num_virtual_tokens=int(data["num_virtual_tokens"]),
+                   prefix_projection=bool(data.get("prefix_projection", False)),
+                   projection_hidden=data.get("encoder_hidden_size"),
+                   modules_to_save=tuple(data.get("modules_to_save") or ()))
+
+
+class PrefixKV(DeltaModule):
+    """Model-level module: per adapter, either the reparameterisation (``prefix_embedding`` P' and
+    ``prefix_mlp``) or the folded prefix (``prompt_embeddings``), plus the attention hook's state."""
+
+    adapter_attrs = ("prefix_embedding", "prefix_mlp", "prompt_embeddings")
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.prefix_embedding = nn.ParameterDict()
+        self.prefix_mlp = nn.ModuleDict()
+        self.prompt_embeddings = nn.ParameterDict()
+        self.num_layers, self.kv_heads, self.head_dim, self.hidden = num_layers, kv_heads, head_dim, hidden
+        self.targets: list[str] = []
+        self._configs: list[tuple[Any, str | None]] = []  # (model config, its original attention implementation)
+        # Per forward pass: the arranged prefix of each live adapter (the MLP runs once, not once per
+        # layer) and causal masks; emptied at every PeftModel forward/generate.
+        self._cache: dict[Any, Any] = {}
+
+    @property
+    def width(self) -> int:
+        return self.num_layers * 2 * self.kv_heads * self.head_dim
+
+    def add(self, name: str, config: PrefixTuningConfig, like: torch.Tensor) -> None:
+        kw = {"device": like.device, "dtype": like.dtype if like.is_floating_point() else torch.float32}
+        p = config.num_virtual_tokens
+        if config.prefix_projection:
+            inner = config.projection_hidden or self.hidden
+            self.prefix_embedding[name] = nn.Parameter(torch.randn(p, self.hidden, **kw))
+            self.prefix_mlp[name] = nn.Sequential(nn.Linear(self.hidden, inner, **kw), nn.Tanh(),
+                                                  nn.Linear(inner, self.width, **kw))
+        else:
+            self.prompt_embeddings[name] = nn.Parameter(torch.randn(p, self.width, **kw))
+        self._cache.clear()
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._cache.clear()
+
+    # -- the prefix ----------------------------------------------------------------------------
+    def flat_prefix(self, name: str) -> torch.Tensor:
+        """(p, L*2*kv_heads*d_h): the MLP output, or the folded parameter."""
+        if name in self.prompt_embeddings:
+            return self.prompt_embeddings[name]
+        return self.prefix_mlp[name](self.prefix_embedding[name])
+
+    def fold(self, name: str | None = None) -> None:
+        """Replace the MLP of adapter ``name`` (default: every adapter) by its output (direct mode)."""
+        for key in [name] if name is not None else self.adapter_names():
+            if key in self.prompt_embeddings:
+                continue
+            trainable = self.prefix_embedding[key].requires_grad
+            with torch.no_grad():
+                folded = self.flat_prefix(key).detach().clone()
+            self._to_direct(key, folded, trainable)
+
+    def _to_direct(self, name: str, folded: torch.Tensor, trainable: bool) -> None:
+        del self.prefix_embedding[name]
+        del self.prefix_mlp[name]
+        self.prompt_embeddings[name] = nn.Parameter(folded, requires_grad=trainable)
+        self._cache.clear()
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.adapter_names():
+            return {}
+        return {"prompt_embeddings": self.flat_prefix(name).detach()}
+
+    def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        value = tensors["prompt_embeddings"]
+        if name in self.prompt_embeddings:
+            with torch.no_grad():
+                target = self.prompt_embeddings[name]
+                target.copy_(value.to(dtype=target.dtype, device=target.device))
+            self._cache.clear()
+            return
+        like = self.prefix_embedding[name]
+        self._to_direct(name, value.to(dtype=like.dtype, device=like.device).clone(), like.requires_grad)
+
+    def layer_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values (kv_heads, p, d_h) of the live adapters for self-attention layer ``layer``."""
+        live = self.live_adapters()
+        if not live:
+            return None
+        parts = [self._arranged(name) for name in live]
+        kv = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return kv[2 * layer], kv[2 * layer + 1]
+
+    def _arranged(self, name: str) -> torch.Tensor:
+        """(L*2, kv_heads, p, d_h), computed once per forward pass (and again if the weights change)."""
+        params = self.adapter_parameters(name)
+        stamp = (torch.is_grad_enabled(), tuple(p._version for p in params))
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        flat = self.flat_prefix(name)
+        kv = flat.view(flat.shape[0], 2 * self.num_layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        self._cache[name] = (stamp, kv)
+        return kv
+
+    def causal_mask(self, q: int, kv: int, p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Additive (1, 1, q, p + kv) mask: every query sees the prefix; query i sees real keys up to
+        position kv - q + i (bottom-right aligned, as with a KV cache)."""
+        key = ("mask", q, kv, p, dtype, device)
+        if key not in self._cache:
+            rows = torch.arange(q, device=device)[:, None] + (kv - q)
+            blocked = torch.arange(kv, device=device)[None, :] > rows
+            mask = torch.zeros(q, p + kv, dtype=dtype, device=device)
+            mask[:, p:].masked_fill_(blocked, torch.finfo(dtype).min)
+            self._cache[key] = mask.view(1, 1, q, p + kv)
+        return self._cache[key]
+
+    # -- PeftModel hooks -------------------------------------------------------------------------
+    def transform_inputs(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        self._cache.clear()  # a new forward pass: recompute the prefix (fresh autograd graph)
+        return args, kwargs
+
+    def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        self._cache.clear()
+        return model.generate(*args, **kwargs)
+
+    # -- installing the attention hook -----------------------------------------------------------
+    def install(self, model: nn.Module, targets: list[str]) -> None:
+        configs = _model_configs(model)
+        for config in configs:
+            original = config._attn_implementation
+            if original is not None and original.startswith(_PREFIX):
+                raise PeftlabError("this model already carries prefix tuning from another PeftModel; "
+                                   "add the adapter to that PeftModel, or load a fresh base model")
+            if (original or "eager") not in SUPPORTED:
+                raise PeftlabError(f"prefix tuning supports the attention implementations {SUPPORTED}; the model "
+                                   f"uses {original!r}. Load it with attn_implementation='sdpa' (or 'eager').")
+        sites = [base_of(model.get_submodule(path)) for path in targets]
+        for layer, module in enumerate(sites):
+            if "is_causal" not in vars(module) and not hasattr(type(module), "is_causal"):
+                raise PeftlabError(f"target {targets[layer]!r} ({type(module).__name__}) is not an attention "
+                                   "module of a transformers model; prefix tuning targets self-attention modules")
+        for layer, module in enumerate(sites):
+            module.__dict__[_SITE_ATTR] = (self, layer)
+        for config in configs:
+            original = config._attn_implementation
+            _register(original or "eager")
+            self._configs.append((config, original))
+            config._attn_implementation_internal = _PREFIX + (original or "eager")
+        self.targets = targets
+
+    def release(self, model: nn.Module) -> None:
+        for module in model.modules():
+            site = module.__dict__.get(_SITE_ATTR)
+            if site is not None and site[0] is self:
+                del module.__dict__[_SITE_ATTR]
+        for config, original in self._configs:
+            config._attn_implementation_internal = original
+        self._configs.clear()
+        self._cache.clear()
+
+
+# -- the attention function ----------------------------------------------------------------------
+def _register(original: str) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = _PREFIX + original
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_attention(original))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+
+
+_EAGER: dict[type, Callable[..., Any]] = {}
+
+
+def _eager_function(module: nn.Module) -> Callable[..., Any]:
+    """The ``eager_attention_forward`` of the module's own modeling file (what 'eager' means there)."""
+    cls = type(module)
+    if cls not in _EAGER:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise PeftlabError(f"{cls.__name__}: its modeling file has no eager_attention_forward; load the "
+                               "model with attn_implementation='sdpa' to use prefix tuning")
+        _EAGER[cls] = fn
+    return _EAGER[cls]
+
+
+def _make_attention(original: str) -> Callable[..., Any]:
+    def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
+        if original == "eager":
+            fn, unmasked_causal = _eager_function(module), False
+        else:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            fn = ALL_ATTENTION_FUNCTIONS[original]
+            # sdpa treats a missing mask as causal for causal modules (top-left aligned: wrong with a prefix).
+            flag = kwargs.get("is_causal")
+            unmasked_causal = flag if flag is not None else getattr(module, "is_causal", True)
+        site = module.__dict__.get(_SITE_ATTR)
+        prefix = site[0].layer_prefix(site[1]) if site is not None else None
+        if prefix is not None:
+            owner = site[0]
+            pk, pv = prefix
+            if key.shape[1] != pk.shape[0] or key.shape[-1] != pk.shape[-1]:
+                raise PeftlabError(f"{type(module).__name__} has {key.shape[1]} key/value heads of size "
+                                   f"{key.shape[-1]}; the prefix was sized for {pk.shape[0]} of size {pk.shape[-1]}")
+            batch, p, q, kv = key.shape[0], pk.shape[1], query.shape[2], key.shape[2]
+            key = torch.cat([pk.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
+            value = torch.cat([pv.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
+            if attention_mask is None:
+                if unmasked_causal and q > 1:
+                    attention_mask = owner.causal_mask(q, kv, p, query.dtype, query.device)
+                    kwargs["is_causal"] = False
+            else:
+                fill = attention_mask.new_ones if attention_mask.dtype == torch.bool else attention_mask.new_zeros
+                attention_mask = torch.cat([fill(*attention_mask.shape[:-1], p), attention_mask], dim=-1)
+            bias = kwargs.get("position_bias")
+            if bias is not None:  # T5: relative position bias, added like a mask; no bias on the prefix
+                kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], p), bias], dim=-1)
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+    return prefix_attention
+
+
+# -- model facts -----------------------------------------------------------------------------------
+def _model_configs(model: nn.Module) -> list[Any]:
+    """Every distinct transformers config used by the model's modules (T5's encoder and decoder
+    stacks each keep their own copy)."""
+    from transformers import PretrainedConfig
+
+    seen: dict[int, Any] = {}
+    for module in [model, *model.modules()]:
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            seen.setdefault(id(config), config)
+    if not seen:
+        raise PeftlabError(f"prefix tuning needs a transformers model (with a .config); got {type(model).__name__}")
+    return list(seen.values())
+
+
+def _kv_shape(model: nn.Module) -> tuple[int, int]:
+    """(key/value heads, head size) of the model's self-attention, from its config."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not heads or not hidden:
+        raise PeftlabError(f"prefix tuning reads num_attention_heads and hidden_size from the model config; "
+                           f"{type(config).__name__} lacks them")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
+    return int(kv_heads), int(head_dim)
+
+
+def attach(model: nn.Module, name: str, config: PrefixTuningConfig, host: Any) -> None:
+    if host is None:
+        raise PeftlabError("prefix tuning keeps its prefix on the PeftModel; use get_peft_model(model, config)")
+    targets = resolve_targets(model, config.targets)
+    owner = host.model_adapters[_KEY] if _KEY in host.model_adapters else None
+    if owner is None:
+        kv_heads, head_dim = _kv_shape(model)
+        owner = PrefixKV(len(targets), kv_heads, head_dim, int(model.config.get_text_config().hidden_size))
+        owner.install(model, targets)
+        host.model_adapters[_KEY] = owner
+    elif targets != owner.targets:
+        raise PeftlabError(f"prefix tuning adapters on one model share their attention modules; adapter {name!r} "
+                           f"targets {targets[:3]}..., the existing ones {owner.targets[:3]}... Use the same targets.")
+    like = next(model.parameters())
+    owner.add(name, config, like)
+
+
+SPEC = register(MethodSpec(
+    name="prefix_tuning", family="additive", subcategory="soft prompt", config_cls=PrefixTuningConfig,
+    trains="p key/value vectors per self-attention layer (through an MLP, folded after training)",
+    attach=attach, paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation",
+    mergeable=False, identity_at_init=False, peft_type="PREFIX_TUNING", default_lr=1e-2,
+))

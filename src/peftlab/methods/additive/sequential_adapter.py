@@ -1,0 +1,174 @@
+"""Sequential bottleneck adapter (Houlsby et al., 2019, "Parameter-Efficient Transfer Learning for NLP").
+
+A small bottleneck network is inserted after the output projection of each attention and each
+feed-forward sublayer — before that sublayer's residual add (and, in post-LN BERT, its LayerNorm),
+which is where Houlsby et al. place it. With ``h`` the projection's output (d wide)::
+
+    h <- h + W_up f(W_down h + b_down) + b_up        W_down: m x d, W_up: d x m, m << d
+
+``W_up`` and ``b_up`` start at zero, so the adapter is the identity at init; ``W_down`` is drawn
+from a normal with small std (``init_scale``) truncated at two std, as in the paper. Each site
+trains ``2 d m + m + d`` parameters. (The paper also trains the LayerNorms; compose a LayerNorm
+method for that.) Several live adapters in one module apply one after the other (a stack). Not
+mergeable: ``f`` is nonlinear.
+
+The :class:`Bottleneck` network and the :class:`SequentialAdapterLayer` wrapper are shared with the
+residual adapter (one adapter after the FFN only) and the parallel adapter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.config import PeftConfig
+from ...core.errors import PeftlabError
+from ...core.inject import wrap
+from ...core.layer import DeltaModule, base_of
+from ...core.registry import MethodSpec, register
+from ...core.targets import LINEAR_TYPES, resolve_targets
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+# Used when neither bottleneck nor reduction_factor is given (AdapterHub's and Pfeiffer et al.'s
+# default): scales with the model, m = 24 on MiniLM (d = 384), 48 on BERT-base (d = 768).
+DEFAULT_REDUCTION_FACTOR = 16
+
+
+# -- config helpers shared by every bottleneck-adapter config (free functions, not a base class) ----
+def validate_bottleneck_fields(config: Any) -> None:
+    """Check ``bottleneck``, ``reduction_factor``, ``activation`` and ``init_scale`` of ``config``."""
+    config._require(config.bottleneck is None or (isinstance(config.bottleneck, int)
+                                                   and not isinstance(config.bottleneck, bool)
+                                                   and config.bottleneck > 0),
+                    "bottleneck", "a positive integer width m such as 64, or None (m from reduction_factor)")
+    rf = config.reduction_factor
+    config._require(rf is None or (isinstance(rf, (int, float)) and not isinstance(rf, bool)
+                                   and math.isfinite(rf) and rf >= 1),
+                    "reduction_factor", "a number >= 1 such as 16 (m = hidden // reduction_factor), or None")
+    if config.bottleneck is not None and rf is not None:
+        raise PeftlabError(f"{type(config).__name__} got bottleneck={config.bottleneck!r} and "
+                           f"reduction_factor={rf!r}: expected one of them; set the other to None")
+    config._require(config.activation in ACTIVATIONS, "activation", f"one of {sorted(ACTIVATIONS)}")
+    config._require(isinstance(config.init_scale, (int, float)) and math.isfinite(config.init_scale)
+                    and config.init_scale > 0, "init_scale",
+                    "a small positive std for W_down such as 1e-2 (0 would leave the adapter dead)")
+
+
+def bottleneck_width(config: Any, hidden: int) -> int:
+    """m for a site of width ``hidden``: ``bottleneck``, else ``hidden // reduction_factor`` (16 when
+    neither is set), at least 1."""
+    if config.bottleneck is not None:
+        return config.bottleneck
+    factor = config.reduction_factor if config.reduction_factor is not None else DEFAULT_REDUCTION_FACTOR
+    return max(1, int(hidden // factor))
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of an ``nn.Linear`` or GPT-2 ``Conv1D`` (which stores its weight as in x out)."""
+    module = base_of(module)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    in_features, out_features = module.weight.shape
+    return int(in_features), int(out_features)
+
+
+def factory_kwargs(module: nn.Module) -> dict[str, Any]:
+    """Device and float dtype for new adapter tensors beside ``module``'s (first) weight."""
+    weight = next(base_of(module).parameters())
+    return {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialAdapterConfig(PeftConfig):
+    """bottleneck: m, the adapter's inner width; reduction_factor: m = hidden // reduction_factor
+    instead (set one of the two; with neither, reduction_factor 16); activation: f, one of
+    :data:`ACTIVATIONS`; init_scale: std of W_down's init (W_up starts at zero).
+    targets default to the attention and FFN output projections (Houlsby placement)."""
+
+    targets: tuple[str, ...] | str | None = ("@attn_out", "@ffn_out")
+    bottleneck: int | None = None
+    reduction_factor: float | None = None
+    activation: str = "relu"
+    init_scale: float = 1e-2
+
+    def validate(self) -> None:
+        validate_bottleneck_fields(self)
+
+
+class Bottleneck(nn.Module):
+    """``x (..., d_in) -> W_up f(W_down x + b_down) + b_up  (..., d_out)``; computed in its own dtype."""
+
+    def __init__(self, d_in: int, width: int, d_out: int, activation: str, init_scale: float,
+                 **kw: Any) -> None:
+        super().__init__()
+        self.down = nn.Linear(d_in, width, **kw)
+        self.up = nn.Linear(width, d_out, **kw)
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.down.weight, std=init_scale, a=-2 * init_scale, b=2 * init_scale)
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        hidden = self.act(self.down(x.to(self.down.weight.dtype)))
+        if scale == 1.0:
+            out = self.up(hidden)
+        else:  # fold the scale into the small d x m factor instead of the (..., d) output
+            out = F.linear(hidden, self.up.weight * scale, self.up.bias * scale)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+
+class SequentialAdapterLayer(DeltaModule):
+    """Wraps a Linear/Conv1D and adds ``A(h)`` to its output ``h`` for each live adapter, in order."""
+
+    adapter_attrs = ("bottleneck",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.bottleneck = nn.ModuleDict()
+        self.features = linear_features(base_layer)[1]
+
+    def add(self, name: str, config: Any) -> None:
+        d = self.features
+        self.bottleneck[name] = Bottleneck(d, bottleneck_width(config, d), d, config.activation,
+                                           config.init_scale, **factory_kwargs(self.base_layer))
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(*args, **kwargs)
+        for name in self.live_adapters():
+            out = out + self.bottleneck[name](out)
+        return out
+
+
+def attach(model: nn.Module, name: str, config: Any, host: Any = None) -> None:
+    """Wrap every target projection in a :class:`SequentialAdapterLayer` (shared with the residual adapter)."""
+    targets = config.targets if config.targets is not None else type(config)().targets
+    for path in resolve_targets(model, targets, allowed_types=LINEAR_TYPES):
+        wrap(model, path, SequentialAdapterLayer).add(name, config)
+
+
+SPEC = register(MethodSpec(
+    name="sequential_adapter", family="additive", subcategory="adapter", config_cls=SequentialAdapterConfig,
+    trains="bottleneck networks after the attention and FFN output projections", attach=attach,
+    paper="Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP",
+    mergeable=False, identity_at_init=True, default_lr=1e-3,
+))

@@ -1,0 +1,115 @@
+"""The training loop, on HF ``accelerate``.
+
+The same code runs in one process, or under ``accelerate launch`` / ``torchrun`` (DDP): the
+``Accelerator`` shards the data, wraps the model and averages gradients; we do not reimplement
+any of it. Only parameters with ``requires_grad`` go to the optimizer, so a PEFT model's optimizer
+state is as small as its adapter.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    epochs: float = 1.0
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def median_step_s(self) -> float:
+        # Skip the first steps: allocator and kernel warm-up.
+        times = self.step_times[3:] or self.step_times
+        return float(np.median(times)) if times else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else float("nan")
+
+
+def _accelerator() -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: Any = None,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train ``model`` (any module whose forward returns ``.loss`` given the batch) on ``loader``."""
+    accelerator = accelerator or _accelerator()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: nothing to train. "
+                         "Wrap it with peftlab.get_peft_model(model, config) first, or unfreeze it.")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    total = args.max_steps or max(1, math.ceil(len(loader) * args.epochs))
+    warmup = int(total * args.warmup_ratio)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
+    model.train()
+    result = TrainResult(steps=0, final_loss=float("nan"))
+    bar = tqdm(total=total, desc="train", disable=not (args.progress and accelerator.is_local_main_process))
+    start = time.perf_counter()
+    while result.steps < total:
+        for batch in loader:
+            t0 = time.perf_counter()
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.step_times.append(time.perf_counter() - t0)
+            result.losses.append(loss.item())
+            result.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            result.steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(result.losses[-20:]):.4f}")
+            if on_step:
+                on_step(result.steps, result.losses[-1])
+            if result.steps >= total:
+                break
+    bar.close()
+    result.wall_s = time.perf_counter() - start
+    result.final_loss = float(np.mean(result.losses[-20:]))
+    return result
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over a loader, in order."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    for batch in tqdm(loader, desc="eval", disable=not progress):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        logits.append(out.logits.float().cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()

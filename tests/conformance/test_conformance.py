@@ -1,0 +1,140 @@
+"""Every registered method, checked for the promises the core makes about all of them.
+
+Each method is used with its config's defaults (targets default to architecture attach points),
+on tiny BERT and GPT-2 models (strict) and a tiny Llama (skipped, with the method's own error
+shown, when the method cannot apply to a model without biases).
+"""
+from __future__ import annotations
+
+import torch
+import pytest
+
+from peftlab import PeftModel, PeftlabError, config_from_dict, get_peft_model
+from peftlab.core.layer import DeltaModule
+from peftlab.core.registry import all_methods
+
+from ..conftest import TINY_MODELS, main_output, model_inputs
+
+SPECS = all_methods()
+CASES = [(spec, kind) for spec in SPECS for kind in TINY_MODELS]
+
+
+def _run(model, kind):
+    with torch.no_grad():
+        return main_output(model(**model_inputs(kind)))
+
+
+def _perturb(peft_model, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.adapter_parameters(name):
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+
+
+def _build(spec, kind, adapter="default"):
+    config = spec.config_cls()
+    try:
+        return get_peft_model(TINY_MODELS[kind](), config, adapter), config
+    except PeftlabError as err:
+        if kind == "llama":
+            pytest.skip(f"{spec.name} does not apply to Llama: {err}")
+        raise
+
+
+def _close(a, b, tol):
+    return a.shape == b.shape and torch.allclose(a, b, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("spec,kind", CASES, ids=[f"{s.name}-{k}" for s, k in CASES])
+class TestConformance:
+    def test_identity_at_init_and_effect(self, spec, kind):
+        base = _run(TINY_MODELS[kind](), kind)
+        pm, _ = _build(spec, kind)
+        if spec.identity_at_init:
+            assert _close(_run(pm, kind), base, 1e-5), "declared identity at init, but the output changed"
+        _perturb(pm, "default", 0)
+        assert not _close(_run(pm, kind), base, 1e-4), "a perturbed adapter has no effect on the output"
+
+    def test_parameter_partition_and_gradients(self, spec, kind):
+        pm, _ = _build(spec, kind)
+        declared = {id(p) for p in pm.adapter_parameters("default")}
+        trainable = {id(p) for p in pm.parameters() if p.requires_grad}
+        assert declared and declared == trainable
+        pm.check_parameter_partition()
+        pm.train()
+        _perturb(pm, "default", 0)
+        out = main_output(pm(**model_inputs(kind)))
+        out.float().pow(2).mean().backward()
+        for name, p in pm.named_parameters():
+            if id(p) in declared:
+                assert p.grad is not None, f"adapter parameter {name} got no gradient"
+            else:
+                assert p.grad is None, f"frozen parameter {name} got a gradient"
+        report = pm.trainable_parameters_report()
+        assert report.trainable == sum(p.numel() for p in pm.adapter_parameters("default"))
+        assert 0 < report.percent < 100
+
+    def test_config_json_round_trip(self, spec, kind):
+        config = spec.config_cls()
+        assert config_from_dict(config.to_dict()) == config
+
+    def test_delta_only_state_and_save_load(self, spec, kind, tmp_path):
+        pm, config = _build(spec, kind)
+        _perturb(pm, "default", 0)
+        expected = _run(pm, kind)
+        state = pm.adapter_state_dict()
+        base_numel = sum(p.numel() for p in TINY_MODELS[kind]().parameters())
+        assert state and sum(t.numel() for t in state.values()) < base_numel / 2
+        pm.save_pretrained(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        loaded = PeftModel.from_pretrained(TINY_MODELS[kind](), tmp_path)
+        assert _close(_run(loaded, kind), expected, 1e-5)
+        assert not any(p.requires_grad for p in loaded.parameters())
+
+    def test_merge(self, spec, kind):
+        pm, _ = _build(spec, kind)
+        _perturb(pm, "default", 0)
+        if not spec.mergeable:
+            with pytest.raises(PeftlabError, match="cannot be merged"):
+                pm.merge_adapter()
+            return
+        expected = _run(pm, kind)
+        pm.merge_adapter()
+        assert _close(_run(pm, kind), expected, spec.merge_tolerance)
+        pm.unmerge_adapter()
+        assert _close(_run(pm, kind), expected, spec.merge_tolerance)
+        plain = pm.merge_and_unload()
+        assert not any(isinstance(m, DeltaModule) for m in plain.modules())
+        assert _close(_run(plain, kind), expected, spec.merge_tolerance)
+
+    def test_disable_gives_base(self, spec, kind):
+        base = _run(TINY_MODELS[kind](), kind)
+        pm, _ = _build(spec, kind)
+        _perturb(pm, "default", 0)
+        with pm.disable_adapter():
+            assert _close(_run(pm, kind), base, 1e-5)
+        assert not _close(_run(pm, kind), base, 1e-4)
+
+    def test_two_adapters_do_not_leak_and_delete_restores(self, spec, kind):
+        base_model = TINY_MODELS[kind]()
+        base = _run(base_model, kind)
+        n_base = sum(p.numel() for p in base_model.parameters())
+        pm, config = _build(spec, kind)
+        _perturb(pm, "default", 0)
+        first = _run(pm, kind)
+        with pytest.raises(PeftlabError, match="already exists"):
+            pm.add_adapter("default", config)
+        pm.add_adapter("second", config)
+        _perturb(pm, "second", 1)
+        assert _close(_run(pm, kind), first, 1e-6), "adding an inactive adapter changed the output"
+        pm.set_adapter("second")
+        second = _run(pm, kind)
+        assert not _close(second, first, 1e-4)
+        assert {id(p) for p in pm.parameters() if p.requires_grad} == {id(p) for p in pm.adapter_parameters("second")}
+        pm.delete_adapter("second")
+        assert pm.active_adapter == "default"
+        assert _close(_run(pm, kind), first, 1e-6)
+        pm.delete_adapter("default")
+        assert not any(isinstance(m, DeltaModule) for m in pm.base_model.modules())
+        assert sum(p.numel() for p in pm.parameters()) == n_base
+        assert _close(_run(pm, kind), base, 1e-6)

@@ -1,0 +1,47 @@
+import json
+
+import pytest
+
+import peftlab
+from peftlab import LoraConfig, PeftlabError, config_from_dict
+from peftlab.core.config import config_from_options
+from peftlab.core.registry import FAMILIES, get_method
+
+
+def test_list_methods_has_the_eight_core_methods_in_taxonomy_order():
+    rows = peftlab.list_methods()
+    names = [r[0] for r in rows]
+    assert all(len(r) == 3 and r[1] in FAMILIES for r in rows)
+    assert [FAMILIES.index(r[1]) for r in rows] == sorted(FAMILIES.index(r[1]) for r in rows)
+    assert "lora" in names
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(PeftlabError) as err:
+        get_method("lroa")
+    assert "lora" in str(err.value) and "Known methods" in str(err.value)
+
+
+def test_config_is_frozen_validated_and_round_trips():
+    config = LoraConfig(r=4, alpha=8, targets=["query", "value"])
+    assert config.targets == ("query", "value")
+    with pytest.raises(Exception):
+        config.r = 3  # frozen
+    with pytest.raises(PeftlabError, match=r"LoraConfig.r=0 is invalid: expected a positive integer"):
+        LoraConfig(r=0)
+    with pytest.raises(PeftlabError, match="dropout"):
+        LoraConfig(dropout=1.5)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["method"] == "lora" and config_from_dict(data) == config
+
+
+def test_config_without_method_is_refused():
+    with pytest.raises(PeftlabError, match="names no method"):
+        config_from_dict({"r": 8})
+
+
+def test_options_from_the_command_line():
+    config = config_from_options("lora", {"r": "4", "targets": "query,value", "rslora": "true"})
+    assert config == LoraConfig(r=4, targets=("query", "value"), rslora=True)
+    with pytest.raises(PeftlabError, match="has no option"):
+        config_from_options("lora", {"rank": "4"})

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from peftlab import LoraConfig, PeftlabError, get_peft_model
+from peftlab.core.targets import resolve_targets
+
+from ..conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+
+
+def test_suffix_exact_regex_and_sites_on_bert():
+    model = tiny_bert()
+    q = resolve_targets(model, ("query",))
+    assert q == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
+    assert resolve_targets(model, ("bert.encoder.layer.0.attention.self.query",)) == q[:1]
+    assert resolve_targets(model, r"bert\.encoder\.layer\.1\.attention\.self\.(query|value)") == [
+        "bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
+    assert resolve_targets(model, ("@query",)) == q
+    # '@ffn_out' must not pick the attention output projection, which has the same leaf name.
+    assert resolve_targets(model, ("@ffn_out",)) == [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]
+    assert resolve_targets(model, ("@attn_out",)) == [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(2)]
+
+
+def test_all_linear_skips_the_head():
+    names = resolve_targets(tiny_bert(), "all-linear")
+    assert "classifier" not in names and len(names) == 2 * 6 + 1  # q,k,v,o,in,out per layer + pooler
+    assert "lm_head" not in resolve_targets(tiny_llama(), "all-linear")
+
+
+@pytest.mark.parametrize("factory,site,expected", [
+    (tiny_gpt2, "@query", "transformer.h.0.attn.c_attn"),
+    (tiny_gpt2, "@ffn_out", "transformer.h.0.mlp.c_proj"),
+    (tiny_llama, "@value", "model.layers.0.self_attn.v_proj"),
+    (tiny_llama, "@ffn_in", "model.layers.0.mlp.gate_proj"),
+    (tiny_llama, "@embeddings", "model.embed_tokens"),
+    (tiny_t5, "@query", "encoder.block.0.layer.0.SelfAttention.q"),
+    (tiny_t5, "@ffn_out", "encoder.block.0.layer.1.DenseReluDense.wo"),
+    (tiny_bert, "@layernorm", "bert.embeddings.LayerNorm"),
+])
+def test_sites_per_architecture(factory, site, expected):
+    assert expected in resolve_targets(factory(), (site,))
+
+
+def test_unmatched_target_names_pattern_and_similar_names():
+    with pytest.raises(PeftlabError) as err:
+        resolve_targets(tiny_bert(), ("qurey",))
+    assert "'qurey'" in str(err.value) and "query" in str(err.value)
+    with pytest.raises(PeftlabError, match="unknown attach point '@nope'"):
+        resolve_targets(tiny_bert(), ("@nope",))
+
+
+def test_unsupported_module_type_is_refused():
+    with pytest.raises(PeftlabError, match="LayerNorm"):
+        get_peft_model(tiny_bert(), LoraConfig(targets=("@layernorm",)))
+
+
+def test_failed_attach_leaves_model_untouched():
+    model = tiny_bert()
+    before = {n for n, _ in model.named_modules()}
+    with pytest.raises(PeftlabError):
+        get_peft_model(model, LoraConfig(targets=("query", "missing_module")))
+    assert {n for n, _ in model.named_modules()} == before

@@ -1,0 +1,127 @@
+"""Parallel adapter: FFN(x) + s * W_up f(W_down x) beside each FFN block, x being the FFN input; on
+post-LN BERT the scaled adapter output enters through BertOutput's residual argument."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftlab import ParallelAdapterConfig, PeftlabError, get_peft_model
+from peftlab.methods.additive.parallel_adapter import ParallelAdapterLayer
+
+from ...conftest import MINILM, require_shared
+from ._adapters import BUILDERS, D, bottleneck_by_hand, perturb, run, site_params, wrapped
+
+EXPECTED_SITES = {
+    "bert": [f"bert.encoder.layer.{i}.output" for i in range(2)],
+    "gpt2": [f"transformer.h.{i}.mlp" for i in range(2)],
+    "llama": [f"model.layers.{i}.mlp" for i in range(2)],
+    "t5": [f"encoder.block.{i}.layer.1.DenseReluDense" for i in range(2)]
+    + [f"decoder.block.{i}.layer.2.DenseReluDense" for i in range(2)],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_placement_identity_and_count(kind):
+    base = run(BUILDERS[kind](), kind)
+    pm = get_peft_model(BUILDERS[kind](), ParallelAdapterConfig(bottleneck=8))
+    assert wrapped(pm, ParallelAdapterLayer) == EXPECTED_SITES[kind]
+    layers = [m for m in pm.modules() if isinstance(m, ParallelAdapterLayer)]
+    assert {m.input_arg for m in layers} == ({1} if kind == "bert" else {None})
+    assert torch.equal(run(pm, kind), base)
+    assert pm.trainable_parameters_report().trainable == len(EXPECTED_SITES[kind]) * site_params(D, 8)
+    perturb(pm)
+    assert not torch.allclose(run(pm, kind), base, atol=1e-3)
+
+
+def test_bert_adapter_enters_through_the_residual_argument():
+    s = 4.0
+    pm = get_peft_model(BUILDERS["bert"](), ParallelAdapterConfig(bottleneck=8, scaling=s))
+    perturb(pm)
+    out_module = pm.base_model.bert.encoder.layer[0].output  # BertOutput: LN(dense(h) + x)
+    inner = out_module.base_layer
+    block = out_module.bottleneck["default"]
+    g = torch.Generator().manual_seed(5)
+    h, x = torch.randn(2, 5, 2 * D, generator=g), torch.randn(2, 5, D, generator=g)  # FFN hidden, FFN input
+    ffn = h @ inner.dense.weight.T + inner.dense.bias
+    expected = F.layer_norm(ffn + s * bottleneck_by_hand(x, block) + x, (D,), inner.LayerNorm.weight,
+                            inner.LayerNorm.bias, inner.LayerNorm.eps)
+    with torch.no_grad():
+        assert torch.allclose(out_module(h, x), expected, atol=1e-5)
+        assert torch.allclose(out_module(h, input_tensor=x), expected, atol=1e-5)  # keyword call
+        # Not the adapter reading the FFN hidden state or added after the LayerNorm.
+        assert not torch.allclose(out_module(h, x), inner(h, x) + s * bottleneck_by_hand(x, block), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind,path", [("llama", "model.layers.1.mlp"), ("gpt2", "transformer.h.1.mlp"),
+                                       ("t5", "encoder.block.0.layer.1.DenseReluDense")])
+def test_ffn_output_plus_scaled_adapter_of_ffn_input(kind, path):
+    s = 2.5
+    pm = get_peft_model(BUILDERS[kind](), ParallelAdapterConfig(bottleneck=8, scaling=s, activation="gelu"))
+    perturb(pm)
+    layer = pm.base_model.get_submodule(path)
+    x = torch.randn(2, 4, D)
+    with torch.no_grad():
+        expected = layer.base_layer(x) + s * bottleneck_by_hand(x, layer.bottleneck["default"], F.gelu)
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_scaling_is_linear_in_s():
+    deltas = []
+    for s in (1.0, 4.0):
+        pm = get_peft_model(BUILDERS["llama"](), ParallelAdapterConfig(bottleneck=8, scaling=s))
+        perturb(pm, seed=7)
+        mlp = pm.base_model.model.layers[0].mlp
+        x = torch.randn(1, 3, D, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            deltas.append(mlp(x) - mlp.base_layer(x))
+    assert torch.allclose(deltas[1], 4 * deltas[0], atol=1e-5)
+
+
+def test_named_module_outside_the_ffn_site_reads_its_first_argument():
+    # BERT's intermediate (d -> 2d) is not the @ffn site: the adapter reads its input, adds to its output.
+    pm = get_peft_model(BUILDERS["bert"](), ParallelAdapterConfig(bottleneck=4, targets=("intermediate",)))
+    perturb(pm)
+    layer = pm.base_model.bert.encoder.layer[0].intermediate
+    assert layer.input_arg is None and (layer.in_features, layer.out_features) == (D, 2 * D)
+    assert pm.trainable_parameters_report().trainable == 2 * site_params(D, 4, 2 * D)
+    x = torch.randn(2, 3, D)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), layer.base_layer(x) + 4.0 * bottleneck_by_hand(x, layer.bottleneck["default"]),
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"scaling": 0.0}, "scaling"), ({"scaling": -4.0}, "scaling"), ({"scaling": math.nan}, "scaling"),
+    ({"scaling": True}, "scaling"), ({"bottleneck": -1}, "bottleneck"), ({"activation": "RELU"}, "activation"),
+    ({"bottleneck": 16, "reduction_factor": 4}, "reduction_factor"),
+])
+def test_bad_config_is_refused(kwargs, field):
+    with pytest.raises(PeftlabError, match=field):
+        ParallelAdapterConfig(**kwargs)
+
+
+def test_module_without_linear_layer_is_refused():
+    model = BUILDERS["bert"]()
+    with pytest.raises(PeftlabError, match="no linear layer"):
+        get_peft_model(model, ParallelAdapterConfig(targets=("@layernorm",)))
+    assert not any(isinstance(m, ParallelAdapterLayer) for m in model.modules())
+
+
+def test_minilm_report():
+    require_shared(MINILM)
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(MINILM), num_labels=2).eval()
+    ids = torch.randint(1000, 2000, (2, 12))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    pm = get_peft_model(model, ParallelAdapterConfig(modules_to_save=("classifier",)))
+    assert pm.trainable_parameters_report().trainable == 6 * site_params(384, 24) + (384 * 2 + 2)
+    with torch.no_grad():
+        assert torch.equal(pm(input_ids=ids).logits, base)
+        perturb(pm, std=0.05)
+        assert not torch.allclose(pm(input_ids=ids).logits, base, atol=1e-4)
