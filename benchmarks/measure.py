@@ -16,10 +16,13 @@ allocator fragmentation and the process's code and libraries.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import statistics
+import sys
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -30,14 +33,18 @@ def sync(device: str) -> None:
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: str,
-                      between: Callable[[str], None] | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each function, ``repeats`` rounds, taking turns (order reversed on odd rounds)."""
+                      ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of each function over ``repeats`` rounds, taking turns
+    (order reversed on odd rounds).
+
+    CPU time is the less noisy of the two on a shared machine: time spent descheduled does not
+    count, although OpenMP threads spinning at a barrier for a descheduled sibling still do.
+    """
     for _ in range(warmup):
-        for key, fn in fns.items():
+        for fn in fns.values():
             fn()
-            if between:
-                between(key)
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
     gc.collect()
     gc.disable()  # a collection inside one timed call would land on whichever case triggered it
@@ -45,15 +52,14 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup
         for r in range(repeats):
             for key in (order if r % 2 == 0 else order[::-1]):
                 sync(device)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fns[key]()
                 sync(device)
-                times[key].append(time.perf_counter() - start)
-                if between:
-                    between(key)
+                wall[key].append(time.perf_counter() - start)
+                cpu[key].append(time.process_time() - start_cpu)
     finally:
         gc.enable()
-    return times
+    return wall, cpu
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:
@@ -82,6 +88,20 @@ def held_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     return out
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's start/stop lines, which its C++ side writes straight to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def peak_rise_bytes(fn: Callable[[], object], device: str) -> int:
     """Largest rise of live tensor bytes above the level at the start, while ``fn`` runs."""
     gc.collect()
@@ -95,7 +115,7 @@ def peak_rise_bytes(fn: Callable[[], object], device: str) -> int:
     from torch._C._autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]

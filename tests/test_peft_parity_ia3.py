@@ -81,3 +81,25 @@ def test_peftlab_checkpoint_loads_in_peft(tmp_path):
     assert len(ia3) == 18
     assert ia3["base_model.model.bert.encoder.layer.2.output.dense.ia3_l.default"].shape == (1, 1536)
     torch.testing.assert_close(logits(theirs), expected, rtol=0, atol=1e-5)
+
+
+def test_gpt2_whole_c_attn_round_trips_and_split_vectors_are_refused_by_peft(tmp_path):
+    from .conftest import tiny_gpt2
+
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    ours = get_peft_model(tiny_gpt2(), IA3Config(split_fused_qkv=False))  # peft's whole-output scaling
+    perturb(ours.adapter_parameters("default"), seed=2)
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+    ours.save_pretrained(tmp_path / "whole")
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "whole")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "back")
+    back = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+    get_peft_model(tiny_gpt2(), IA3Config()).save_pretrained(tmp_path / "split")  # k, v blocks only
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "split")

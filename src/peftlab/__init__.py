@@ -9,11 +9,13 @@ from .methods.additive.residual_adapter import ResidualAdapterConfig
 from .methods.additive.sequential_adapter import SequentialAdapterConfig
 from .methods.additive.ia3 import IA3Config
 from .methods.partial.bitfit import BitFitConfig
+from .methods.additive.prompt_tuning import PromptTuningConfig
+from .methods.additive.prefix_tuning import PrefixTuningConfig
 
 __all__ = [
     "BitFitConfig", "IA3Config",
     "CheckpointError", "LoraConfig", "MethodSpec", "ParameterReport", "PeftConfig", "PeftModel",
     "PeftlabError", "ParallelAdapterConfig", "ResidualAdapterConfig",
-    "SequentialAdapterConfig", "config_from_dict", "get_method", "get_peft_model", "list_methods", "load_config", "register",
+    "PrefixTuningConfig", "PromptTuningConfig", "SequentialAdapterConfig", "config_from_dict", "get_method", "get_peft_model", "list_methods", "load_config", "register",
 ]
 __version__ = "0.1.0"

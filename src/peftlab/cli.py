@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: ``methods``, ``train``, ``eval``."""
+"""The ``peftlab`` command: ``methods``, ``train``, ``eval``, ``assess``."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(value: str) -> int | str:
+    if value.lower() in ("all", "none", "full"):
+        return "all"
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a number of examples or 'all'") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a positive number of examples or 'all'")
+    return number
+
+
+def _assess_suite(args: argparse.Namespace):  # -> Suite
+    import dataclasses
+
+    from .assess.suites import get_suite, load_suite_file, parse_task
+
+    suite = get_suite(args.suite or "quick")
+    if args.config:
+        suite = load_suite_file(args.config, base=suite)  # a `suite:` key in the file picks another base
+    changes: dict = {}
+    for key in ("model", "data_dir", "epochs", "max_steps", "batch_size", "lr_scale", "full_lr", "max_params", "device"):
+        value = getattr(args, key)
+        if value is not None:
+            changes[key] = value
+    if args.methods:
+        changes["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        changes["explicit_methods"] = True
+    if args.seeds:
+        try:
+            changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+        except ValueError:
+            raise PeftlabError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    tasks = list(suite.tasks)
+    if args.tasks:
+        by_name = {t.name: t for t in tasks}
+        tasks = [by_name.get(n.strip(), parse_task(n.strip(), tasks[0] if tasks else None))
+                 for n in args.tasks.split(",") if n.strip()]
+    budget = {k: getattr(args, k) for k in ("train_limit", "eval_limit", "max_length") if getattr(args, k) is not None}
+    budget = {k: None if v == "all" else v for k, v in budget.items()}
+    changes["tasks"] = tuple(dataclasses.replace(t, **budget) for t in tasks)
+    return suite.replace(**changes)
+
+
+def cmd_assess(args: argparse.Namespace) -> int:
+    from .assess.runner import run_suite
+
+    suite = _assess_suite(args)
+    out = Path(args.out or Path("runs") / "assess" / suite.name)
+    try:
+        run_suite(suite, out, progress=not args.no_progress, rerun=args.rerun, plots=not args.no_plots)
+    except KeyboardInterrupt:
+        print(f"\npeftlab assess: interrupted; finished runs are kept in {out / 'runs'}. "
+              "Run the same command again to resume.", file=sys.stderr)
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
     common(evaluate)
     evaluate.add_argument("--adapter", required=True, help="folder written by `peftlab train`")
     evaluate.set_defaults(func=cmd_eval)
+
+    assess = sub.add_parser("assess", help="the side-by-side study: methods x tasks, scores, memory, speed",
+                            description="Run a suite of (model, tasks, methods, seeds); resumable. Flags override "
+                                        "the suite and the --config file. See docs/assessment.md.")
+    assess.add_argument("--suite", default=None, help="quick (default), glue, mt, nlg or efficiency")
+    assess.add_argument("--config", default=None, help="YAML file of suite fields (may name a base suite)")
+    assess.add_argument("--model", default=None, help="model folder or hub id ('random:<shape>' for mt)")
+    assess.add_argument("--data-dir", default=None, help="data folder (GLUE root for quick/glue)")
+    assess.add_argument("--tasks", default=None, help="comma-separated tasks, e.g. sst2,rte (efficiency: model sizes)")
+    assess.add_argument("--methods", default=None, help="comma-separated methods, or 'all'; full fine-tuning is always a row")
+    assess.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    assess.add_argument("--train-limit", type=_limit, default=None, help="training examples per task, or 'all'")
+    assess.add_argument("--eval-limit", type=_limit, default=None, help="evaluation examples per task, or 'all'")
+    assess.add_argument("--max-length", type=int, default=None, help="maximum sequence length (tokens)")
+    assess.add_argument("--epochs", type=float, default=None)
+    assess.add_argument("--max-steps", type=int, default=None, help="training steps per run (overrides --epochs)")
+    assess.add_argument("--batch-size", type=int, default=None)
+    assess.add_argument("--lr-scale", type=float, default=None, help="every method trains at default_lr x this")
+    assess.add_argument("--full-lr", type=float, default=None, help="learning rate of full fine-tuning")
+    assess.add_argument("--max-params", type=int, default=None, help="efficiency: largest model run on CPU")
+    assess.add_argument("--device", default=None, help="efficiency: cpu or cuda (default: cuda when available)")
+    assess.add_argument("--out", default=None, help="output folder (default runs/assess/<suite>)")
+    assess.add_argument("--rerun", action="store_true", help="run every run again instead of reusing stored ones")
+    assess.add_argument("--no-plots", action="store_true")
+    assess.add_argument("--no-progress", action="store_true")
+    assess.set_defaults(func=cmd_assess)
     return parser
 
 

@@ -45,6 +45,11 @@ def _close(a, b, tol):
     return a.shape == b.shape and torch.allclose(a, b, atol=tol, rtol=0)
 
 
+def _differs(a, b):
+    # Relative: tiny random models have tiny logits (BERT's ~1e-2), so an absolute bar would be arbitrary.
+    return a.shape != b.shape or (a - b).abs().max() > 1e-3 * b.abs().max()
+
+
 @pytest.mark.parametrize("spec,kind", CASES, ids=[f"{s.name}-{k}" for s, k in CASES])
 class TestConformance:
     def test_identity_at_init_and_effect(self, spec, kind):
@@ -53,7 +58,7 @@ class TestConformance:
         if spec.identity_at_init:
             assert _close(_run(pm, kind), base, 1e-5), "declared identity at init, but the output changed"
         _perturb(pm, "default", 0)
-        assert not _close(_run(pm, kind), base, 1e-4), "a perturbed adapter has no effect on the output"
+        assert _differs(_run(pm, kind), base), "a perturbed adapter has no effect on the output"
 
     def test_parameter_partition_and_gradients(self, spec, kind):
         pm, _ = _build(spec, kind)
@@ -113,7 +118,7 @@ class TestConformance:
         _perturb(pm, "default", 0)
         with pm.disable_adapter():
             assert _close(_run(pm, kind), base, 1e-5)
-        assert not _close(_run(pm, kind), base, 1e-4)
+        assert _differs(_run(pm, kind), base)
 
     def test_two_adapters_do_not_leak_and_delete_restores(self, spec, kind):
         base_model = TINY_MODELS[kind]()
@@ -129,7 +134,7 @@ class TestConformance:
         assert _close(_run(pm, kind), first, 1e-6), "adding an inactive adapter changed the output"
         pm.set_adapter("second")
         second = _run(pm, kind)
-        assert not _close(second, first, 1e-4)
+        assert _differs(second, first)
         assert {id(p) for p in pm.parameters() if p.requires_grad} == {id(p) for p in pm.adapter_parameters("second")}
         pm.delete_adapter("second")
         assert pm.active_adapter == "default"

@@ -59,3 +59,14 @@ def test_failed_attach_leaves_model_untouched():
     with pytest.raises(PeftlabError):
         get_peft_model(model, LoraConfig(targets=("query", "missing_module")))
     assert {n for n, _ in model.named_modules()} == before
+
+
+def test_methods_stack_inside_a_wrapped_block():
+    from peftlab import ParallelAdapterConfig
+
+    pm = get_peft_model(tiny_llama(), ParallelAdapterConfig())
+    pm.add_adapter("lora", LoraConfig(targets=("@ffn_out",)))
+    paths = resolve_targets(pm.base_model, ("@ffn_out",))
+    assert paths == [f"model.layers.{i}.mlp.base_layer.down_proj" for i in range(2)]
+    # Adapter weights are never targets, even for "all-linear".
+    assert not any("lora_A" in n or "adapter" in n.split(".")[-1] for n in resolve_targets(pm.base_model, "all-linear"))

@@ -12,9 +12,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .errors import PeftlabError
+
 
 class DeltaModule(nn.Module):
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    # During ``PeftModel.forward(..., adapter_names=...)``: the adapter of each example (dim 0);
+    # modules of methods that declare ``supports_mixed_batch`` read it. ``None`` otherwise.
+    mixed_batch: list[str] | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,8 +126,25 @@ class TrainableCopy(DeltaModule):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         live = self.live_adapters()
+        if self.mixed_batch is not None and live:
+            return self._mixed_forward(live, *args, **kwargs)
         module = self.copies[live[-1]] if live else self.base_layer
         return module(*args, **kwargs)
+
+    def _mixed_forward(self, live: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Each example goes through its own adapter's copy (or the base module), then back in order.
+        names = self.mixed_batch or []
+        if x.shape[0] != len(names):
+            raise PeftlabError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} examples")
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name if name in live else "", []).append(i)
+        outs, order = [], []
+        for name, rows in groups.items():
+            module = self.copies[name] if name else self.base_layer
+            outs.append(module(x[rows], *args, **kwargs))
+            order += rows
+        return torch.cat(outs)[torch.tensor(order, device=x.device).argsort()]
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         return dict(self.copies[name].state_dict()) if name in self.copies else {}

@@ -7,6 +7,8 @@ merge, save and load. Everything method-specific sits in the methods' delta modu
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,22 @@ class ParameterReport:
                 f"trainable%: {self.percent:.4f}")
 
 
+class _carries_base_signature:
+    """Descriptor for ``PeftModel.forward``: bound to a model, it carries the wrapped model's
+    signature, so tools that inspect it (the HF ``Trainer``'s column filter) see the real inputs."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        if obj is None:
+            return self.fn
+        call = functools.partial(self.fn, obj)
+        call.__signature__ = obj._forward_signature()  # type: ignore[attr-defined]
+        return call
+
+
 class PeftModel(nn.Module):
     """A base model plus one or more named adapters, one of them active."""
 
@@ -71,10 +89,54 @@ class PeftModel(nn.Module):
     def _input_adapters(self) -> list[DeltaModule]:
         return [m for m in self.model_adapters.values() if m.live_adapters()]
 
+    def _forward_signature(self) -> inspect.Signature:
+        cached = self.__dict__.get("_signature")
+        if cached is None or cached[0] is not self.base_model:
+            cached = (self.base_model, inspect.signature(self.base_model.forward))
+            self.__dict__["_signature"] = cached
+        return cached[1]
+
+    @_carries_base_signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        for module in self._input_adapters():
-            args, kwargs = module.transform_inputs(self.base_model, args, kwargs)
-        return self.base_model(*args, **kwargs)
+        """The wrapped model's forward. ``adapter_names=[...]`` (one name per example, ``"__base__"``
+        for none) runs each example with its own adapter in this one call (see :meth:`mixed_batch`)."""
+        with self.mixed_batch(kwargs.pop("adapter_names", None)):
+            for module in self._input_adapters():
+                args, kwargs = module.transform_inputs(self.base_model, args, kwargs)
+            return self.base_model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
+        """Within the block, example ``i`` of a batch uses adapter ``adapter_names[i]``.
+
+        Only adapters of methods whose spec declares ``supports_mixed_batch`` may be named; their
+        delta modules read ``DeltaModule.mixed_batch``. Every delta module sees just the named
+        adapters as active, so nothing else applies to any example. ``None`` changes nothing.
+        """
+        if adapter_names is None:
+            yield
+            return
+        names = list(adapter_names)
+        wanted = list(dict.fromkeys(n for n in names if n != "__base__"))
+        for name in wanted:
+            self._check_known(name)
+            spec = spec_for_config(self.peft_configs[name])
+            if not spec.supports_mixed_batch:
+                raise PeftlabError(f"adapter {name!r} is {spec.name}, which does not support mixed batches "
+                                   "(its spec has supports_mixed_batch=False); run its examples in a separate call")
+        modules = [m for _, m in self._delta_modules()]
+        if any(m.merged_adapters for m in modules):
+            raise PeftlabError("an adapter is merged into the base weights; unmerge_adapter() before adapter_names=")
+        previous = [m.active_adapters for m in modules]
+        for module in modules:
+            module.set_active(wanted)
+            module.mixed_batch = names
+        try:
+            yield
+        finally:
+            for module, active in zip(modules, previous):
+                module.active_adapters = active
+                module.mixed_batch = None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         for module in self._input_adapters():
@@ -310,7 +372,7 @@ def _read_config(path: str | Path) -> PeftConfig:
 def _task_type(model: nn.Module) -> str | None:
     # peft reads task_type to pick its model class; map from the HF head class name.
     name = type(model).__name__
-    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
                          ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForTokenClassification", "TOKEN_CLS"),
                          ("ForQuestionAnswering", "QUESTION_ANS")):
         if name.endswith(suffix):

@@ -42,6 +42,9 @@ class MethodSpec:
     # A learning rate that works for this method on BERT-size models (methods train at very
     # different rates: soft prompts want ~1e-2, LoRA ~5e-4); the assessment starts from it.
     default_lr: float = 1e-3
+    # Its delta modules read ``DeltaModule.mixed_batch`` (one adapter name per example), so
+    # ``PeftModel.forward(..., adapter_names=[...])`` can serve several adapters in one batch.
+    supports_mixed_batch: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

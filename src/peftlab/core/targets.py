@@ -123,16 +123,23 @@ def architecture_of(model: nn.Module) -> Architecture:
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Module names a target can name: wrappers count as the module they wrap; their insides do not."""
+    """Module paths a target can name. A wrapper stands for the module it wraps (its
+    ``base_layer`` is not listed separately); modules inside a wrapped module stay targetable
+    (so a method can go inside a block another method wraps); adapter weights are never targets."""
     out: dict[str, nn.Module] = {}
-    skip: list[str] = []
+    hidden: list[str] = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in skip):
+        if not name or name.endswith(".base_layer") or any(name.startswith(p) for p in hidden):
             continue
         out[name] = module
         if isinstance(module, DeltaModule):
-            skip.append(name + ".")
-    return out
+            hidden += [f"{name}.{attr}." for attr in module.adapter_attrs] + [f"{name}.{attr}" for attr in module.adapter_attrs]
+    return {n: m for n, m in out.items() if n not in hidden}
+
+
+def logical_name(path: str) -> str:
+    """The module's name in the unwrapped model: what users and site patterns refer to."""
+    return path.replace(".base_layer", "")
 
 
 def _output_head_names(model: nn.Module, candidates: dict[str, nn.Module]) -> set[str]:
@@ -154,7 +161,7 @@ def resolve_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]
     candidates = _candidates(model)
     if isinstance(targets, str) and targets != "all-linear":
         pattern = re.compile(targets)
-        chosen = {n for n in candidates if pattern.fullmatch(n)}
+        chosen = {n for n in candidates if pattern.fullmatch(logical_name(n))}
         if not chosen:
             raise PeftlabError(f"target regex {targets!r} matches no module. {_similar(targets, candidates)}")
     else:
@@ -187,15 +194,15 @@ def _match(model: nn.Module, entry: str, candidates: dict[str, nn.Module]) -> se
         if site not in arch.sites:
             raise PeftlabError(f"unknown attach point {entry!r}; known: {', '.join('@' + s for s in SITES)}")
         pattern = re.compile(arch.sites[site])
-        return {n for n in candidates if pattern.search(n)}
+        return {n for n in candidates if pattern.search(logical_name(n))}
     if entry.startswith("re:"):
         pattern = re.compile(entry[3:])
-        return {n for n in candidates if pattern.fullmatch(n)}
-    return {n for n in candidates if n == entry or n.endswith("." + entry)}
+        return {n for n in candidates if pattern.fullmatch(logical_name(n))}
+    return {n for n in candidates if logical_name(n) == entry or logical_name(n).endswith("." + entry)}
 
 
 def _similar(entry: str, candidates: dict[str, nn.Module]) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+    leaves = sorted({logical_name(n).rsplit(".", 1)[-1] for n in candidates})
     close = difflib.get_close_matches(entry.lstrip("@").removeprefix("re:"), leaves, n=5, cutoff=0.4)
     if not close:
         close = leaves[:12]

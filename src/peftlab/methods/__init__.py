@@ -5,3 +5,5 @@ from .additive import residual_adapter  # noqa: F401
 from .additive import parallel_adapter  # noqa: F401
 from .additive import ia3  # noqa: F401
 from .partial import bitfit  # noqa: F401
+from .additive import prompt_tuning  # noqa: F401
+from .additive import prefix_tuning  # noqa: F401

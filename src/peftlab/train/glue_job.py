@@ -16,7 +16,7 @@ from ..core.config import PeftConfig
 from ..core.model import get_peft_model
 from ..tasks.glue import get_glue_task, glue_metrics, load_glue
 from .data import encode_pairs, make_loader
-from .loop import TrainArgs, predict, train
+from .loop import StepProbe, TrainArgs, predict, train
 
 # Both names peft uses for a new classification head; a model has one of them.
 HEADS = ("classifier", "score")
@@ -47,8 +47,12 @@ def load_classifier(model_path: str, num_labels: int) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str | Path | None = None) -> dict[str, Any]:
-    """Train ``config``'s method (``None``: full fine-tuning) and score the dev split(s)."""
+def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str | Path | None = None,
+             probe: StepProbe | None = None) -> dict[str, Any]:
+    """Train ``config``'s method (``None``: full fine-tuning) and score the dev split(s).
+
+    ``probe`` goes to :func:`~peftlab.train.loop.train` (the assessment measures memory with it).
+    """
     task = get_glue_task(run.task)
     torch.manual_seed(args.seed)
     model, tokenizer = load_classifier(run.model, task.num_labels)
@@ -63,7 +67,7 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     train_rows = encode_pairs(load_glue(task, run.data_dir, "train", run.train_limit), tokenizer, run.max_length)
     loader = make_loader(train_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed)
     started = time.perf_counter()
-    result = train(model, loader, args)
+    result = train(model, loader, args, probe=probe)
     metrics: dict[str, float] = {}
     for split in task.eval_splits:
         rows = encode_pairs(load_glue(task, run.data_dir, split, run.eval_limit), tokenizer, run.max_length)

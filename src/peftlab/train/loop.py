@@ -7,16 +7,22 @@ state is as small as its adapter.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+# ``probe(step, model, optimizer)`` may return a context manager to run one training step inside
+# (forward, backward, optimizer step), e.g. to measure its memory; ``None`` leaves the step alone.
+# Probed steps are left out of the step-time and throughput figures, since a probe costs time.
+StepProbe = Callable[[int, nn.Module, Any], "ContextManager[Any] | None"]
 
 
 @dataclass(frozen=True)
@@ -39,16 +45,23 @@ class TrainResult:
     step_times: list[float] = field(default_factory=list)
     tokens: int = 0
     wall_s: float = 0.0
+    step_tokens: list[int] = field(default_factory=list)
+    probed_steps: list[int] = field(default_factory=list)
 
     @property
     def median_step_s(self) -> float:
-        # Skip the first steps: allocator and kernel warm-up.
-        times = self.step_times[3:] or self.step_times
+        # Skip the first steps (allocator and kernel warm-up) and probed ones (the probe's cost).
+        probed = set(self.probed_steps)
+        times = [t for i, t in enumerate(self.step_times) if i not in probed]
+        times = times[3:] or times
         return float(np.median(times)) if times else float("nan")
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s else float("nan")
+        probed = [i for i in self.probed_steps if i < len(self.step_times)]
+        seconds = self.wall_s - sum(self.step_times[i] for i in probed)
+        tokens = self.tokens - sum(self.step_tokens[i] for i in probed if i < len(self.step_tokens))
+        return tokens / seconds if seconds > 0 else float("nan")
 
 
 def _accelerator() -> Any:
@@ -58,8 +71,11 @@ def _accelerator() -> Any:
 
 
 def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: Any = None,
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train ``model`` (any module whose forward returns ``.loss`` given the batch) on ``loader``."""
+          on_step: Callable[[int, float], None] | None = None, probe: StepProbe | None = None) -> TrainResult:
+    """Train ``model`` (any module whose forward returns ``.loss`` given the batch) on ``loader``.
+
+    ``probe`` (see :data:`StepProbe`) wraps chosen steps, e.g. the assessment's memory measurement.
+    """
     accelerator = accelerator or _accelerator()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -72,22 +88,30 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
     model.train()
+    sync_device = accelerator.device.type == "cuda"
     result = TrainResult(steps=0, final_loss=float("nan"))
     bar = tqdm(total=total, desc="train", disable=not (args.progress and accelerator.is_local_main_process))
     start = time.perf_counter()
     while result.steps < total:
         for batch in loader:
+            context = probe(result.steps, model, optimizer) if probe else None
+            if context is not None:
+                result.probed_steps.append(result.steps)
             t0 = time.perf_counter()
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            with context or contextlib.nullcontext():
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if args.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                if sync_device:  # GPU kernels run asynchronously: wait, so the step time is the step's
+                    torch.cuda.synchronize(accelerator.device)
             result.step_times.append(time.perf_counter() - t0)
             result.losses.append(loss.item())
-            result.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            result.step_tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0)
+            result.tokens += result.step_tokens[-1]
             result.steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(result.losses[-20:]):.4f}")

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from peftlab import IA3Config, PeftlabError, config_from_dict, get_peft_model
+from peftlab import IA3Config, PeftlabError, PeftModel, config_from_dict, get_peft_model
 from peftlab.methods.additive.ia3 import IA3Layer
 
-from ...conftest import main_output, model_inputs, tiny_bert, tiny_gpt2, tiny_llama
+from ...conftest import main_output, model_inputs, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 D = 32  # hidden size of every tiny model in conftest
 
@@ -199,6 +199,23 @@ def test_llama_default_targets():
     assert pm.trainable_parameters_report().trainable == 2 * (16 + 16 + 64)
 
 
+def test_t5_encoder_decoder_targets_and_effect():
+    model = tiny_t5()
+    inputs = dict(model_inputs("t5"), decoder_input_ids=torch.tensor([[0, 5, 6], [0, 7, 8]]))
+    with torch.no_grad():
+        base = model(**inputs).logits
+    pm = get_peft_model(model, IA3Config())
+    found = layers(pm)
+    # 2 encoder blocks (self-attn k, v; wo) + 2 decoder blocks (self- and cross-attn k, v; wo)
+    assert len(found) == 2 * 3 + 2 * 5
+    assert all(m.settings["default"].feedforward == n.endswith("DenseReluDense.wo") for n, m in found.items())
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**inputs).logits, base, rtol=0, atol=1e-6)
+        for layer in found.values():
+            set_vector(layer, torch.full((layer.ia3_l["default"].numel(),), 1.5))
+        assert not torch.allclose(pm(**inputs).logits, base, atol=1e-3)
+
+
 def test_feedforward_must_be_a_subset_of_targets():
     with pytest.raises(PeftlabError, match="subset"):
         get_peft_model(tiny_bert(), IA3Config(targets=("@key", "@value")))
@@ -243,7 +260,26 @@ def test_checkpoint_layout_and_peft_config_fields(tmp_path):
     assert saved["peft_type"] == "IA3"
     assert saved["feedforward_modules"] == [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]
     assert set(saved["feedforward_modules"]) <= set(saved["target_modules"])
+    assert "method" not in saved and "targets" not in saved  # peft's own form: peft reads it without warnings
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)  # read back through from_peft
+    assert {n: m.settings["default"] for n, m in layers(loaded).items()} == \
+        {n: m.settings["default"] for n, m in layers(pm).items()}
+
+
+def test_gpt2_split_vectors_save_and_load_with_their_blocks(tmp_path):
+    import json
+
+    pm = get_peft_model(tiny_gpt2(), IA3Config(targets=("@query", "@value"), feedforward=()))
+    set_vector(layers(pm)["transformer.h.0.attn.c_attn"], torch.linspace(0.5, 1.5, 2 * D))
+    expected = run(pm, "gpt2")
+    pm.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    # peft cannot express part of c_attn, so the file keeps peftlab's fields and reads back exactly.
+    assert saved["method"] == "ia3" and saved["targets"] == ["@query", "@value"]
     assert config_from_dict(saved) == pm.peft_configs["default"]
+    loaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
+    assert layers(loaded)["transformer.h.0.attn.c_attn"].settings["default"].segments == ((0, D), (2 * D, 3 * D))
+    torch.testing.assert_close(run(loaded, "gpt2"), expected, rtol=0, atol=0)
 
 
 def test_from_peft_reads_peft_fields_and_refuses_exclude_modules():

@@ -75,13 +75,21 @@ class IA3Config(PeftConfig):
     def peft_fields_for(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
         # peft requires feedforward_modules to be a subset of target_modules, which the saver
         # writes as resolved module paths: write the feedforward ones the same way.
-        feedforward, transposed = [], False
+        feedforward, transposed, split = [], False, False
         for path, module in model.named_modules():
             if isinstance(module, IA3Layer) and adapter_name in module.ia3_l:
-                if module.settings[adapter_name].feedforward:
+                role = module.settings[adapter_name]
+                if role.feedforward:
                     feedforward.append(path)
                 transposed |= module.transposed
-        return {"feedforward_modules": feedforward, "fan_in_fan_out": transposed}
+                split |= role.segments is not None
+        fields: dict[str, Any] = {"feedforward_modules": feedforward, "fan_in_fan_out": transposed}
+        if split:
+            # peft has no vector over part of a fused projection (it refuses these shapes), so keep
+            # peftlab's own fields too: the file then reads back with the same q/k/v blocks.
+            data = self.to_dict()
+            fields.update({k: data[k] for k in [f.name for f in dataclasses.fields(self)] + ["method"]})
+        return fields
 
     @classmethod
     def from_peft(cls, data: dict[str, Any]) -> "IA3Config":
@@ -203,7 +211,8 @@ def _plan(model: nn.Module, config: IA3Config) -> dict[str, _Role]:
     # Paths reached only through '@query'/'@key'/'@value' on a fused projection get those blocks.
     roles: dict[str, set[str]] = {}
     whole: set[str] = set(paths)
-    role_entries = [e for e in targets if e.startswith("@") and e[1:] in _QKV_ROLES] if isinstance(targets, tuple) else []
+    entries = targets if isinstance(targets, tuple) else ()
+    role_entries = [e for e in entries if e.startswith("@") and e[1:] in _QKV_ROLES]
     if config.split_fused_qkv and role_entries and architecture_of(model).fused_qkv:
         whole = set()
         for entry in targets:

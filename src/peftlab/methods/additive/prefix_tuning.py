@@ -34,6 +34,8 @@ attended to from the first step) and not mergeable (it adds attention positions,
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import sys
 from typing import Any, Callable, ClassVar
 
@@ -45,11 +47,13 @@ from ...core.errors import PeftlabError
 from ...core.layer import DeltaModule, base_of
 from ...core.registry import MethodSpec, register
 from ...core.targets import resolve_targets
+from .prompt_tuning import _cached_length, bind_arguments
 
 _KEY = "prefix_tuning"          # this method's entry in PeftModel.model_adapters
 _PREFIX = "peftlab_prefix_"     # attention implementation name = _PREFIX + original name
 _SITE_ATTR = "_peftlab_prefix_site"  # (owner, layer index), kept in the attention module's __dict__
 SUPPORTED = ("eager", "sdpa")
+_DEFAULT_TARGETS = ("@self_attention",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,7 @@ class PrefixTuningConfig(PeftConfig):
 
     checkpoint_model_prefix: ClassVar[str] = "base_model."
 
-    targets: tuple[str, ...] | str | None = ("@self_attention",)
+    targets: tuple[str, ...] | str | None = _DEFAULT_TARGETS
     num_virtual_tokens: int = 20
     prefix_projection: bool = True
     projection_hidden: int | None = None
@@ -76,10 +80,13 @@ class PrefixTuningConfig(PeftConfig):
                       "projection_hidden", "None (the model's hidden size) or a positive integer such as 512")
 
     def peft_fields(self) -> dict[str, Any]:
-        return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": self.num_virtual_tokens,
-                "prefix_projection": self.prefix_projection, "encoder_hidden_size": self.projection_hidden,
-                "num_transformer_submodules": 1, "inference_mode": True,
-                "modules_to_save": list(self.modules_to_save) or None}
+        fields = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": self.num_virtual_tokens,
+                  "prefix_projection": self.prefix_projection, "encoder_hidden_size": self.projection_hidden,
+                  "num_transformer_submodules": 1, "inference_mode": True,
+                  "modules_to_save": list(self.modules_to_save) or None}
+        if self.targets != _DEFAULT_TARGETS:  # peft has no such choice; keep it for peftlab's reader
+            fields["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return fields
 
     def peft_fields_for(self, model: Any, adapter_name: str) -> dict[str, Any]:
         # peft sizes its prefix from these; write the numbers peftlab used.
@@ -95,6 +102,7 @@ class PrefixTuningConfig(PeftConfig):
         return cls(num_virtual_tokens=int(data["num_virtual_tokens"]),
                    prefix_projection=bool(data.get("prefix_projection", False)),
                    projection_hidden=data.get("encoder_hidden_size"),
+                   targets=data.get("targets") or _DEFAULT_TARGETS,
                    modules_to_save=tuple(data.get("modules_to_save") or ()))
 
 
@@ -144,7 +152,10 @@ class PrefixKV(DeltaModule):
         return self.prefix_mlp[name](self.prefix_embedding[name])
 
     def fold(self, name: str | None = None) -> None:
-        """Replace the MLP of adapter ``name`` (default: every adapter) by its output (direct mode)."""
+        """Replace the MLP of adapter ``name`` (default: every adapter) by its output (direct mode).
+
+        Outputs do not change; the adapter's parameters do (one new parameter instead of P' and the
+        MLP), so build any optimizer after folding."""
         for key in [name] if name is not None else self.adapter_names():
             if key in self.prompt_embeddings:
                 continue
@@ -162,7 +173,8 @@ class PrefixKV(DeltaModule):
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self.adapter_names():
             return {}
-        return {"prompt_embeddings": self.flat_prefix(name).detach()}
+        with torch.no_grad():  # the checkpoint form: the MLP's output, folded
+            return {"prompt_embeddings": self.flat_prefix(name).detach()}
 
     def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         value = tensors["prompt_embeddings"]
@@ -211,11 +223,49 @@ class PrefixKV(DeltaModule):
     # -- PeftModel hooks -------------------------------------------------------------------------
     def transform_inputs(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         self._cache.clear()  # a new forward pass: recompute the prefix (fresh autograd graph)
-        return args, kwargs
+        if not _takes_positions(model):
+            return args, kwargs
+        kwargs = bind_arguments(model, "forward", args, kwargs)
+        tokens = kwargs.get("input_ids")
+        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+        if tokens is None:
+            return (), kwargs  # the model reports the missing input
+        positions = kwargs.get("position_ids")
+        if positions is None:  # the model's own default: past length + 0..n-1
+            cache = kwargs.get("past_key_values")
+            past = _cached_length(cache) if cache is not None else 0
+            positions = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
+        kwargs["position_ids"] = positions + self.live_length()
+        return (), kwargs
 
     def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         self._cache.clear()
-        return model.generate(*args, **kwargs)
+        if not _takes_positions(model):
+            return model.generate(*args, **kwargs)
+        kwargs = bind_arguments(model, "generate", args, kwargs)
+        if kwargs.get("position_ids") is None:
+            tokens = kwargs.get("input_ids")
+            tokens = kwargs.get("inputs") if tokens is None else tokens
+            tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+            if tokens is None:
+                raise PeftlabError("prefix tuning generate() needs input_ids (or inputs_embeds) to place positions")
+            mask = kwargs.get("attention_mask")
+            if mask is not None:  # generate's own rule: count real tokens, padding at 0
+                positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            else:
+                positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+            kwargs["position_ids"] = positions
+        # generate extends position_ids by one per new token; the shift carries over.
+        kwargs["position_ids"] = kwargs["position_ids"] + self.live_length()
+        return model.generate(**kwargs)
+
+    def live_length(self) -> int:
+        """Number of prefix positions in front of the real tokens (p of the live adapter)."""
+        return sum(self._length(name) for name in self.live_adapters())
+
+    def _length(self, name: str) -> int:
+        table = self.prompt_embeddings if name in self.prompt_embeddings else self.prefix_embedding
+        return int(table[name].shape[0])
 
     # -- installing the attention hook -----------------------------------------------------------
     def install(self, model: nn.Module, targets: list[str]) -> None:
@@ -333,6 +383,17 @@ def _model_configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
+@functools.lru_cache(maxsize=None)
+def _position_parameter(cls: type) -> bool:
+    return "position_ids" in inspect.signature(cls.forward).parameters
+
+
+def _takes_positions(model: nn.Module) -> bool:
+    """Real tokens sit after the prefix (positions start at p) in models that take position ids;
+    encoder-decoder models (T5: relative positions) keep theirs."""
+    return _position_parameter(type(model)) and not getattr(model.config, "is_encoder_decoder", False)
+
+
 def _kv_shape(model: nn.Module) -> tuple[int, int]:
     """(key/value heads, head size) of the model's self-attention, from its config."""
     config = getattr(model, "config", None)
@@ -360,7 +421,7 @@ def attach(model: nn.Module, name: str, config: PrefixTuningConfig, host: Any) -
     elif targets != owner.targets:
         raise PeftlabError(f"prefix tuning adapters on one model share their attention modules; adapter {name!r} "
                            f"targets {targets[:3]}..., the existing ones {owner.targets[:3]}... Use the same targets.")
-    like = next(model.parameters())
+    like = next((w for w in model.parameters() if w.is_floating_point()), torch.empty(0))
     owner.add(name, config, like)
 
 

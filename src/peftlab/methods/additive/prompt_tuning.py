@@ -29,6 +29,7 @@ saves 2p rows; peftlab writes ``num_transformer_submodules=1`` so peft prompts t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from typing import Any, ClassVar
@@ -105,7 +106,6 @@ class SoftPrompt(DeltaModule):
         super().__init__()
         self.prompt_embeddings = nn.ParameterDict()
         self.encoder_decoder = encoder_decoder
-        self._arg_names: dict[str, list[str]] = {}
 
     def add(self, name: str, config: PromptTuningConfig, model: nn.Module) -> None:
         weight = _input_embedding_weight(model)
@@ -127,7 +127,7 @@ class SoftPrompt(DeltaModule):
 
     # -- the input rewrite -------------------------------------------------------------------
     def transform_inputs(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        kwargs = self._as_kwargs(model.forward, "forward", args, kwargs)
+        kwargs = bind_arguments(model, "forward", args, kwargs)
         if self.encoder_decoder and kwargs.get("encoder_outputs") is not None:
             return (), kwargs  # the encoder already ran (with the prompt, inside generate)
         prompt = self.prompt()
@@ -140,7 +140,7 @@ class SoftPrompt(DeltaModule):
         return (), self._prepend(model, prompt, kwargs, labels=not self.encoder_decoder)
 
     def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        kwargs = self._as_kwargs(model.generate, "generate", args, kwargs)
+        kwargs = bind_arguments(model, "generate", args, kwargs)
         ids = kwargs.pop("input_ids", None)
         inputs = kwargs.pop("inputs", None)
         ids = inputs if ids is None else ids
@@ -183,20 +183,25 @@ class SoftPrompt(DeltaModule):
             kwargs["labels"] = _pad_front(target, p, -100)
         return kwargs
 
-    def _as_kwargs(self, fn: Any, key: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Name positional arguments (``model(ids, mask)``) so they can be rewritten."""
-        if not args:
-            return dict(kwargs)
-        if key not in self._arg_names:
-            self._arg_names[key] = [n for n, prm in inspect.signature(fn).parameters.items()
-                                    if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD)]
-        names = self._arg_names[key]
-        if len(args) > len(names):
-            raise PeftlabError(f"{key}() got {len(args)} positional arguments, the model takes {len(names)}")
-        clash = [n for n in names[:len(args)] if n in kwargs]
-        if clash:
-            raise PeftlabError(f"{key}() got {clash} both by position and by name")
-        return {**dict(zip(names, args)), **kwargs}
+
+def bind_arguments(model: nn.Module, method: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``model.<method>(*args, **kwargs)`` as keyword arguments only (``model(ids, mask)`` names both),
+    so the inputs can be rewritten by name."""
+    if not args:
+        return dict(kwargs)
+    names = _positional_names(type(model), method)
+    if len(args) > len(names):
+        raise PeftlabError(f"{method}() got {len(args)} positional arguments; {type(model).__name__} takes {len(names)}")
+    clash = [n for n in names[:len(args)] if n in kwargs]
+    if clash:
+        raise PeftlabError(f"{method}() got {clash} both by position and by name")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+@functools.lru_cache(maxsize=None)
+def _positional_names(cls: type, method: str) -> list[str]:
+    params = list(inspect.signature(getattr(cls, method)).parameters.values())[1:]  # drop self
+    return [prm.name for prm in params if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD)]
 
 
 def _pad_front(x: torch.Tensor, p: int, value: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.config import PeftConfig
+from ...core.errors import PeftlabError
 from ...core.inject import wrap
 from ...core.layer import DeltaModule, base_of
 from ...core.registry import MethodSpec, register
@@ -60,6 +61,10 @@ class LoraConfig(PeftConfig):
         return cls(r=data["r"], alpha=data["lora_alpha"], dropout=data.get("lora_dropout", 0.0),
                    rslora=bool(data.get("use_rslora", False)), targets=data["target_modules"],
                    modules_to_save=tuple(data.get("modules_to_save") or ()))
+
+
+# Base layers that never keep their output for backward: LoRA may add into that output in place.
+_PLAIN: tuple[type, ...] = tuple(LINEAR_TYPES) + (nn.Embedding,)
 
 
 class LoraLayer(DeltaModule):
@@ -117,18 +122,84 @@ class LoraLayer(DeltaModule):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        for name in self.live_adapters():
-            scale = self.settings[name]
+        live = self.live_adapters()
+        if not live:
+            return out
+        if self.mixed_batch is not None:
+            return self._mixed_forward(x, out, live)
+        for name in live:
+            a, b, scale = self._factors(name)
             if self.is_embedding:
-                low = F.embedding(x, self.lora_embedding_A[name].T)
-                out = out + (low @ self.lora_embedding_B[name].T) * scale
-                continue
-            a = self.lora_A[name].weight
-            h = self.lora_dropout[name](x) if name in self.lora_dropout else x
-            h = F.linear(h.to(a.dtype), a)
-            # Fold the scale into the r x out factor: one small multiply instead of a full-size one.
-            out = out + F.linear(h, self.lora_B[name].weight * scale).to(out.dtype)
+                low = F.embedding(x, a)
+            else:
+                h = x if x.dtype == a.dtype else x.to(a.dtype)
+                p = self._dropout_p(name)
+                if p > 0:
+                    # One boolean mask and one multiply; the 1/(1-p) rescale rides on the GEMM's alpha.
+                    h = h * torch.empty(h.shape, dtype=torch.bool, device=h.device).bernoulli_(1 - p)
+                    scale = scale / (1 - p)
+                low = F.linear(h, a)
+            out = self._accumulate(out, low.reshape(-1, low.shape[-1]), b, scale)
         return out
+
+    def _dropout_p(self, name: str) -> float:
+        return self.lora_dropout[name].p if self.training and name in self.lora_dropout else 0.0
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(a, B, scale) with ``low = x a^T`` (embeddings: ``a = A^T``, vocab x r, looked up by id)
+        and ``delta = scale * low B^T``."""
+        if self.is_embedding:
+            return self.lora_embedding_A[name].T, self.lora_embedding_B[name], self.settings[name]
+        return self.lora_A[name].weight, self.lora_B[name].weight, self.settings[name]
+
+    def _in_place_ok(self, out: torch.Tensor, dtype: torch.dtype) -> bool:
+        # A plain Linear/Conv1D/Embedding does not keep its output for backward, so adding into that
+        # fresh output leaves autograd intact; a stacked wrapper or a forward hook might hold it.
+        return (type(self.base_layer) in _PLAIN and not self.base_layer._forward_hooks
+                and out.dtype == dtype and out.is_contiguous())
+
+    def _accumulate(self, out: torch.Tensor, low: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        """``out + scale * low @ b.T`` with the add done by the GEMM itself (beta=1, alpha=scale):
+        no out-sized temporary, add pass or scale pass. ``low``: (N, r), ``b``: (out, r)."""
+        if self._in_place_ok(out, low.dtype):
+            out.view(-1, out.shape[-1]).addmm_(low, b.T, alpha=scale)
+            return out
+        summed = torch.addmm(out.reshape(-1, out.shape[-1]).to(low.dtype), low, b.T, alpha=scale)
+        return summed.to(out.dtype).view(out.shape)
+
+    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, live: list[str]) -> torch.Tensor:
+        """Example i gets adapter ``mixed_batch[i]``: all adapters' factors stacked (ranks zero-padded
+        to the largest, scale folded into B), gathered per example, one batched GEMM per factor.
+        Examples whose adapter this layer does not hold index a zero slot."""
+        names = self.mixed_batch or []
+        n = x.shape[0]
+        if n != len(names):
+            raise PeftlabError(f"adapter_names has {len(names)} entries but the batch has {n} examples")
+        slot = {name: i for i, name in enumerate(live)}
+        idx = torch.tensor([slot.get(name, len(live)) for name in names], device=x.device)
+        factors = [self._factors(name) for name in live]
+        a0, b0, _ = factors[0]
+        r = max(b.shape[1] for _, b, _ in factors)
+        keep = [1 - self._dropout_p(name) for name in live] + [1.0]
+        scale = torch.tensor([s for *_, s in factors] + [0.0], dtype=b0.dtype, device=b0.device)
+        scale = scale / torch.tensor(keep, dtype=b0.dtype, device=b0.device)
+        b_all = torch.stack([F.pad(b, (0, r - b.shape[1])) for _, b, _ in factors] + [b0.new_zeros(self.out_features, r)])
+        b_sel = (b_all * scale[:, None, None])[idx]  # (n, out, r)
+        if self.is_embedding:  # a: (vocab, r) per adapter
+            a_all = torch.stack([F.pad(a, (0, r - a.shape[1])) for a, _, _ in factors] + [a0.new_zeros(self.in_features, r)])
+            low = a_all[idx.view(-1, *[1] * (x.dim() - 1)), x].reshape(n, -1, r)
+        else:  # a: (r, in) per adapter
+            a_all = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _, _ in factors] + [a0.new_zeros(r, self.in_features)])
+            h = (x if x.dtype == a0.dtype else x.to(a0.dtype)).reshape(n, -1, self.in_features)
+            if min(keep) < 1:
+                keep_row = torch.tensor(keep, dtype=h.dtype, device=h.device)[idx][:, None, None]
+                h = h * (torch.rand_like(h) < keep_row)
+            low = torch.bmm(h, a_all[idx].transpose(1, 2))  # (n, T, r)
+        if self._in_place_ok(out, low.dtype):
+            out.view(n, -1, self.out_features).baddbmm_(low, b_sel.transpose(1, 2))
+            return out
+        return (out.reshape(n, -1, self.out_features).to(low.dtype)
+                + torch.bmm(low, b_sel.transpose(1, 2))).to(out.dtype).view(out.shape)
 
     def merge(self, name: str) -> None:
         weight = base_of(self.base_layer).weight
@@ -152,5 +223,5 @@ SPEC = register(MethodSpec(
     name="lora", family="reparameterized", subcategory="LoRA", config_cls=LoraConfig,
     trains="low-rank update B A of chosen weight matrices", attach=attach,
     paper="Hu et al. 2022, LoRA: Low-Rank Adaptation of Large Language Models",
-    mergeable=True, merge_tolerance=1e-4, peft_type="LORA", default_lr=5e-4,
+    mergeable=True, merge_tolerance=1e-4, peft_type="LORA", default_lr=5e-4, supports_mixed_batch=True,
 ))

@@ -1,0 +1,510 @@
+"""Speed and memory of every registered peftlab method, side by side with its floor and HF peft.
+
+Run from the repository root::
+
+    python -m benchmarks.run                        # MiniLM, GPT-2-100M, Llama-100M (CPU, 2 threads)
+    python -m benchmarks.run --model minilm         # one model; other models' results are kept
+    python -m benchmarks.run --quick --out /tmp/b   # tiny models, two steps: a smoke run for CI
+    python -m benchmarks.run --model llama-1b --device cuda
+
+Writes ``<out>.json`` (all figures, every repetition) and ``<out>.md`` (generated from the JSON).
+What each row means is written in :func:`describe` and printed at the top of the Markdown file.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import itertools
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.measure import held_tensors, interleaved_times, paired_ratio, peak_rise_bytes, storage_bytes
+from benchmarks.models import DEFAULT_MODELS, MODELS, QUICK_MODELS, BenchModel, make_batch
+from benchmarks.report import write_markdown
+
+from peftlab import get_peft_model
+from peftlab.core.registry import MethodSpec, all_methods
+
+# Extra configurations measured beside a method's defaults (the issue's peft comparison has them).
+VARIANTS: dict[str, list[dict[str, Any]]] = {"lora": [{}, {"dropout": 0.1}]}
+MIXED_KS = (1, 2, 4, 8)
+# (what, table, row label, column, limit): the speed targets the LoRA implementation must hold.
+TARGETS = [
+    ("LoRA training step / floor", "train", "lora", "x_floor", 1.03),
+    ("LoRA (dropout 0.1) training step / floor", "train", "lora (dropout=0.1)", "x_floor", 1.10),
+    ("LoRA unmerged inference / base model", "inference", "lora", "x_base", 1.02),
+    ("LoRA merged inference / base model", "inference", "lora merged", "x_base", 1.005),
+    ("LoRA batch over 8 adapters / batch with one adapter", "mixed", "lora k=8", "x_single", 1.15),
+]
+
+
+def describe() -> list[str]:
+    return [
+        "**Floor**: the base model in training mode (dropout on) with every weight frozen "
+        "(`requires_grad=False`) and the input-embedding output made to require grad (a forward hook), "
+        "so `loss.backward()` computes the gradient of every activation through every layer down to the "
+        "embeddings but no weight gradient; no optimizer step. No PEFT method can train faster than this "
+        "(prompt methods also lengthen the sequence, so they sit further above it).",
+        "**Training step**: forward with labels (classification: cross-entropy over 2 labels; LM: next-token "
+        "loss), `backward()`, `AdamW.step()`, `zero_grad(set_to_none=True)`; median over repetitions after "
+        "warm-up. Full fine-tuning trains every weight. peftlab methods use `spec.config_cls()` defaults "
+        "(plus the listed variants) and train only the method's parameters: no task head, so the method's "
+        "own cost is isolated. HF peft rows load the very same adapter (`save_pretrained` of the peftlab "
+        "row, read by `peft.PeftModel.from_pretrained(is_trainable=True)`); peft's automatic "
+        "classifier copy is frozen so both train the same parameters.",
+        "**Ratios** (`x floor`, `x base`, `x peft`, ...) are medians of per-round ratios: cases take turns "
+        "(A, B, C, then C, B, A, ...) so drift of the machine falls on all of them alike.",
+        "**Peak memory**: live tensor bytes held by the case (weights, buffers, gradients, optimizer state, "
+        "each storage once) plus the largest rise during one step. CPU: from `torch.profiler` memory events "
+        "of PyTorch's allocator — sees autograd's saved activations, misses oneDNN/MKL scratch space, "
+        "Python objects and fragmentation. CUDA: `torch.cuda.max_memory_allocated`.",
+        "**Inference**: `torch.inference_mode()` forward without labels, eval mode. *merged*: "
+        "`merge_and_unload()`, which returns the plain base model with the update folded in.",
+        "**Mixed batch**: one forward of the batch where example i uses adapter `a{i mod k}` "
+        "(`adapter_names=[...]`), k distinct adapters; `x single` compares with the same model's plain "
+        "forward with one active adapter.",
+    ]
+
+
+# -- cases ---------------------------------------------------------------------------------
+@dataclass
+class TrainCase:
+    label: str
+    impl: str  # floor | full | peftlab | peft
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    method: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    counterpart: str | None = None  # label of the peft row a peftlab row is compared with
+    note: str = ""
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+def clone_model(model: nn.Module, share: bool) -> nn.Module:
+    """A copy of ``model``; with ``share`` its weights and buffers are the template's tensors
+    (new Parameter objects, same storage), so many frozen cases cost one model's memory."""
+    if not share:
+        return copy.deepcopy(model)
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        memo[id(t)] = nn.Parameter(t.detach(), requires_grad=False) if isinstance(t, nn.Parameter) else t
+    return copy.deepcopy(model, memo)
+
+
+def _template_storages(template: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in itertools.chain(template.parameters(), template.buffers())}
+
+
+def _writes_template(model: nn.Module, storages: set[int]) -> bool:
+    """True when a trainable tensor of ``model`` is a shared template weight (BitFit's biases)."""
+    return any(p.requires_grad and p.untyped_storage().data_ptr() in storages for p in model.parameters())
+
+
+def variant_label(spec: MethodSpec, variant: dict[str, Any]) -> str:
+    if not variant:
+        return spec.name
+    return f"{spec.name} ({', '.join(f'{k}={v}' for k, v in variant.items())})"
+
+
+def _adamw(model: nn.Module) -> torch.optim.Optimizer | None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-5) if params else None
+
+
+def _peft_from(peftlab_model: nn.Module, template: nn.Module, folder: Path, adapters: list[str],
+               trainable: bool, notes: list[str]) -> nn.Module:
+    """HF peft model holding the same adapters, built from the config and weights peftlab saved."""
+    import peft
+    from safetensors.torch import load_file
+
+    peftlab_model.save_pretrained(folder, adapter_names=adapters)
+    model = None
+    for name in adapters:
+        path = folder if name == "default" else folder / name
+        config = peft.PeftConfig.from_pretrained(str(path))
+        config.inference_mode = not trainable
+        if model is None:
+            model = peft.get_peft_model(clone_model(template, share=True), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        # peft adds a classifier copy for SEQ_CLS and expects it in the file; peftlab rows train no
+        # head, so that copy keeps peft's own (unchanged) weights.
+        own = peft.get_peft_model_state_dict(model, adapter_name=name)
+        try:
+            result = peft.set_peft_model_state_dict(
+                model, {**own, **load_file(str(path / "adapter_model.safetensors"))}, adapter_name=name)
+            # soft prompts are loaded beside load_state_dict and so always come back as 'unexpected'
+            if result.unexpected_keys and not config.is_prompt_learning:
+                raise RuntimeError(f"keys {result.unexpected_keys[:3]} matched nothing")
+        except Exception as err:  # speed does not depend on the values: keep peft's own init, say so
+            notes.append(f"peft could not read peftlab's weights ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120]}); same config, peft's own init")
+            peft.set_peft_model_state_dict(model, own, adapter_name=name)
+    model.set_adapter(adapters[0])
+    for pname, param in model.named_parameters():
+        if "modules_to_save" in pname:  # that classifier copy stays frozen: both rows train the same set
+            param.requires_grad_(False)
+    return model
+
+
+def _input_grad_hook(model: nn.Module) -> None:
+    model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.requires_grad_(True))
+
+
+def build_train_cases(template: nn.Module, specs: list[MethodSpec], use_peft: bool, only: re.Pattern | None,
+                      tmp: Path, errors: list[dict[str, str]]) -> list[TrainCase]:
+    storages = _template_storages(template)
+    floor = clone_model(template, share=True).train()
+    _input_grad_hook(floor)
+    cases = [TrainCase("floor", "floor", floor, None)]
+    if only is None or only.search("full FT"):
+        full = clone_model(template, share=False).train()
+        for p in full.parameters():
+            p.requires_grad_(True)
+        cases.append(TrainCase("full FT", "full", full, _adamw(full)))
+    for spec in specs:
+        for variant in VARIANTS.get(spec.name, [{}]):
+            label = variant_label(spec, variant)
+            if only is not None and not only.search(label):
+                continue
+            try:
+                config = spec.config_cls(**variant)
+                model = get_peft_model(clone_model(template, share=True), config).train()
+                if _writes_template(model, storages):
+                    model = get_peft_model(clone_model(template, share=False), config).train()
+            except Exception as err:  # a method that does not apply to this architecture
+                errors.append({"case": label, "error": f"{type(err).__name__}: {err}"})
+                continue
+            case = TrainCase(label, "peftlab", model, _adamw(model), spec.name, config.to_dict())
+            cases.append(case)
+            if use_peft and spec.peft_type:
+                try:
+                    notes: list[str] = []
+                    pmodel = _peft_from(model, template, tmp / label.replace(" ", "_"), ["default"], True, notes).train()
+                except Exception as err:
+                    errors.append({"case": f"peft {label}", "error": f"{type(err).__name__}: {err}"})
+                    continue
+                cases.append(TrainCase(f"peft {label}", "peft", pmodel, _adamw(pmodel), spec.name, config.to_dict()))
+                case.counterpart = f"peft {label}"
+                if cases[-1].trainable != case.trainable:
+                    notes.append(f"trains {cases[-1].trainable:,} parameters, peftlab {case.trainable:,}")
+                cases[-1].note = "; ".join(dict.fromkeys(notes))
+    return cases
+
+
+def _train_step(case: TrainCase, batch: dict[str, torch.Tensor]) -> None:
+    out = case.model(**batch)
+    out.loss.backward()
+    if case.optimizer is not None:
+        case.optimizer.step()
+        case.optimizer.zero_grad(set_to_none=True)
+
+
+def _perturb(params: list[nn.Parameter], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_((torch.randn(p.shape, generator=g) * 0.02).to(p.device, p.dtype))
+
+
+# -- the three measurements ----------------------------------------------------------------
+def run_training(cases: list[TrainCase], batch: dict[str, torch.Tensor], spec: BenchModel, device: str,
+                 repeats: int, warmup: int, errors: list[dict[str, str]], log: Callable[[str], None]) -> list[dict]:
+    ok: list[TrainCase] = []
+    for case in cases:  # one step each first: a method whose forward fails is reported, not fatal
+        try:
+            _train_step(case, batch)
+            ok.append(case)
+        except Exception as err:
+            errors.append({"case": case.label, "error": f"training step: {type(err).__name__}: {err}"})
+    memory: dict[str, tuple[int, int]] = {}
+    for case in ok:
+        held = storage_bytes(held_tensors(case.model, case.optimizer))
+        memory[case.label] = (held, held + peak_rise_bytes(lambda: _train_step(case, batch), device))
+    log(f"  training: {len(ok)} cases x {repeats} rounds")
+    wall, cpu = interleaved_times({c.label: (lambda c=c: _train_step(c, batch)) for c in ok},
+                                  repeats, max(warmup - 1, 0), device)
+    tokens = batch["input_ids"].numel()
+    rows = []
+    for case in ok:
+        t = wall[case.label]
+        row: dict[str, Any] = {
+            "label": case.label, "impl": case.impl, "method": case.method, "config": case.config,
+            "trainable": case.trainable, "times_s": t, "cpu_times_s": cpu[case.label], "step_ms": 1e3 * _median(t),
+            "tokens_per_s": tokens / _median(t),
+            **_ratios("x_floor", wall, cpu, case.label, "floor"),
+            **_ratios("x_full", wall, cpu, case.label, "full FT"),
+            **_ratios("x_peft", wall, cpu, case.label, case.counterpart),
+            "held_mb": memory[case.label][0] / 2**20, "peak_mb": memory[case.label][1] / 2**20,
+            "peak_x_floor": memory[case.label][1] / memory["floor"][1], "note": case.note,
+        }
+        rows.append(row)
+    return rows
+
+
+def run_inference(template: nn.Module, cases: list[TrainCase], specs: dict[str, MethodSpec],
+                  batch: dict[str, torch.Tensor], device: str, repeats: int, warmup: int,
+                  errors: list[dict[str, str]], log: Callable[[str], None]) -> list[dict]:
+    models: dict[str, tuple[nn.Module, str, str | None, str | None]] = {"base": (template, "base", None, None)}
+    for case in cases:
+        if case.impl in ("peftlab", "peft"):
+            models[case.label] = (case.model, case.impl, case.method, case.counterpart)
+    for case in cases:
+        spec = specs.get(case.method or "")
+        if case.impl == "peftlab" and spec is not None and spec.mergeable:
+            try:
+                merged = get_peft_model(clone_model(template, share=False), case.model.peft_configs["default"])
+                _perturb(merged.adapter_parameters("default"), 1)
+                models[f"{case.label} merged"] = (merged.merge_and_unload(), "peftlab", case.method, None)
+            except Exception as err:
+                errors.append({"case": f"{case.label} merged", "error": f"{type(err).__name__}: {err}"})
+    for model, *_ in models.values():
+        model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def forward(model: nn.Module) -> None:
+        with torch.inference_mode():
+            model(**inputs)
+
+    log(f"  inference: {len(models)} cases x {repeats} rounds")
+    wall, cpu = interleaved_times({k: (lambda m=m[0]: forward(m)) for k, m in models.items()}, repeats, warmup, device)
+    rows = []
+    for label, (_, impl, method, counterpart) in models.items():
+        t = wall[label]
+        rows.append({"label": label, "impl": impl, "method": method, "times_s": t, "cpu_times_s": cpu[label],
+                     "ms": 1e3 * _median(t), **_ratios("x_base", wall, cpu, label, "base"),
+                     **_ratios("x_peft", wall, cpu, label, counterpart)})
+    return rows
+
+
+def run_mixed(template: nn.Module, specs: list[MethodSpec], batch: dict[str, torch.Tensor], device: str,
+              repeats: int, warmup: int, use_peft: bool, only: re.Pattern | None, tmp: Path,
+              errors: list[dict[str, str]], log: Callable[[str], None]) -> list[dict]:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    n = inputs["input_ids"].shape[0]
+    names = [f"a{i}" for i in range(max(MIXED_KS))]
+    fns: dict[str, Callable[[], object]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    checks: list[tuple[str, nn.Module, nn.Module]] = []
+    for spec in specs:
+        if not getattr(spec, "supports_mixed_batch", False) or (only is not None and not only.search(spec.name)):
+            continue
+        try:
+            model = get_peft_model(clone_model(template, share=True), spec.config_cls(), names[0])
+            for name in names[1:]:
+                model.add_adapter(name, spec.config_cls())
+            for i, name in enumerate(names):
+                _perturb(model.adapter_parameters(name), 10 + i)
+            model.set_adapter(names[0])
+            model.eval()
+        except Exception as err:
+            errors.append({"case": f"mixed {spec.name}", "error": f"{type(err).__name__}: {err}"})
+            continue
+        impls = [("peftlab", model)]
+        if use_peft and spec.peft_type:
+            try:
+                pm = _peft_from(model, template, tmp / f"mixed_{spec.name}", names, False, []).eval()
+                impls.append(("peft", pm))
+                checks.append((spec.name, model, pm))
+            except Exception as err:
+                errors.append({"case": f"mixed peft {spec.name}", "error": f"{type(err).__name__}: {err}"})
+        for impl, m in impls:
+            key = f"{impl} {spec.name} single"
+            fns[key] = lambda m=m: _forward(m, inputs)
+            meta[key] = {"method": spec.name, "impl": impl, "k": 0}
+            for k in MIXED_KS:
+                chosen = [names[i % k] for i in range(n)]
+                key = f"{impl} {spec.name} k={k}"
+                fns[key] = lambda m=m, chosen=chosen: _forward(m, inputs, adapter_names=chosen)
+                meta[key] = {"method": spec.name, "impl": impl, "k": k}
+    if not fns:
+        return []
+    parity = {}
+    for method, model, pm in checks:  # same adapters, same batch: the two libraries must agree
+        chosen = [names[i % max(MIXED_KS)] for i in range(n)]
+        with torch.inference_mode():
+            a, b = _logits(model(**inputs, adapter_names=chosen)), _logits(pm(**inputs, adapter_names=chosen))
+        parity[method] = float((a.float() - b.float()).abs().max())
+    log(f"  mixed batches: {len(fns)} cases x {repeats} rounds")
+    wall, cpu = interleaved_times(fns, repeats, warmup, device)
+    rows = []
+    for key, info in meta.items():
+        t = wall[key]
+        peer = f"peft {info['method']} " + (f"k={info['k']}" if info["k"] else "single")
+        rows.append({"label": f"{info['method']} " + (f"k={info['k']}" if info["k"] else "single"), **info,
+                     "times_s": t, "cpu_times_s": cpu[key], "ms": 1e3 * _median(t),
+                     **_ratios("x_single", wall, cpu, key, f"{info['impl']} {info['method']} single"),
+                     **_ratios("x_peft", wall, cpu, key, peer if info["impl"] == "peftlab" else None),
+                     "max_abs_diff_vs_peft": parity.get(info["method"]) if info["impl"] == "peftlab" else None})
+    return rows
+
+
+def _ratios(name: str, wall: dict[str, list[float]], cpu: dict[str, list[float]], key: str,
+            ref: str | None) -> dict[str, float | None]:
+    """``name`` (wall-clock ratio) and ``name_cpu`` (process-CPU-time ratio) of ``key`` to ``ref``."""
+    if ref not in wall:
+        return {name: None, f"{name}_cpu": None}
+    return {name: paired_ratio(wall[key], wall[ref]), f"{name}_cpu": paired_ratio(cpu[key], cpu[ref])}
+
+
+def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> None:
+    with torch.inference_mode():
+        model(**inputs, **kwargs)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+
+
+def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for what, table, label, column, limit in TARGETS:
+        rows = [r for r in result.get(table, []) if r["label"] == label and r.get("impl", "peftlab") == "peftlab"]
+        value = rows[0][column] if rows and rows[0].get(column) is not None else None
+        value_cpu = rows[0].get(f"{column}_cpu") if rows else None
+        out.append({"target": what, "limit": limit, "value": value, "value_cpu": value_cpu,
+                    "ok": None if value is None else bool(value <= limit)})
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+# -- driver --------------------------------------------------------------------------------
+def bench_model(spec: BenchModel, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    device = args.device or spec.device
+    dtype = spec.dtype if device.startswith("cuda") else torch.float32
+    batch_size, seq = args.batch or spec.batch, args.seq or spec.seq
+    torch.manual_seed(0)
+    template = spec.build().to(device=device, dtype=dtype)
+    for p in template.parameters():
+        p.requires_grad_(False)
+    batch = make_batch(spec, batch_size, seq, device)
+    specs = all_methods()
+    only = re.compile(args.only) if args.only else None
+    use_peft = not args.no_peft
+    if use_peft:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            log("  peft is not installed (pip install -e .[bench]); peft rows are skipped")
+            use_peft = False
+    errors: list[dict[str, str]] = []
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = build_train_cases(template, specs, use_peft, only, Path(tmp), errors)
+        result: dict[str, Any] = {"train": run_training(cases, batch, spec, device, args.repeats, args.warmup, errors, log)}
+        if not args.skip_inference:
+            result["inference"] = run_inference(template, cases, {s.name: s for s in specs}, batch, device,
+                                                args.infer_repeats, args.warmup, errors, log)
+            del cases
+            gc.collect()
+            result["mixed"] = run_mixed(template, specs, batch, device, args.infer_repeats, args.warmup, use_peft,
+                                        only, Path(tmp), errors, log)
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    result["meta"] = {
+        "model": spec.name, "description": spec.description, "batch": batch_size, "seq": seq, "device": device,
+        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "repeats": args.repeats, "infer_repeats": args.infer_repeats, "warmup": args.warmup,
+        "command": "python -m benchmarks.run " + " ".join(args.argv), "machine": machine(),
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_s": round(time.time() - started, 1),
+        "methods": [s.name for s in specs],
+    }
+    result["errors"] = errors
+    result["targets"] = check_targets(result)
+    return result
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--model", help=f"comma-separated, from {', '.join(MODELS)} (default: {', '.join(DEFAULT_MODELS)})")
+    p.add_argument("--quick", action="store_true", help="tiny models, 2 rounds: checks the runner, not speed")
+    p.add_argument("--out", default="docs/benchmarks", help="writes OUT.json and OUT.md (default docs/benchmarks)")
+    p.add_argument("--device", help="cpu or cuda (default: the model's own, cpu except llama-1b)")
+    p.add_argument("--repeats", type=int, help="timed training rounds (default 3; quick 2)")
+    p.add_argument("--infer-repeats", type=int, help="timed inference rounds (default 5; quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed calls per case before timing (default 1)")
+    p.add_argument("--batch", type=int, help="override the model's batch size")
+    p.add_argument("--seq", type=int, help="override the model's sequence length")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--only", help="regex: measure only peftlab methods/variants whose label matches")
+    p.add_argument("--no-peft", action="store_true", help="skip the HF peft rows")
+    p.add_argument("--skip-inference", action="store_true", help="training only")
+    args = p.parse_args(argv)
+    args.argv = argv
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.infer_repeats = args.infer_repeats or (2 if args.quick else 5)
+    args.warmup = 1 if args.warmup is None else args.warmup
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = args.model.split(",") if args.model else list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model {unknown}; choose from {', '.join(MODELS)}")
+    out = Path(args.out)
+    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
+    data: dict[str, Any] = {"models": {}}
+    if json_path.exists():  # keep the other models' results: one file holds every model's latest run
+        data = json.loads(json_path.read_text())
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    for name in names:
+        log(f"{name}: {MODELS[name].description}")
+        data["models"][name] = bench_model(MODELS[name], args, log)
+        log(f"  done in {data['models'][name]['meta']['wall_s']} s")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(data, indent=1))
+        write_markdown(data, md_path, describe(), TARGETS)
+    return data
+
+
+if __name__ == "__main__":
+    main()

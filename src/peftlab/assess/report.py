@@ -1,0 +1,369 @@
+"""Tables from stored runs: JSON, CSV, a Markdown report laid out like the review's tables, and a
+one-screen summary.
+
+Rows are methods (full fine-tuning first, then the registry's taxonomy order), columns are tasks;
+scores are mean ± std over the seeds that finished. GLUE metrics are fractions in the records and
+shown ×100 in the tables, as papers print them; BLEU and ROUGE are already 0-100.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from typing import Any, Iterable
+
+from ..core.registry import all_methods
+from .suites import FULL, Suite
+
+MB = 1024 ** 2
+
+
+def _glue_label(task: str) -> str:
+    from ..tasks.glue import GLUE_TASKS
+
+    return GLUE_TASKS[task].dir_name if task in GLUE_TASKS else task
+
+
+def task_label(task: str) -> str:
+    return _glue_label(task)
+
+
+def score_scale(record: dict[str, Any]) -> float:
+    return 100.0 if record.get("kind") == "glue" else 1.0
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    rank = {s.name: i for i, s in enumerate(all_methods())}
+    return sorted(set(methods), key=lambda m: (-1 if m == FULL else rank.get(m, len(rank)), m))
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, method): figures averaged over the seeds that finished."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault((rec["task"], rec["method"]), []).append(rec)
+    rows = []
+    for (task, method), recs in groups.items():
+        ok = [r for r in recs if r.get("status") == "ok"]
+        row: dict[str, Any] = {"task": task, "method": method, "family": recs[0].get("family"),
+                               "seeds": len(ok), "failed": len(recs) - len(ok), "kind": recs[0].get("kind")}
+        if ok:
+            scale = score_scale(ok[0])
+            mean, std = _mean_std([r.get("score") for r in ok])
+            row.update(
+                score_metric=ok[0].get("score_metric"),
+                score=None if mean is None else mean * scale, score_std=None if std is None else std * scale,
+                baseline=None if ok[0].get("baseline") is None else ok[0]["baseline"] * scale,
+                trainable_params=ok[0]["trainable_params"], total_params=ok[0]["total_params"],
+                trainable_percent=ok[0]["trainable_percent"],
+                peak_memory_mb=_mean_std([_mb(r.get("peak_memory_bytes")) for r in ok])[0],
+                median_step_ms=_mean_std([_ms(r.get("median_step_s")) for r in ok])[0],
+                tokens_per_s=_mean_std([r.get("tokens_per_s") for r in ok])[0],
+                final_loss=_mean_std([r.get("final_loss") for r in ok])[0],
+                steps=ok[0].get("steps"), lr=ok[0].get("lr"),
+                metrics={k: _mean_std([r["metrics"].get(k) for r in ok if r.get("metrics")])[0] * scale
+                         for k in (ok[0].get("metrics") or {})
+                         if _mean_std([r["metrics"].get(k) for r in ok if r.get("metrics")])[0] is not None},
+            )
+        rows.append(row)
+    return rows
+
+
+def _mb(value: Any) -> float | None:
+    return None if value is None else value / MB
+
+
+def _ms(value: Any) -> float | None:
+    return None if value is None or not math.isfinite(value) else 1000.0 * value
+
+
+# -- notes ---------------------------------------------------------------------------------------
+def baseline_notes(rows: list[dict[str, Any]], suite: Suite) -> list[str]:
+    """A note for every (task, method) whose score is within ``baseline_margin`` of the constant
+    (majority-class) baseline, with what the training loss says about why."""
+    from ..tasks.glue import GLUE_TASKS
+
+    notes = []
+    by_task: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], {})[row["method"]] = row
+    for task, methods in by_task.items():
+        at_base = {}
+        for method, row in methods.items():
+            if row.get("score") is None or row.get("baseline") is None:
+                continue
+            margin = suite.baseline_margin * score_scale({"kind": row["kind"]})
+            if row["score"] <= row["baseline"] + margin:
+                at_base[method] = row
+        full_too = FULL in at_base
+        for method in method_order(at_base):
+            row = at_base[method]
+            glue = GLUE_TASKS.get(task)
+            why = ""
+            if glue is not None and not glue.is_regression and row.get("final_loss") is not None:
+                chance = math.log(glue.num_labels)
+                if row["final_loss"] >= 0.95 * chance:
+                    why = (f"its training loss ended at {row['final_loss']:.3f}, the chance level ln {glue.num_labels} "
+                           f"= {chance:.3f}: it did not fit the training data in {row['steps']} steps at lr "
+                           f"{row['lr']:.2g} (more steps, or a larger lr_scale, would be needed)")
+                else:
+                    why = (f"its training loss fell to {row['final_loss']:.3f} (chance level {chance:.3f}), but that did "
+                           "not carry over to the dev set: the training subset is too small for this task and model")
+            elif row.get("final_loss") is not None:
+                why = f"its training loss ended at {row['final_loss']:.3f} after {row['steps']} steps"
+            also = (" Full fine-tuning is at the baseline too, so the task is out of this model's reach at this "
+                    "budget rather than a failure of the method." if full_too and method != FULL else "")
+            notes.append(f"{_name(method)} on {task_label(task)}: {row['score_metric']} {row['score']:.1f} is within "
+                         f"{margin:.1f} of the constant-prediction (majority-class) baseline {row['baseline']:.1f}; "
+                         f"{why}.{also}")
+    return notes
+
+
+def failure_notes(records: list[dict[str, Any]]) -> list[str]:
+    return [f"{_name(r['method'])} on {task_label(r['task'])} (seed {r['seed']}) failed: {r.get('error')}"
+            for r in records if r.get("status") != "ok"]
+
+
+def _name(method: str) -> str:
+    return "full fine-tuning" if method == FULL else method
+
+
+# -- formatting ----------------------------------------------------------------------------------
+def _fmt_score(row: dict[str, Any] | None) -> str:
+    if not row or row.get("score") is None:
+        return "failed" if row and row.get("failed") else "–"
+    text = f"{row['score']:.1f}"
+    if row["seeds"] > 1:
+        text += f" ± {row['score_std']:.1f}"
+    return text
+
+
+def _fmt(value: Any, spec: str, dash: str = "–") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return dash
+    return format(value, spec)
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _table(head: list[str], rows: list[list[str]], align: str = "l") -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def grid(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], dict[str, Any]]]:
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = method_order(r["method"] for r in rows)
+    return tasks, methods, {(r["task"], r["method"]): r for r in rows}
+
+
+def _first(cell: dict[tuple[str, str], dict[str, Any]], tasks: list[str], method: str, key: str) -> Any:
+    for task in tasks:
+        row = cell.get((task, method))
+        if row and row.get(key) is not None:
+            return row[key]
+    return None
+
+
+def score_table(rows: list[dict[str, Any]]) -> str:
+    tasks, methods, cell = grid(rows)
+    metric = {t: next((cell[(t, m)].get("score_metric") for m in methods
+                       if cell.get((t, m), {}).get("score_metric")), None) for t in tasks}
+    head = ["Method", "Family", "Trainable params", "Trainable %"] + [
+        f"{task_label(t)} ({metric[t]})" if metric[t] else task_label(t) for t in tasks] + ["Avg."]
+    body = []
+    baselines = [next((cell[(t, m)]["baseline"] for m in methods if cell.get((t, m), {}).get("baseline") is not None),
+                      None) for t in tasks]
+    if any(b is not None for b in baselines):
+        body.append(["constant-prediction baseline", "", "", ""] + [_fmt(b, ".1f") for b in baselines] + [""])
+    for m in methods:
+        scores = [cell.get((t, m), {}).get("score") for t in tasks]
+        avg = statistics.fmean(scores) if scores and all(s is not None for s in scores) else None
+        body.append([_name(m), str(_first(cell, tasks, m, "family") or ""),
+                     _count(_first(cell, tasks, m, "trainable_params")),
+                     _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
+                    + [_fmt_score(cell.get((t, m))) for t in tasks] + [_fmt(avg, ".1f")])
+    return _table(head, body)
+
+
+def trainable_table(rows: list[dict[str, Any]]) -> str:
+    """Trainable parameters per model (the efficiency suite's tasks are model sizes)."""
+    tasks, methods, cell = grid(rows)
+    head = ["Method", "Family"] + [f"{task_label(t)} trainable" for t in tasks] + [f"{task_label(t)} %" for t in tasks]
+    body = [[_name(m), str(_first(cell, tasks, m, "family") or "")]
+            + [_count(cell.get((t, m), {}).get("trainable_params")) for t in tasks]
+            + [_fmt(cell.get((t, m), {}).get("trainable_percent"), ".3f") for t in tasks] for m in methods]
+    return _table(head, body)
+
+
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    tasks, methods, cell = grid(rows)
+    full_mem = {t: cell.get((t, FULL), {}).get("peak_memory_mb") for t in tasks}
+    full_step = {t: cell.get((t, FULL), {}).get("median_step_ms") for t in tasks}
+    head = ["Method", "Trainable %"]
+    for t in tasks:
+        head += [f"{task_label(t)} peak MB", "× full", f"{task_label(t)} step ms", "× full", "tokens/s"]
+    body = []
+    for m in methods:
+        line = [_name(m), _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
+        for t in tasks:
+            row = cell.get((t, m), {})
+            mem, step = row.get("peak_memory_mb"), row.get("median_step_ms")
+            line += [_fmt(mem, ",.0f"), _fmt(_ratio(mem, full_mem[t]), ".2f"),
+                     _fmt(step, ",.0f"), _fmt(_ratio(step, full_step[t]), ".2f"), _fmt(row.get("tokens_per_s"), ",.0f")]
+        body.append(line)
+    return _table(head, body)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def metrics_table(rows: list[dict[str, Any]]) -> str:
+    tasks, methods, cell = grid(rows)
+    columns: list[tuple[str, str]] = []
+    for t in tasks:
+        names: list[str] = []
+        for m in methods:
+            for k in (cell.get((t, m), {}).get("metrics") or {}):
+                if k not in names:
+                    names.append(k)
+        columns += [(t, k) for k in names]
+    if not columns:
+        return ""
+    head = ["Method"] + [f"{task_label(t)} {k}" for t, k in columns]
+    body = [[_name(m)] + [_fmt((cell.get((t, m), {}).get("metrics") or {}).get(k), ".2f") for t, k in columns]
+            for m in methods]
+    return _table(head, body)
+
+
+def summary_text(rows: list[dict[str, Any]], width: int = 100) -> str:
+    """A plain-text table that fits one screen: method, trainable %, score per task, average,
+    peak memory (largest over tasks) and mean step time."""
+    tasks, methods, cell = grid(rows)
+    has_scores = any(r.get("score") is not None for r in rows)
+    head = ["method", "trainable%"] + ([task_label(t)[:10] for t in tasks] + ["avg"] if has_scores else []) + [
+        "peak MB", "step ms"]
+    lines = []
+    for m in methods:
+        scores = [cell.get((t, m), {}).get("score") for t in tasks]
+        mems = [cell.get((t, m), {}).get("peak_memory_mb") for t in tasks]
+        steps = [cell.get((t, m), {}).get("median_step_ms") for t in tasks]
+        mems = [x for x in mems if x is not None]
+        steps = [x for x in steps if x is not None]
+        line = [_name(m)[:22], _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
+        if has_scores:
+            line += [_fmt(s, ".1f", "fail" if cell.get((t, m), {}).get("failed") else "-") for s, t in zip(scores, tasks)]
+            line += [_fmt(statistics.fmean(scores) if all(s is not None for s in scores) else None, ".1f", "-")]
+        line += [_fmt(max(mems) if mems else None, ",.0f", "-"), _fmt(statistics.fmean(steps) if steps else None, ",.0f", "-")]
+        lines.append(line)
+    widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    text = [fmt(head), "-" * min(width, len(fmt(head)))] + [fmt(r) for r in lines]
+    return "\n".join(text)
+
+
+# -- files ---------------------------------------------------------------------------------------
+CSV_FIELDS = ["suite", "model", "task", "method", "family", "seed", "status", "score_metric", "score", "baseline",
+              "trainable_params", "total_params", "trainable_percent", "peak_memory_bytes", "held_memory_bytes",
+              "memory_method", "median_step_s", "tokens_per_s", "steps", "final_loss", "lr", "device",
+              "wall_s", "cpu_s", "error"]
+
+
+def runs_csv(records: list[dict[str, Any]]) -> str:
+    metric_names = list(dict.fromkeys(k for r in records for k in (r.get("metrics") or {})))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_FIELDS + [f"metric:{k}" for k in metric_names])
+    for r in records:
+        metrics = r.get("metrics") or {}
+        writer.writerow([_csv(r.get(k)) for k in CSV_FIELDS] + [_csv(metrics.get(k)) for k in metric_names])
+    return buf.getvalue()
+
+
+def summary_csv(rows: list[dict[str, Any]]) -> str:
+    fields = ["task", "method", "family", "seeds", "failed", "score_metric", "score", "score_std", "baseline",
+              "trainable_params", "total_params", "trainable_percent", "peak_memory_mb", "median_step_ms",
+              "tokens_per_s", "final_loss", "steps", "lr"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(fields)
+    for row in rows:
+        writer.writerow([_csv(row.get(k)) for k in fields])
+    return buf.getvalue()
+
+
+def _csv(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return value
+
+
+def markdown(suite: Suite, rows: list[dict[str, Any]], notes: list[str], totals: dict[str, Any],
+             plots: list[str]) -> str:
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    budget = ", ".join(_budget(t, suite) for t in suite.tasks if t.name in tasks or t.name == "*") or "–"
+    devices = ", ".join(sorted({str(d) for d in totals.get("devices", [])})) or "–"
+    lines = [
+        f"# Assessment: `{suite.name}` suite",
+        "",
+        f"- Model: `{suite.model}`" + (f"; data: `{suite.data_dir}`" if suite.data_dir else ""),
+        f"- Tasks and budget: {budget}; batch {suite.batch_size}, "
+        + (f"{suite.max_steps} steps" if suite.max_steps else f"{suite.epochs:g} epoch(s)")
+        + f", seeds {', '.join(map(str, suite.seeds))}",
+        f"- Learning rate: each method's `default_lr` × {suite.lr_scale:g}; full fine-tuning {suite.full_lr:g}",
+        f"- Device: {devices}; {totals.get('runs', 0)} runs ({totals.get('reused', 0)} reused from an earlier "
+        f"invocation), {totals.get('wall_s', 0) / 60:.1f} min wall and {totals.get('cpu_s', 0) / 60:.1f} min CPU "
+        "summed over the runs",
+        "",
+    ]
+    if any(r.get("score") is not None for r in rows):
+        scale = "×100, " if any(r.get("kind") == "glue" for r in rows) else ""
+        lines += [f"## Task scores (dev; {scale}mean ± std over seeds)", "", score_table(rows), ""]
+    else:
+        lines += ["## Trainable parameters", "", trainable_table(rows), ""]
+    lines += ["## Memory and speed", "",
+              "Peak training memory (MB) and median training-step time (ms), per task; × full is the ratio to "
+              "full fine-tuning on the same task.", "", cost_table(rows), ""]
+    table = metrics_table(rows)
+    if table:
+        lines += ["## Every official metric", "", table, ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["## How the figures are measured", "",
+              "Trainable parameters: parameters with `requires_grad` after the method is applied (the new "
+              "classification head included), over all parameters of the wrapped model. Peak memory: "
+              f"{', '.join(sorted({str(m) for m in totals.get('memory_methods', [])})) or 'not measured'}, over the "
+              "first training steps. Step time: median over the training steps that were not probed for memory "
+              "(after warm-up). Tokens/s: non-padding input tokens per second of those steps. "
+              "See docs/assessment.md for what each measurement misses.", ""]
+    return "\n".join(lines)
+
+
+def _budget(task: Any, suite: Suite) -> str:
+    name = "every GLUE task present" if task.name == "*" else task_label(task.name)
+    parts = [f"{task.train_limit:,} train" if task.train_limit else "all train"]
+    if task.eval_limit:
+        parts.append(f"{task.eval_limit:,} eval")
+    parts.append(f"max length {task.max_length}")
+    return f"{name} ({', '.join(parts)})"

@@ -1,0 +1,259 @@
+"""What an assessment runs: suites of (model, tasks, methods, seeds, budget).
+
+A suite is data. The built-in ones live in :data:`SUITES`; any field can be changed on the command
+line or in a YAML file (``--config suite.yaml``), e.g.::
+
+    suite: quick                 # start from a built-in suite (optional)
+    model: ../shared/models/all-MiniLM-L6-v2
+    tasks:
+      - sst2                     # a name takes the suite's budget
+      - {name: rte, train_limit: 500, max_length: 128}
+    methods: [lora, ia3]         # or "all": every registered method; full fine-tuning is always added
+    seeds: [0, 1, 2]
+    lr_scale: 2.0                # every method trains at spec.default_lr * lr_scale
+    method_options: {lora: {r: 16}}   # config fields for one method (the user's choice, not the suite's)
+
+The learning rate of a method is its own ``MethodSpec.default_lr`` times the suite's ``lr_scale``;
+full fine-tuning, which has no spec, uses ``full_lr``. No per-method numbers live here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import PeftlabError
+from ..core.registry import all_methods, get_method
+
+FULL = "full"
+KINDS = ("glue", "translation", "generation", "efficiency")
+# The methods the review benchmarks (its Tables 3-4) that peftlab implements; the quick and GLUE
+# suites run these unless told otherwise. A name that is not registered is skipped with a note.
+REVIEW_METHODS = ("sequential_adapter", "prompt_tuning", "prefix_tuning", "ia3", "bitfit", "lora")
+
+
+def shared_dir() -> Path:
+    """``../shared`` beside the repository: $PEFTLAB_SHARED, else beside the working directory,
+    else beside the source checkout (so the defaults work from a fresh clone at any path)."""
+    if os.environ.get("PEFTLAB_SHARED"):
+        return Path(os.environ["PEFTLAB_SHARED"])
+    here = Path.cwd().resolve() / ".." / "shared"
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parents[3] / ".." / "shared"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a suite and its budget. ``None`` limits mean the whole split."""
+
+    name: str
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    max_length: int = 128
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Everything one assessment needs. ``tasks`` may be ``("*",)``: every GLUE task in ``data_dir``."""
+
+    name: str
+    kind: str
+    model: str
+    data_dir: str | None
+    tasks: tuple[TaskSpec, ...]
+    methods: tuple[str, ...] = REVIEW_METHODS
+    seeds: tuple[int, ...] = (0,)
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr_scale: float = 1.0
+    full_lr: float = 5e-5
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lrs: dict[str, float] = field(default_factory=dict)  # explicit learning rates given by the user
+    baseline_margin: float = 0.01  # a score within this of the majority baseline gets a note
+    # efficiency only: the biggest model run on CPU (parameters), timed steps after warm-up/probe
+    max_params: int | None = 300_000_000
+    timed_steps: int = 2
+    device: str | None = None  # None: accelerate's choice (GPU when there is one)
+    explicit_methods: bool = False  # methods came from the user: unknown names are errors, not notes
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise PeftlabError(f"suite {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+        if not self.seeds:
+            raise PeftlabError(f"suite {self.name!r}: seeds is empty; give at least one seed, e.g. --seeds 0")
+        if self.lr_scale <= 0 or self.full_lr <= 0:
+            raise PeftlabError(f"suite {self.name!r}: lr_scale={self.lr_scale} and full_lr={self.full_lr} "
+                               "must be positive")
+
+    def replace(self, **changes: Any) -> "Suite":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["tasks"] = [t.to_dict() for t in self.tasks]
+        return out
+
+    # -- methods -------------------------------------------------------------------------
+    def method_plan(self) -> tuple[list[str], list[str]]:
+        """(methods to run, notes about requested methods that are not registered)."""
+        registered = [s.name for s in all_methods()]
+        wanted = list(self.methods)
+        if any(m.lower() == "all" for m in wanted):
+            wanted = registered
+        chosen: list[str] = []
+        notes: list[str] = []
+        for name in wanted:
+            if name == FULL:
+                continue
+            try:
+                spec = get_method(name)
+            except PeftlabError as err:
+                if self.explicit_methods:
+                    raise
+                notes.append(f"method {name!r} is in the {self.name} suite's list but not registered "
+                             f"in this peftlab; skipped ({err})")
+                continue
+            if spec.name not in chosen:
+                chosen.append(spec.name)
+        return chosen + [FULL], notes
+
+    def learning_rate(self, method: str) -> float:
+        if method in self.lrs:
+            return float(self.lrs[method])
+        if method == FULL:
+            return self.full_lr
+        return get_method(method).default_lr * self.lr_scale
+
+    def method_config(self, method: str) -> Any:
+        """The config a method runs with: its own defaults plus the user's ``method_options``."""
+        if method == FULL:
+            return None
+        spec = get_method(method)
+        return spec.config_cls(**self.method_options.get(method, {}))
+
+
+def _shared(*parts: str) -> str:
+    return str(shared_dir().joinpath(*parts))
+
+
+def builtin_suites() -> dict[str, Suite]:
+    """The built-in suites (paths resolved now, so $PEFTLAB_SHARED and the cwd are honoured)."""
+    minilm = _shared("models", "all-MiniLM-L6-v2")
+    glue = _shared("data", "glue")
+    return {
+        # The README's main job: small enough for 15 minutes on two CPU cores, large enough that
+        # LoRA clears 0.80 on SST-2. RTE is hard for a 22M-parameter model; scores near its
+        # majority baseline are expected and get a note in the report.
+        "quick": Suite(
+            name="quick", kind="glue", model=minilm, data_dir=glue,
+            tasks=(TaskSpec("sst2", train_limit=6000, max_length=64),
+                   TaskSpec("rte", train_limit=1000, max_length=128)),
+            lr_scale=2.0, full_lr=1e-4),
+        "glue": Suite(
+            name="glue", kind="glue", model=minilm, data_dir=glue,
+            tasks=(TaskSpec("*", train_limit=4000, max_length=128),), lr_scale=2.0, full_lr=1e-4),
+        "mt": Suite(
+            name="mt", kind="translation", model="random:t5-small", data_dir=_shared("data", "mt", "en-ro"),
+            tasks=(TaskSpec("wmt16_en_ro", train_limit=2000, eval_limit=200, max_length=64),),
+            batch_size=16, lr_scale=2.0, full_lr=1e-4),
+        "nlg": Suite(
+            name="nlg", kind="generation", model=_shared("models", "stories260K"),
+            data_dir=_shared("data", "nlg", "e2e"),
+            tasks=(TaskSpec("e2e", train_limit=2000, eval_limit=200, max_length=96),),
+            batch_size=16, lr_scale=2.0, full_lr=1e-3),
+        # No training to convergence: trainable share, peak memory and step time per method at a
+        # fixed batch, on the review's model sizes built from their configs with random weights.
+        "efficiency": Suite(
+            name="efficiency", kind="efficiency", model="random",
+            data_dir=None,
+            tasks=tuple(TaskSpec(size, max_length=32) for size in
+                        ("roberta-base", "roberta-large", "t5-base", "t5-large", "llama-7b")),
+            batch_size=4, methods=REVIEW_METHODS),
+    }
+
+
+SUITE_NAMES = ("quick", "glue", "mt", "nlg", "efficiency")
+
+_TASK_KEYS = {f.name for f in dataclasses.fields(TaskSpec)}
+_SUITE_KEYS = {f.name for f in dataclasses.fields(Suite)} - {"explicit_methods"}
+
+
+def parse_task(value: Any, default: TaskSpec | None = None) -> TaskSpec:
+    """A task from a name (taking ``default``'s budget) or a mapping of TaskSpec fields."""
+    base = default or TaskSpec("*")
+    if isinstance(value, TaskSpec):
+        return value
+    if isinstance(value, str):
+        return dataclasses.replace(base, name=value)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - _TASK_KEYS)
+        if unknown or "name" not in value:
+            raise PeftlabError(f"task entry {value!r}: expected a name or a mapping with 'name' and any of "
+                               f"{sorted(_TASK_KEYS)}; unknown keys: {unknown or 'none'}")
+        return dataclasses.replace(base, **value)
+    raise PeftlabError(f"task entry {value!r}: expected a task name or a mapping such as "
+                       "{name: rte, train_limit: 1000}")
+
+
+def suite_from_mapping(data: dict[str, Any], source: str, base: Suite | None = None) -> Suite:
+    """Apply a YAML mapping onto ``base`` (or the built-in suite it names with ``suite:``)."""
+    if not isinstance(data, dict):
+        raise PeftlabError(f"{source}: expected a mapping of suite fields, got {type(data).__name__}")
+    data = dict(data)
+    name = data.pop("suite", None)
+    if name is not None:
+        base = get_suite(str(name))
+    if base is None:
+        raise PeftlabError(f"{source}: name a built-in suite to start from ('suite: quick'; one of "
+                           f"{', '.join(SUITE_NAMES)}) or pass --suite")
+    unknown = sorted(set(data) - _SUITE_KEYS)
+    if unknown:
+        raise PeftlabError(f"{source}: unknown suite field(s) {unknown}; allowed: {sorted(_SUITE_KEYS)}")
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "tasks":
+            value = value if isinstance(value, list) else [value]
+            default = base.tasks[0] if base.tasks else None
+            changes[key] = tuple(parse_task(v, default) for v in value)
+        elif key == "methods":
+            value = [value] if isinstance(value, str) else list(value)
+            changes[key] = tuple(str(v) for v in value)
+            changes["explicit_methods"] = True
+        elif key == "seeds":
+            value = [value] if isinstance(value, int) else list(value)
+            changes[key] = tuple(int(v) for v in value)
+        else:
+            changes[key] = value
+    return base.replace(**changes)
+
+
+def load_suite_file(path: str | Path, base: Suite | None = None) -> Suite:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PeftlabError(f"suite file {path} not found; pass a YAML file of suite fields (see docs/assessment.md)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PeftlabError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from err
+    return suite_from_mapping(data, str(path), base)
+
+
+def get_suite(name: str) -> Suite:
+    suites = builtin_suites()
+    if name not in suites:
+        raise PeftlabError(f"unknown suite {name!r}; built-in suites: {', '.join(SUITE_NAMES)}")
+    return suites[name]
