@@ -38,13 +38,14 @@ def model_section(name: str, result: dict[str, Any]) -> list[str]:
         rows = [[t["target"], f"<= {t['limit']}", _num(t["value"], 3), _num(t.get("value_cpu"), 3),
                  {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]] for t in result["targets"]]
         lines += _table(["target", "limit", "measured (wall)", "measured (CPU time)", "met (wall)"], rows)
-    lines += ["### Training step", ""]
-    rows = [[r["label"], r["impl"], _num(r["trainable"]), _num(r["step_ms"], 0), _num(r["tokens_per_s"], 0),
-             _num(r["x_floor"], 3), _num(r["x_floor_cpu"], 3), _num(r["x_full"], 3), _num(r["x_peft"], 3),
-             _num(r["x_peft_cpu"], 3), _num(r["peak_mb"], 0), _num(r["peak_x_floor"], 2), r.get("note", "")]
-            for r in result["train"]]
-    lines += _table(["case", "impl", "trainable params", "step ms", "tokens/s", "x floor", "x floor (CPU)",
-                     "x full FT", "x peft", "x peft (CPU)", "peak MB", "peak x floor", "note"], rows)
+    if result.get("train"):
+        lines += ["### Training step (forward + backward + optimizer step)", ""]
+        rows = [[r["label"], r["impl"], _num(r["trainable"]), _num(r["step_ms"], 0), _num(r["tokens_per_s"], 0),
+                 _num(r["x_floor"], 3), _num(r["x_floor_cpu"], 3), _num(r["x_full"], 3), _num(r["x_peft"], 3),
+                 _num(r["x_peft_cpu"], 3), _num(r["peak_mb"], 0), _num(r["peak_x_floor"], 2), r.get("note", "")]
+                for r in result["train"]]
+        lines += _table(["case", "impl", "trainable params", "step ms", "tokens/s", "x floor", "x floor (CPU)",
+                         "x full FT", "x peft", "x peft (CPU)", "peak MB", "peak x floor", "note"], rows)
     if result.get("inference"):
         lines += ["### Inference (forward, no grad)", ""]
         rows = [[r["label"], r["impl"], _num(r["ms"], 0), _num(r["x_base"], 3), _num(r["x_base_cpu"], 3),

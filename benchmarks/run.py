@@ -227,7 +227,7 @@ def _perturb(params: list[nn.Parameter], seed: int) -> None:
 
 
 # -- the three measurements ----------------------------------------------------------------
-def run_training(cases: list[TrainCase], batch: dict[str, torch.Tensor], spec: BenchModel, device: str,
+def run_training(cases: list[TrainCase], batch: dict[str, torch.Tensor], device: str,
                  repeats: int, warmup: int, errors: list[dict[str, str]], log: Callable[[str], None]) -> list[dict]:
     ok: list[TrainCase] = []
     for case in cases:  # one step each first: a method whose forward fails is reported, not fatal
@@ -425,13 +425,17 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, log: Callable[[str],
     errors: list[dict[str, str]] = []
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        cases = build_train_cases(template, specs, use_peft, only, Path(tmp), errors)
-        result: dict[str, Any] = {"train": run_training(cases, batch, spec, device, args.repeats, args.warmup, errors, log)}
-        if not args.skip_inference:
+        result: dict[str, Any] = {}
+        cases = build_train_cases(template, specs, use_peft, only, Path(tmp), errors) \
+            if args.parts & {"train", "inference"} else []
+        if "train" in args.parts:
+            result["train"] = run_training(cases, batch, device, args.repeats, args.warmup, errors, log)
+        if "inference" in args.parts:
             result["inference"] = run_inference(template, cases, {s.name: s for s in specs}, batch, device,
                                                 args.infer_repeats, args.warmup, errors, log)
-            del cases
-            gc.collect()
+        del cases
+        gc.collect()
+        if "mixed" in args.parts:
             result["mixed"] = run_mixed(template, specs, batch, device, args.infer_repeats, args.warmup, use_peft,
                                         only, Path(tmp), errors, log)
     import transformers
@@ -473,9 +477,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--only", help="regex: measure only peftlab methods/variants whose label matches")
     p.add_argument("--no-peft", action="store_true", help="skip the HF peft rows")
-    p.add_argument("--skip-inference", action="store_true", help="training only")
+    p.add_argument("--parts", default="train,inference,mixed",
+                   help="comma-separated subset of train,inference,mixed (default: all three)")
     args = p.parse_args(argv)
     args.argv = argv
+    args.parts = set(args.parts.split(","))
+    if not args.parts <= {"train", "inference", "mixed"}:
+        p.error(f"--parts {sorted(args.parts)}: choose from train, inference, mixed")
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.infer_repeats = args.infer_repeats or (2 if args.quick else 5)
     args.warmup = 1 if args.warmup is None else args.warmup

@@ -12,7 +12,7 @@ import torch
 from peftlab import LoraConfig, PeftlabError, get_peft_model
 from peftlab.core.registry import all_methods
 from peftlab.tasks import TaskDataError
-from peftlab.train.generation import IGNORE_INDEX, make_loader, train_tokenizer
+from peftlab.train.generation import IGNORE_INDEX, generate_texts, make_loader, train_tokenizer
 from peftlab.train.loop import TrainArgs, train
 from peftlab.train.seq2seq_job import (TranslationRun, build_random_t5, encode_translation, load_seq2seq,
                                        run_translation, translation_splits)
@@ -23,6 +23,16 @@ SUMMARY_KEYS = {"run", "method", "config", "train_args", "trainable_params", "to
 # A word-for-word toy language pair: learnable in a few dozen steps by a tiny model.
 LEXICON = {"one": "unu", "two": "doi", "three": "trei", "four": "patru", "five": "cinci", "six": "șase",
            "seven": "șapte", "eight": "opt", "nine": "nouă", "ten": "zece"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second
+    # thread makes step times swing 10x; restore the setting afterwards.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -106,11 +116,20 @@ SPECS = all_methods()
 def test_every_method_trains_and_decodes(spec, corpus):
     run = tiny_run(corpus, eval_limit=3, max_new_tokens=6)
     torch.manual_seed(0)
-    model, _ = load_seq2seq(run, translation_splits(run)[0])
-    try:  # a method that cannot apply to T5 says so at attach time (e.g. nothing to target)
-        get_peft_model(model, spec.config_cls())
+    model, tokenizer = load_seq2seq(run, translation_splits(run)[0])
+    try:  # a method that cannot apply to T5 says so at attach time (e.g. no biases for BitFit)
+        model = get_peft_model(model, spec.config_cls())
     except PeftlabError as err:
         pytest.skip(f"{spec.name} does not apply to T5: {err}")
+    # With a non-trivial adapter, padding the encoder input must not change what is decoded.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.adapter_parameters("default"):
+            param.add_(torch.randn(param.shape, generator=g, dtype=param.dtype) * 0.05)
+    prompts = [r["input_ids"] for r in encode_translation(translation_splits(run)[1], tokenizer, run)]
+    together = generate_texts(model, tokenizer, prompts, decoder_only=False, batch_size=3, max_new_tokens=6)
+    assert together == [generate_texts(model, tokenizer, [p], decoder_only=False, max_new_tokens=6)[0]
+                        for p in prompts]
     summary = run_translation(run, spec.config_cls(), quick_args())
     assert summary["method"] == spec.name and summary["steps"] == 2
     assert torch.isfinite(torch.tensor(summary["final_loss"]))

@@ -18,7 +18,6 @@ import inspect
 import platform
 import time
 import traceback
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -273,9 +272,13 @@ class TextJobs(Jobs):
         fn = getattr(mod, self.function, None)
         if fn is None:
             raise PeftlabError(f"{self.module} has no {self.function}(); update peftlab")
-        hints = typing.get_type_hints(fn)
-        first = next(iter(inspect.signature(fn).parameters))
-        return fn, hints[first]
+        # the run settings class is the annotation of the first parameter (a name in fn's module)
+        annotation = next(iter(inspect.signature(fn).parameters.values())).annotation
+        run_cls = fn.__globals__.get(annotation) if isinstance(annotation, str) else annotation
+        if not dataclasses.is_dataclass(run_cls):
+            raise PeftlabError(f"{self.module}.{self.function}: its first parameter should be annotated with the "
+                               f"dataclass of run settings, got {annotation!r}")
+        return fn, run_cls
 
     def preflight(self, tasks: list[TaskSpec], methods: list[str]) -> None:
         super().preflight(tasks, methods)

@@ -102,7 +102,7 @@ class MemoryProbe:
     step was probed) and ``method`` says how it was measured.
     """
 
-    def __init__(self, steps: Iterable[int] = (0, 1, 2)) -> None:
+    def __init__(self, steps: Iterable[int] = (1, 2)) -> None:
         self.steps = frozenset(steps)
         self.peak_bytes: int | None = None
         self.method: str | None = None

@@ -328,7 +328,10 @@ def markdown(suite: Suite, rows: list[dict[str, Any]], notes: list[str], totals:
         f"- Model: `{suite.model}`" + (f"; data: `{suite.data_dir}`" if suite.data_dir else ""),
         f"- Tasks and budget: {budget}; batch {suite.batch_size}, "
         + (f"{suite.max_steps} steps" if suite.max_steps else f"{suite.epochs:g} epoch(s)")
-        + f", seeds {', '.join(map(str, suite.seeds))}",
+        + f", seeds {', '.join(map(str, suite.seeds))}" if suite.kind != "efficiency" else
+        f"- Models (random weights, built from their configurations): {budget}; a fixed batch of "
+        f"{suite.batch_size} random sequences; 1 warm-up step, 1 step probed for memory, {max(1, suite.timed_steps)} "
+        "timed step(s)",
         f"- Learning rate: each method's `default_lr` × {suite.lr_scale:g}; full fine-tuning {suite.full_lr:g}",
         f"- Device: {devices}; {totals.get('runs', 0)} runs ({totals.get('reused', 0)} reused from an earlier "
         f"invocation), {totals.get('wall_s', 0) / 60:.1f} min wall and {totals.get('cpu_s', 0) / 60:.1f} min CPU "
@@ -362,6 +365,8 @@ def markdown(suite: Suite, rows: list[dict[str, Any]], notes: list[str], totals:
 
 def _budget(task: Any, suite: Suite) -> str:
     name = "every GLUE task present" if task.name == "*" else task_label(task.name)
+    if suite.kind == "efficiency":
+        return f"{name} ({task.max_length} tokens)"
     parts = [f"{task.train_limit:,} train" if task.train_limit else "all train"]
     if task.eval_limit:
         parts.append(f"{task.eval_limit:,} eval")

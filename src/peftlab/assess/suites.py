@@ -39,10 +39,10 @@ def shared_dir() -> Path:
     else beside the source checkout (so the defaults work from a fresh clone at any path)."""
     if os.environ.get("PEFTLAB_SHARED"):
         return Path(os.environ["PEFTLAB_SHARED"])
-    here = Path.cwd().resolve() / ".." / "shared"
+    here = (Path.cwd() / ".." / "shared").resolve()
     if here.is_dir():
         return here
-    return Path(__file__).resolve().parents[3] / ".." / "shared"
+    return (Path(__file__).resolve().parents[3] / ".." / "shared").resolve()
 
 
 @dataclass(frozen=True)

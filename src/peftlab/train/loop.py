@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager
@@ -67,7 +68,10 @@ class TrainResult:
 def _accelerator() -> Any:
     from accelerate import Accelerator
 
-    return Accelerator()
+    # Under torchrun on a machine without a GPU, accelerate sets up DDP (gloo) only when told to
+    # use the CPU; without it every process would silently train alone on its own shard.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=launched and not torch.cuda.is_available())
 
 
 def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: Any = None,

@@ -151,7 +151,6 @@ def _fill_special_tokens(tokenizer: Any, source: str) -> Any:
 def load_seq2seq(run: TranslationRun, train_pairs: list[TranslationPair]) -> tuple[Any, Any]:
     """(model, tokenizer) for ``run.model``; call under the run's seed (random models are seeded)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     if run.model.startswith(RANDOM):
         if run.tokenizer is not None:
@@ -167,7 +166,6 @@ def load_seq2seq(run: TranslationRun, train_pairs: list[TranslationPair]) -> tup
             f"run_translation needs an encoder-decoder (seq2seq) model such as T5 or BART; {run.model!r} is a "
             f"{config.model_type!r} model without a decoder over an encoder (config.is_encoder_decoder is False). "
             f"Train decoder-only models on generation with run_generation, or use model='{RANDOM}t5-small'")
-    hf_logging.set_verbosity_error()
     model = AutoModelForSeq2SeqLM.from_pretrained(run.model)
     tokenizer = _fill_special_tokens(AutoTokenizer.from_pretrained(run.tokenizer or run.model), run.tokenizer or run.model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -180,7 +178,8 @@ def encode_translation(pairs: list[TranslationPair], tokenizer: Any, run: Transl
     """Rows ``{"input_ids": prefix + source, "labels": target}`` (both ending with the tokenizer's eos)."""
     prefix = run.task_prefix()
     sources = tokenizer([prefix + p.source for p in pairs], truncation=True, max_length=run.max_source_length)
-    targets = tokenizer([p.target for p in pairs], truncation=True, max_length=run.max_target_length)
+    # text_target: tokenizers with target-side rules (mBART's language codes) apply them.
+    targets = tokenizer(text_target=[p.target for p in pairs], truncation=True, max_length=run.max_target_length)
     return [{"input_ids": s, "labels": t} for s, t in zip(sources["input_ids"], targets["input_ids"])]
 
 

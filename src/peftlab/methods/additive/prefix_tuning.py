@@ -19,14 +19,21 @@ Mechanism: transformers routes attention through ``ALL_ATTENTION_FUNCTIONS`` wit
 (batch, kv_heads, kv_len, d_h) after RoPE and after the KV cache. Attaching registers an attention
 function ``peftlab_prefix_<original>`` (with the original's mask function) and switches every config
 of the model to it; it prepends the prefix to the keys/values of the chosen self-attention modules,
-pads the mask (True / 0 for the prefix columns; T5's position bias with 0) and calls the original.
-Position ids and the KV cache hold the real tokens only, so generation needs nothing special. With
-RoPE (Llama) this computes what peft computes (peft puts the prefix in the cache and shifts positions
-by p; relative rotations are unchanged); with absolute positions (BERT, GPT-2) peft's token positions
-start at p and peftlab's at 0, so outputs differ from peft's while checkpoints load both ways.
-Encoder-decoder models get a prefix in every encoder and decoder self-attention (layers numbered in
-model order, encoder first); peft instead prefixes decoder self- and cross-attention, so such
-checkpoints do not carry over between the two.
+pads the mask (True / 0 for the prefix columns; T5's position bias with 0; a causal module without a
+mask gets an explicit bottom-right-aligned one) and calls the original. The KV cache holds the real
+tokens only and the prefix is added at every step, so the cache needs nothing special.
+
+Positions: as in the paper (the prefix activations occupy positions 0..p-1, GPT-2 run with ``past``)
+and in peft, the real tokens sit at positions p, p+1, ...: ``forward`` and ``generate`` pass
+``position_ids`` shifted by p to models that take them. This is not cosmetic with RoPE: real keys and
+queries are rotated but the prefix keys are not, so a query's score against the prefix depends on
+its absolute position. With the shift, peftlab and peft give the same outputs from the same
+checkpoint (Llama, BERT: checked to 1e-5). Models with learned absolute positions then take at most
+``max_position_embeddings - p`` tokens, as in peft; calling ``base_model`` directly skips the shift.
+Encoder-decoder models (T5: relative position bias) keep
+their positions; the prefix columns get no position bias. Encoder-decoder models get a prefix in
+every encoder and decoder self-attention (layers numbered in model order, encoder first); peft
+instead prefixes decoder self- and cross-attention, so such checkpoints do not carry over.
 
 Supports the ``eager`` and ``sdpa`` attention implementations. Not identity at init (the prefix is
 attended to from the first step) and not mergeable (it adds attention positions, not weights).
@@ -198,14 +205,14 @@ class PrefixKV(DeltaModule):
 
     def _arranged(self, name: str) -> torch.Tensor:
         """(L*2, kv_heads, p, d_h), computed once per forward pass (and again if the weights change)."""
-        params = self.adapter_parameters(name)
-        stamp = (torch.is_grad_enabled(), tuple(p._version for p in params))
         hit = self._cache.get(name)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
+        params = hit[0] if hit is not None else self.adapter_parameters(name)
+        stamp = (torch.is_grad_enabled(), *(p._version for p in params))
+        if hit is not None and hit[1] == stamp:
+            return hit[2]
         flat = self.flat_prefix(name)
         kv = flat.view(flat.shape[0], 2 * self.num_layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        self._cache[name] = (stamp, kv)
+        self._cache[name] = (params, stamp, kv)
         return kv
 
     def causal_mask(self, q: int, kv: int, p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

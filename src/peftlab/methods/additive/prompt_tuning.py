@@ -17,7 +17,9 @@ by ``p``, and labels with one entry per input token (causal LM, token classifica
 
 Like HF peft, the output keeps the ``p`` prompt positions: a causal LM returns ``p + n`` logits per
 sequence (peft returns the same; parity checked to 1e-5 on a pretrained Llama). ``generate`` returns
-``[input_ids, new tokens]``, the same form as the base model's ``generate``.
+``[input_ids, new tokens]``, the same form as the base model's ``generate``; its positions follow
+generate's padding-aware rule over [prompt; tokens] (peft drops position ids in generate, so with left
+padding its positions count the pads; without padding both agree).
 
 Not identity at init (the prompt is attended to from the first step) and not mergeable (it adds
 positions, not weights); it changes the sequence length of token-level outputs.

@@ -8,6 +8,16 @@ rsLoRA (Kalajdzievski, 2023) scales by ``alpha / sqrt(r)`` instead, which keeps 
 magnitude stable as ``r`` grows. Dropout, when set, is applied to ``x`` on the low-rank path only.
 Supports ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored in x out) and ``nn.Embedding``
 (``A``: r x vocab, looked up by token id). Merging adds ``(alpha/r) B A`` into ``W0``.
+
+How the forward runs (same numbers, less work than the formula read literally):
+- training: ``low = x A^T``, then ``scale * low B^T`` is added into the base output by the GEMM
+  itself (``addmm_`` with alpha=scale; in place on a plain layer's fresh output), so no
+  out-sized temporary, add or scale pass; dropout is one 0/1 mask on ``x`` whose ``1/(1-p)``
+  rides on that alpha;
+- inference (no gradient wanted for A or B): the update is folded into a temporary weight,
+  ``x (W0 + scale B A)^T``, one GEMM like the base layer's, once a batch has enough tokens;
+- mixed batches (``PeftModel.forward(..., adapter_names=[...])``, one adapter per example):
+  every adapter's A and B stacked, gathered per example, one batched GEMM per factor.
 """
 from __future__ import annotations
 
@@ -65,6 +75,8 @@ class LoraConfig(PeftConfig):
 
 # Base layers that never keep their output for backward: LoRA may add into that output in place.
 _PLAIN: tuple[type, ...] = tuple(LINEAR_TYPES) + (nn.Embedding,)
+# Base layers whose forward LoRA can replay with a folded weight (nothing else in their forward).
+_FOLDABLE: tuple[type, ...] = tuple(LINEAR_TYPES)
 
 
 class LoraLayer(DeltaModule):
@@ -121,8 +133,10 @@ class LoraLayer(DeltaModule):
         return delta * self.settings[name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         live = self.live_adapters()
+        if live and not args and not kwargs and self._fold_into_weight(x, live):
+            return self._folded_forward(x, live)
+        out = self.base_layer(x, *args, **kwargs)
         if not live:
             return out
         if self.mixed_batch is not None:
@@ -135,12 +149,45 @@ class LoraLayer(DeltaModule):
                 h = x if x.dtype == a.dtype else x.to(a.dtype)
                 p = self._dropout_p(name)
                 if p > 0:
-                    # One boolean mask and one multiply; the 1/(1-p) rescale rides on the GEMM's alpha.
-                    h = h * torch.empty(h.shape, dtype=torch.bool, device=h.device).bernoulli_(1 - p)
+                    # One 0/1 mask (uniform draws compared in place: half the cost of bernoulli_ on
+                    # CPU) and one multiply; the 1/(1-p) rescale rides on the GEMM's alpha.
+                    h = h * torch.rand_like(h).ge_(p)
                     scale = scale / (1 - p)
                 low = F.linear(h, a)
             out = self._accumulate(out, low.reshape(-1, low.shape[-1]), b, scale)
         return out
+
+    def _fold_into_weight(self, x: torch.Tensor, live: list[str]) -> bool:
+        """Whether ``x (W0 + scale B A)^T`` beats ``x W0^T + scale (x A^T) B^T`` here.
+
+        Only when no gradient of A or B is wanted (inference): otherwise the folded weight would
+        need a full-size weight gradient. It then pays when the tokens' traffic through the
+        low-rank path, ``N (in + 2 out)``, exceeds building the folded weight, ``2 in out`` —
+        true for any prompt-sized batch — and it touches no activation beyond the base GEMM.
+        """
+        base = self.base_layer
+        if self.mixed_batch is not None or type(base) not in _FOLDABLE or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        if torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad or self.lora_B[n].weight.requires_grad
+                                           for n in live):
+            return False
+        if any(self._dropout_p(n) > 0 or self.lora_A[n].weight.dtype != base.weight.dtype for n in live):
+            return False
+        tokens = x.numel() // self.in_features
+        return tokens * (self.in_features + 2 * self.out_features) >= 2 * self.in_features * self.out_features
+
+    def _folded_forward(self, x: torch.Tensor, live: list[str]) -> torch.Tensor:
+        base = self.base_layer
+        weight = base.weight
+        for name in live:
+            a, b, scale = self._factors(name)
+            # Linear keeps W as out x in (add B A); Conv1D as in x out (add A^T B^T).
+            args = (a.T, b.T) if self.transposed else (b, a)
+            weight = torch.addmm(weight, *args, alpha=scale) if weight is base.weight else weight.addmm_(*args, alpha=scale)
+        if self.transposed:  # Conv1D's own forward, with the folded weight
+            out = torch.addmm(base.bias, x.reshape(-1, self.in_features), weight)
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, weight, base.bias)
 
     def _dropout_p(self, name: str) -> float:
         return self.lora_dropout[name].p if self.training and name in self.lora_dropout else 0.0
@@ -193,7 +240,7 @@ class LoraLayer(DeltaModule):
             h = (x if x.dtype == a0.dtype else x.to(a0.dtype)).reshape(n, -1, self.in_features)
             if min(keep) < 1:
                 keep_row = torch.tensor(keep, dtype=h.dtype, device=h.device)[idx][:, None, None]
-                h = h * (torch.rand_like(h) < keep_row)
+                h = h * (torch.rand_like(h) < keep_row).to(h.dtype)
             low = torch.bmm(h, a_all[idx].transpose(1, 2))  # (n, T, r)
         if self._in_place_ok(out, low.dtype):
             out.view(n, -1, self.out_features).baddbmm_(low, b_sel.transpose(1, 2))

@@ -1,0 +1,114 @@
+"""Suites are data: built-ins, YAML files and flags compose; every registered method takes part with
+its own defaults and learning rate, and full fine-tuning is always a row."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from peftlab.assess.jobs import constant_baseline
+from peftlab.assess.report import aggregate, baseline_notes, summary_text
+from peftlab.assess.store import RunStore, fingerprint, slug
+from peftlab.assess.suites import FULL, REVIEW_METHODS, SUITE_NAMES, builtin_suites, get_suite, load_suite_file
+from peftlab.cli import _assess_suite, build_parser
+from peftlab.core.errors import PeftlabError
+from peftlab.core.registry import all_methods
+from peftlab.tasks.glue import get_glue_task
+
+
+def test_builtin_suites_exist_and_quick_is_the_review_set():
+    suites = builtin_suites()
+    assert set(SUITE_NAMES) == set(suites)
+    quick = suites["quick"]
+    methods, notes = quick.method_plan()
+    registered = {s.name for s in all_methods()}
+    assert methods[-1] == FULL
+    assert set(methods[:-1]) == set(REVIEW_METHODS) & registered
+    assert len(notes) == len(set(REVIEW_METHODS) - registered)
+    assert [t.name for t in quick.tasks] == ["sst2", "rte"]
+
+
+def test_all_means_every_registered_method_with_its_own_config_and_lr():
+    suite = get_suite("quick").replace(methods=("all",), lr_scale=3.0)
+    methods, _ = suite.method_plan()
+    specs = all_methods()
+    assert methods == [s.name for s in specs] + [FULL]
+    for spec in specs:
+        assert suite.learning_rate(spec.name) == pytest.approx(spec.default_lr * 3.0)
+        assert suite.method_config(spec.name) == spec.config_cls()
+    assert suite.learning_rate(FULL) == suite.full_lr and suite.method_config(FULL) is None
+
+
+def test_unknown_method_from_the_user_is_an_error():
+    suite = get_suite("quick").replace(methods=("nope",), explicit_methods=True)
+    with pytest.raises(PeftlabError, match="unknown method 'nope'"):
+        suite.method_plan()
+
+
+def test_yaml_file_and_flags_compose(tmp_path):
+    # a numeric option of some registered method, set to its own default (any method would do)
+    spec, field = next((s, f) for s in all_methods() for f in dataclasses.fields(s.config_cls)
+                       if type(f.default) in (int, float))
+    options = {spec.name: {field.name: field.default}}
+    config = tmp_path / "s.yaml"
+    config.write_text(
+        "suite: glue\n"
+        f"methods: [{spec.name}]\n"
+        "seeds: [1, 2]\n"
+        "tasks:\n  - mrpc\n  - {name: stsb, train_limit: 50, max_length: 32}\n"
+        f"method_options: {options!r}\n".replace("'", '"'))
+    suite = load_suite_file(config)
+    assert suite.name == "glue" and suite.seeds == (1, 2) and suite.methods == (spec.name,)
+    assert suite.tasks[1].train_limit == 50 and suite.tasks[1].max_length == 32
+    assert suite.tasks[0].train_limit == get_suite("glue").tasks[0].train_limit  # a bare name keeps the budget
+    assert getattr(suite.method_config(spec.name), field.name) == field.default
+
+    args = build_parser().parse_args(["assess", "--config", str(config), "--seeds", "3", "--train-limit", "all",
+                                      "--max-length", "16", "--lr-scale", "0.5"])
+    suite = _assess_suite(args)
+    assert suite.seeds == (3,) and suite.lr_scale == 0.5
+    assert all(t.train_limit is None and t.max_length == 16 for t in suite.tasks)
+
+
+def test_fingerprint_changes_with_the_budget_and_slug_is_safe(tmp_path):
+    a = fingerprint({"task": {"train_limit": 10}, "lr": 1e-3})
+    assert a == fingerprint({"lr": 1e-3, "task": {"train_limit": 10}})
+    assert a != fingerprint({"task": {"train_limit": 11}, "lr": 1e-3})
+    assert slug("../shared/models/all-MiniLM-L6-v2") == "models_all-MiniLM-L6-v2"
+    assert slug("random:t5-small") == "random-t5-small"
+    store = RunStore(tmp_path)
+    record = {"model": "m", "task": "t", "method": "lora", "seed": 0, "status": "ok", "fingerprint": a}
+    store.save(record)
+    assert store.finished("m", "t", "lora", 0, a) == record
+    assert store.finished("m", "t", "lora", 0, "other") is None
+    store.path("m", "t", "lora", 0).write_text("{broken")
+    assert store.load("m", "t", "lora", 0) is None
+
+
+def test_constant_baseline_is_the_majority_share_or_zero_correlation():
+    assert constant_baseline(get_glue_task("rte"), [0, 0, 1]) == pytest.approx(2 / 3)
+    assert constant_baseline(get_glue_task("cola"), [0, 1, 1, 1]) == 0.0
+    assert constant_baseline(get_glue_task("stsb"), [0.5, 1.0, 4.0]) == 0.0
+
+
+def _record(method, score, loss, task="rte", seed=0):
+    return {"task": task, "method": method, "family": "x", "kind": "glue", "seed": seed, "status": "ok",
+            "score": score, "score_metric": "accuracy", "baseline": 0.53, "trainable_params": 10, "total_params": 100,
+            "trainable_percent": 10.0, "peak_memory_bytes": 2 ** 20, "median_step_s": 0.1, "tokens_per_s": 5.0,
+            "final_loss": loss, "steps": 30, "lr": 1e-3, "metrics": {"accuracy": score}}
+
+
+def test_baseline_notes_say_why():
+    rows = aggregate([_record("lora", 0.53, 0.69), _record("ia3", 0.535, 0.30), _record(FULL, 0.70, 0.2),
+                      _record("bitfit", 0.60, 0.5), _record("bitfit", 0.70, 0.5, seed=1)])
+    notes = baseline_notes(rows, get_suite("quick"))
+    assert len(notes) == 2
+    lora = next(n for n in notes if n.startswith("lora"))
+    assert "chance level ln 2" in lora and "did not fit the training data" in lora
+    ia3 = next(n for n in notes if n.startswith("ia3"))
+    assert "fell to 0.300" in ia3
+    bitfit = next(r for r in rows if r["method"] == "bitfit")
+    assert bitfit["seeds"] == 2 and bitfit["score"] == pytest.approx(65.0) and bitfit["score_std"] > 0
+    text = summary_text(rows)
+    assert len(text.splitlines()) == 2 + 4 and max(map(len, text.splitlines())) <= 100
+    assert text.splitlines()[2].startswith("full fine-tuning")

@@ -1,0 +1,112 @@
+"""The benchmark runner, on a tiny model with one round: it runs end to end and writes what it
+promises. Correctness only: no assertion here looks at a time."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import measure
+from benchmarks.models import MODELS
+from benchmarks.run import TARGETS, clone_model, main
+from peftlab.core.registry import all_methods
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "benchmarks"
+    argv = ["--quick", "--model", "tiny-bert", "--repeats", "1", "--infer-repeats", "1", "--out", str(out)]
+    threads = torch.get_num_threads()
+    try:
+        data = main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return data, out
+
+
+def test_every_registered_method_is_measured_or_explained(quick_run):
+    data, _ = quick_run
+    result = data["models"]["tiny-bert"]
+    train = {r["label"]: r for r in result["train"]}
+    assert {"floor", "full FT"} <= set(train)
+    explained = {e["case"] for e in result["errors"]}
+    for spec in all_methods():
+        assert spec.name in train or spec.name in explained, f"{spec.name} neither measured nor reported"
+    for row in result["train"]:
+        assert row["step_ms"] > 0 and row["peak_mb"] > 0 and len(row["times_s"]) == 1
+    assert train["floor"]["trainable"] == 0 and train["floor"]["x_floor"] == 1.0
+    assert train["full FT"]["trainable"] == sum(p.numel() for p in MODELS["tiny-bert"].build().parameters())
+
+
+def test_peft_rows_train_the_same_parameters(quick_run):
+    pytest.importorskip("peft")
+    data, _ = quick_run
+    train = {r["label"]: r for r in data["models"]["tiny-bert"]["train"]}
+    assert "peft lora" in train and "peft lora (dropout=0.1)" in train
+    for label, row in train.items():
+        if row["impl"] == "peft":
+            assert row["trainable"] == train[label.removeprefix("peft ")]["trainable"], label
+    assert train["lora"]["x_peft"] is not None
+
+
+def test_inference_merged_and_mixed_batches(quick_run):
+    data, _ = quick_run
+    result = data["models"]["tiny-bert"]
+    inference = {r["label"] for r in result["inference"]}
+    assert {"base", "lora", "lora merged"} <= inference
+    mixed = [r for r in result["mixed"] if r["impl"] == "peftlab" and r["method"] == "lora"]
+    assert sorted(r["k"] for r in mixed) == [0, 1, 2, 4, 8]
+    if any(r["impl"] == "peft" for r in result["mixed"]):
+        # the same 8 adapters in peft give the same logits as peftlab's batched gather
+        assert mixed[0]["max_abs_diff_vs_peft"] < 1e-4
+
+
+def test_writes_json_and_generated_markdown(quick_run):
+    data, out = quick_run
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["models"]["tiny-bert"]["meta"]["torch"] == torch.__version__
+    md = out.with_suffix(".md").read_text()
+    assert "python -m benchmarks.run --quick" in md and f"torch {torch.__version__}" in md
+    assert "| floor | floor |" in md and "### Targets" in md and "### Mixed-adapter batches" in md
+    assert [t["target"] for t in saved["models"]["tiny-bert"]["targets"]] == [t[0] for t in TARGETS]
+
+
+def test_script_entry_point():
+    done = subprocess.run([sys.executable, "benchmarks/run.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "--quick" in done.stdout
+
+
+def test_clone_shares_weights_but_not_parameters():
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    model[0].weight.requires_grad_(False)
+    twin = clone_model(model, share=True)
+    assert twin[0].weight is not model[0].weight
+    assert twin[0].weight.data_ptr() == model[0].weight.data_ptr()
+    twin[0].weight.requires_grad_(True)
+    assert not model[0].weight.requires_grad
+    copy = clone_model(model, share=False)
+    assert copy[0].weight.data_ptr() != model[0].weight.data_ptr()
+
+
+def test_peak_memory_sees_a_temporary_tensor():
+    def step():
+        big = torch.ones(1 << 20)  # 4 MiB, freed before the end
+        return float(big.sum())
+
+    assert measure.peak_rise_bytes(step, "cpu") >= 4 << 20
+    assert measure.storage_bytes([torch.zeros(10), torch.zeros(10)]) == 80
+
+
+def test_interleaving_takes_turns():
+    calls = []
+    wall, cpu = measure.interleaved_times({k: (lambda k=k: calls.append(k)) for k in "ab"}, 3, 1, "cpu")
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert len(wall["a"]) == len(cpu["b"]) == 3
+    assert measure.paired_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0

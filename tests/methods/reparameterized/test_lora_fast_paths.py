@@ -1,0 +1,130 @@
+"""LoRA's fast paths compute the same thing as the plain formula.
+
+The forward adds ``scale * (x A^T) B^T`` into the base output inside one GEMM (in place when the
+base layer is a plain Linear/Conv1D/Embedding), and dropout is one boolean mask whose 1/(1-p)
+rescale rides on the GEMM's alpha. These tests pin those shortcuts to the update rule.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peftlab import LoraConfig, get_peft_model
+from peftlab.methods.reparameterized.lora import LoraLayer
+
+from ...conftest import TINY_MODELS, main_output, model_inputs
+
+
+def _perturbed(kind, config):
+    pm = get_peft_model(TINY_MODELS[kind](), config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pm.adapter_parameters("default"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return pm
+
+
+def _output_and_grads(pm, kind):
+    out = main_output(pm(**model_inputs(kind)))
+    out.pow(2).mean().backward()
+    grads = [p.grad.clone() for p in pm.adapter_parameters("default")]
+    pm.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("kind", list(TINY_MODELS))
+def test_in_place_accumulation_matches_the_out_of_place_path(kind):
+    config = LoraConfig(targets=("@query", "@value", "@ffn_out", "@embeddings"))
+    pm = _perturbed(kind, config)
+    fast, fast_grads = _output_and_grads(pm, kind)
+    # A forward hook on the base layer makes LoRA take the out-of-place path (the hook might keep
+    # the base output, which must then stay unchanged).
+    kept = []
+    for module in pm.modules():
+        if isinstance(module, LoraLayer):
+            module.base_layer.register_forward_hook(lambda m, i, o: kept.append(o.detach().clone()) or None)
+    slow, slow_grads = _output_and_grads(pm, kind)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():  # and by hand: the hooked base outputs were not modified in place
+        layers = [m for m in pm.modules() if isinstance(m, LoraLayer)]
+        kept.clear()
+        pm(**model_inputs(kind))
+        assert len(kept) == len(layers)
+
+
+def test_in_place_add_keeps_autograd_correct_through_the_base_output():
+    # The frozen base output feeds both LoRA's add and the rest of the network; gradients of x
+    # must include the base path (W0) and the low-rank path (scale B A).
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.proj = nn.Linear(6, 5)
+    pm = get_peft_model(model, LoraConfig(r=3, alpha=6, targets=("proj",)))
+    layer = pm.base_model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(4, 6, requires_grad=True)
+    pm(x).sum().backward()
+    w = layer.base_layer.weight + 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(x.grad, torch.ones(4, 5) @ w)
+
+
+def test_dropout_is_one_binary_mask_rescaled_by_one_over_keep():
+    model = nn.Sequential()
+    model.proj = nn.Linear(4, 4, bias=False)
+    pm = get_peft_model(model, LoraConfig(r=4, alpha=4, dropout=0.25, targets=("proj",)))  # scale 1
+    layer = pm.base_model.proj
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.lora_A["default"].weight.copy_(torch.eye(4))
+        layer.lora_B["default"].weight.copy_(torch.eye(4))
+    pm.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        delta = pm(torch.ones(20000, 4))  # = (x * mask) / (1 - p) with x = 1
+    values = delta.unique()
+    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / 0.75)
+    assert abs((delta == 0).float().mean().item() - 0.25) < 0.01
+    assert abs(delta.mean().item() - 1.0) < 0.02  # unbiased
+    pm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(torch.ones(3, 4)), torch.ones(3, 4))
+
+
+def test_no_graph_breaks_under_dynamo():
+    dynamo = pytest.importorskip("torch._dynamo")
+    model = nn.Sequential()
+    model.proj = nn.Linear(8, 8)
+    pm = get_peft_model(model, LoraConfig(r=2, dropout=0.1, targets=("proj",)))
+    layer = pm.base_model.proj
+    for mode, grad in ((layer.train, True), (layer.eval, True), (layer.eval, False)):  # dropout, low-rank, folded
+        mode()
+        dynamo.reset()
+        with torch.set_grad_enabled(grad):
+            explanation = dynamo.explain(layer)(torch.randn(2, 3, 8))
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_inference_folds_the_update_into_the_weight_and_matches(kind):
+    # Without gradients for A and B, a prompt-sized batch runs x (W0 + s B A)^T: one GEMM with a
+    # folded weight instead of the low-rank detour. Same numbers, base weights untouched.
+    pm = _perturbed(kind, LoraConfig(targets=("@query", "@value", "@ffn_in")))
+    pm.eval()
+    inputs = model_inputs(kind, batch=4, length=16)  # 64 tokens: above the fold threshold of 32-wide layers
+    layers = [m for m in pm.modules() if isinstance(m, LoraLayer)]
+    weights = [m.base_layer.weight.clone() for m in layers]
+    with torch.no_grad():
+        x = torch.randn(64, layers[0].in_features)
+        assert layers[0]._fold_into_weight(x, ["default"])
+        folded = main_output(pm(**inputs))
+    low_rank = main_output(pm(**inputs))  # grad enabled and A, B trainable: the low-rank path
+    assert not layers[0]._fold_into_weight(x, ["default"])
+    torch.testing.assert_close(folded, low_rank.detach(), atol=1e-5, rtol=1e-5)
+    for m, w in zip(layers, weights):
+        assert torch.equal(m.base_layer.weight, w)
+    with torch.no_grad():  # one token: the low-rank path is the cheaper one
+        assert not layers[0]._fold_into_weight(torch.randn(1, layers[0].in_features), ["default"])
