@@ -41,8 +41,9 @@ from benchmarks.report import write_markdown
 from peftlab import get_peft_model
 from peftlab.core.registry import MethodSpec, all_methods
 
-# Extra configurations measured beside a method's defaults (the peft comparison has them).
-VARIANTS: dict[str, list[dict[str, Any]]] = {"lora": [{}, {"dropout": 0.1}]}
+# Configurations measured per method (default: its config's defaults), and whether the variant
+# also gets inference rows (dropout does nothing at inference, so that variant would repeat them).
+VARIANTS: dict[str, list[tuple[dict[str, Any], bool]]] = {"lora": [({}, True), ({"dropout": 0.1}, False)]}
 MIXED_KS = (1, 2, 4, 8)
 # (what, table, row label, column, limit): the speed targets the LoRA implementation must hold.
 TARGETS = [
@@ -62,7 +63,7 @@ def describe() -> list[str]:
         "embeddings but no weight gradient; no optimizer step. No PEFT method can train faster than this "
         "(prompt methods also lengthen the sequence, so they sit further above it).",
         "**Training step**: forward with labels (classification: cross-entropy over 2 labels; LM: next-token "
-        "loss), `backward()`, `AdamW.step()`, `zero_grad(set_to_none=True)`; median over repetitions after "
+        "loss), `backward()`, `AdamW(fused=True).step()`, `zero_grad(set_to_none=True)`; median over repetitions after "
         "warm-up. Full fine-tuning trains every weight. peftlab methods use `spec.config_cls()` defaults "
         "(plus the listed variants) and train only the method's parameters: no task head, so the method's "
         "own cost is isolated. HF peft rows load the very same adapter (`save_pretrained` of the peftlab "
@@ -93,6 +94,7 @@ class TrainCase:
     config: dict[str, Any] = field(default_factory=dict)
     counterpart: str | None = None  # label of the peft row a peftlab row is compared with
     note: str = ""
+    infer: bool = True  # also measured at inference
 
     @property
     def trainable(self) -> int:
@@ -126,8 +128,10 @@ def variant_label(spec: MethodSpec, variant: dict[str, Any]) -> str:
 
 
 def _adamw(model: nn.Module) -> torch.optim.Optimizer | None:
+    # fused: one kernel for all parameters instead of ~10 small ops per tensor, which on a busy
+    # machine would cost each method in proportion to how many tensors it trains.
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=1e-5) if params else None
+    return torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
 
 
 def _peft_from(peftlab_model: nn.Module, template: nn.Module, folder: Path, adapters: list[str],
@@ -182,7 +186,7 @@ def build_train_cases(template: nn.Module, specs: list[MethodSpec], use_peft: bo
             p.requires_grad_(True)
         cases.append(TrainCase("full FT", "full", full, _adamw(full)))
     for spec in specs:
-        for variant in VARIANTS.get(spec.name, [{}]):
+        for variant, infer in VARIANTS.get(spec.name, [({}, True)]):
             label = variant_label(spec, variant)
             if only is not None and not only.search(label):
                 continue
@@ -194,7 +198,7 @@ def build_train_cases(template: nn.Module, specs: list[MethodSpec], use_peft: bo
             except Exception as err:  # a method that does not apply to this architecture
                 errors.append({"case": label, "error": f"{type(err).__name__}: {err}"})
                 continue
-            case = TrainCase(label, "peftlab", model, _adamw(model), spec.name, config.to_dict())
+            case = TrainCase(label, "peftlab", model, _adamw(model), spec.name, config.to_dict(), infer=infer)
             cases.append(case)
             if use_peft and spec.peft_type:
                 try:
@@ -203,7 +207,8 @@ def build_train_cases(template: nn.Module, specs: list[MethodSpec], use_peft: bo
                 except Exception as err:
                     errors.append({"case": f"peft {label}", "error": f"{type(err).__name__}: {err}"})
                     continue
-                cases.append(TrainCase(f"peft {label}", "peft", pmodel, _adamw(pmodel), spec.name, config.to_dict()))
+                cases.append(TrainCase(f"peft {label}", "peft", pmodel, _adamw(pmodel), spec.name, config.to_dict(),
+                                       infer=infer))
                 case.counterpart = f"peft {label}"
                 if cases[-1].trainable != case.trainable:
                     notes.append(f"trains {cases[-1].trainable:,} parameters, peftlab {case.trainable:,}")
@@ -265,9 +270,9 @@ def run_inference(template: nn.Module, cases: list[TrainCase], specs: dict[str, 
                   batch: dict[str, torch.Tensor], device: str, repeats: int, warmup: int,
                   errors: list[dict[str, str]], log: Callable[[str], None]) -> list[dict]:
     models: dict[str, tuple[nn.Module, str, str | None, str | None]] = {"base": (template, "base", None, None)}
+    cases = [c for c in cases if c.infer and c.impl in ("peftlab", "peft")]
     for case in cases:
-        if case.impl in ("peftlab", "peft"):
-            models[case.label] = (case.model, case.impl, case.method, case.counterpart)
+        models[case.label] = (case.model, case.impl, case.method, case.counterpart)
     for case in cases:
         spec = specs.get(case.method or "")
         if case.impl == "peftlab" and spec is not None and spec.mergeable:

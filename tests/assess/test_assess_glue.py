@@ -52,12 +52,15 @@ def test_glue_suite_reports_official_metrics_and_resumes(tmp_path, tiny_model, g
     assert len(stored) == 8 and all(p.name == "seed0.json" for p in stored)
 
     # a restart reuses every stored run ...
-    assert _assess(tmp_path, tiny_model, glue_dir) == 0
+    assert _assess(tmp_path, tiny_model, glue_dir, "--no-plots") == 0
     assert "0 run(s) done, 8 reused" in capsys.readouterr().out
-    # ... and a changed budget re-runs only what it changes (here: every run, the step count is shared)
+    # ... and runs again only what is missing
     (next((out / "runs").rglob("qnli/lora/seed0.json"))).unlink()
-    assert _assess(tmp_path, tiny_model, glue_dir) == 0
+    assert _assess(tmp_path, tiny_model, glue_dir, "--no-plots") == 0
     assert "1 run(s) done, 7 reused" in capsys.readouterr().out
+    # a changed budget changes the fingerprint: the run is done again, not reused
+    assert _assess(tmp_path, tiny_model, glue_dir, "--no-plots", "--tasks", "qnli", "--max-steps", "1") == 0
+    assert "2 run(s) done, 0 reused" in capsys.readouterr().out
 
 
 def test_interrupted_suite_keeps_finished_runs(tmp_path, tiny_model, monkeypatch, capsys):

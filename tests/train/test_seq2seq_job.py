@@ -181,3 +181,25 @@ def test_real_newstest_split_is_disjoint():
     train_pairs, eval_pairs = translation_splits(TranslationRun(data_dir=str(SHARED_MT)))
     assert len(eval_pairs) == 500 and len(train_pairs) == 1999 - 500
     assert not {p.source for p in eval_pairs} & {p.source for p in train_pairs}
+
+
+def test_a_saved_seq2seq_model_loads_by_folder(corpus, tmp_path):
+    tok = train_tokenizer(["one two three unu doi trei"] * 3, vocab_size=60)
+    torch.manual_seed(0)
+    folder = tmp_path / "t5"
+    build_random_t5("t5-tiny", tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    run = tiny_run(corpus, model=str(folder), eval_limit=2)
+    summary = run_translation(run, LoraConfig(r=2), quick_args(max_steps=1))
+    assert summary["run"]["model"] == str(folder) and summary["steps"] == 1
+
+
+def test_random_t5_with_the_minilm_wordpiece_tokenizer(corpus):
+    minilm = SHARED_MT.parents[2] / "models" / "all-MiniLM-L6-v2"
+    if not minilm.is_dir():
+        pytest.skip(f"{minilm} is absent: the real models live in ../shared beside the repo (CI has it)")
+    run = tiny_run(corpus, tokenizer=str(minilm), eval_limit=2)
+    _, tokenizer = load_seq2seq(run, translation_splits(run)[0])
+    assert tokenizer.eos_token == "[SEP]"  # BERT vocabularies end a text with [SEP]: it serves as eos
+    summary = run_translation(run, None, quick_args(max_steps=1))
+    assert summary["total_params"] > 30522 * 64  # the model is sized to the 30,522-entry vocabulary

@@ -25,8 +25,11 @@ def _glue_label(task: str) -> str:
     return GLUE_TASKS[task].dir_name if task in GLUE_TASKS else task
 
 
+_LABELS = {"wmt16_en_ro": "WMT16 en-ro", "e2e": "E2E"}
+
+
 def task_label(task: str) -> str:
-    return _glue_label(task)
+    return _LABELS.get(task) or _glue_label(task)
 
 
 def score_scale(record: dict[str, Any]) -> float:
@@ -258,7 +261,7 @@ def summary_text(rows: list[dict[str, Any]], width: int = 100) -> str:
     peak memory (largest over tasks) and mean step time."""
     tasks, methods, cell = grid(rows)
     has_scores = any(r.get("score") is not None for r in rows)
-    head = ["method", "trainable%"] + ([task_label(t)[:10] for t in tasks] + ["avg"] if has_scores else []) + [
+    head = ["method", "trainable%"] + ([task_label(t)[:12] for t in tasks] + ["avg"] if has_scores else []) + [
         "peak MB", "step ms"]
     lines = []
     for m in methods:

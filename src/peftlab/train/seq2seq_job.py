@@ -167,10 +167,12 @@ def load_seq2seq(run: TranslationRun, train_pairs: list[TranslationPair]) -> tup
             f"{config.model_type!r} model without a decoder over an encoder (config.is_encoder_decoder is False). "
             f"Train decoder-only models on generation with run_generation, or use model='{RANDOM}t5-small'")
     model = AutoModelForSeq2SeqLM.from_pretrained(run.model)
-    tokenizer = _fill_special_tokens(AutoTokenizer.from_pretrained(run.tokenizer or run.model), run.tokenizer or run.model)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise PeftlabError(f"tokenizer {run.tokenizer or run.model!r} has {len(tokenizer)} tokens but the model's "
-                           f"embedding has {model.get_input_embeddings().num_embeddings}; use the model's own tokenizer")
+    source = run.tokenizer or run.model
+    tokenizer = _fill_special_tokens(AutoTokenizer.from_pretrained(source), source)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise PeftlabError(f"tokenizer {source!r} has {len(tokenizer)} tokens but the model's embedding has {rows} "
+                           "rows; use the model's own tokenizer")
     return model, tokenizer
 
 

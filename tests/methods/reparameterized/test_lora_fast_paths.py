@@ -128,3 +128,16 @@ def test_inference_folds_the_update_into_the_weight_and_matches(kind):
         assert torch.equal(m.base_layer.weight, w)
     with torch.no_grad():  # one token: the low-rank path is the cheaper one
         assert not layers[0]._fold_into_weight(torch.randn(1, layers[0].in_features), ["default"])
+
+
+def test_mixed_batch_path_has_no_graph_breaks():
+    dynamo = pytest.importorskip("torch._dynamo")
+    model = nn.Sequential()
+    model.proj = nn.Linear(8, 8)
+    pm = get_peft_model(model, LoraConfig(r=2, targets=("proj",)), "a")
+    pm.add_adapter("b", LoraConfig(r=3, targets=("proj",)))
+    layer = pm.base_model.proj
+    with pm.mixed_batch(["b", "a"]):
+        dynamo.reset()
+        explanation = dynamo.explain(layer)(torch.randn(2, 3, 8))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
