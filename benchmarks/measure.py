@@ -125,3 +125,29 @@ def peak_rise_bytes(fn: Callable[[], object], device: str) -> int:
         level += nbytes
         peak = max(peak, level)
     return peak
+
+
+def parallel_speedup(threads: int) -> float:
+    """How much faster a 1024x1024 matmul runs on ``threads`` threads than on one.
+
+    Close to ``threads`` on an idle machine. Much less means other processes hold the cores:
+    every parallel region then waits for a descheduled thread, which penalizes a case in
+    proportion to how many operators it launches, not how much work it does.
+    """
+    a = torch.randn(1024, 1024)
+    previous = torch.get_num_threads()
+
+    def best(n: int) -> float:
+        torch.set_num_threads(n)
+        a @ a
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    try:
+        return best(1) / best(threads)
+    finally:
+        torch.set_num_threads(previous)

@@ -25,14 +25,22 @@ def model_section(name: str, result: dict[str, Any]) -> list[str]:
     hw = m["machine"] + (f", GPU {m['gpu']}" if m.get("gpu") else "")
     lines += [
         f"- command: `{m['command']}`",
-        f"- machine: {hw}; {m['device']}, {m['dtype']}, {m['threads']} threads",
+        f"- machine: {hw}; {m['device']}, {m['dtype']}, {m['threads']} threads, "
+        f"OMP_WAIT_POLICY={m.get('omp_wait_policy')}",
         f"- torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, Python {m['python']}",
         f"- date: {m['date']}; wall time {m['wall_s']} s",
         f"- batch {m['batch']} x {m['seq']} tokens; {m['warmup']} warm-up call(s) + 1 memory step, then "
         f"{m['repeats']} training rounds and {m['infer_repeats']} inference rounds, interleaved",
         f"- methods registered: {', '.join(m['methods'])}",
-        "",
     ]
+    if m.get("speedup_before") is not None:
+        lines.append(f"- machine load: 1-min load average {m['load_before']} before, {m['load_after']} after; a 1024x1024 "
+                     f"matmul ran {m['speedup_before']}x / {m['speedup_after']}x faster on {m['threads']} threads than on 1")
+        if m["threads"] > 1 and min(m["speedup_before"], m["speedup_after"]) < 0.75 * m["threads"]:
+            lines.append("- **the machine was busy**: other processes held the cores, so every parallel operator waited "
+                         "for a descheduled thread; wall-clock ratios then grow with a case's operator count rather "
+                         "than its work. Rerun on an idle machine (or with `--threads 1`) before reading the ratios.")
+    lines.append("")
     if result.get("targets"):
         lines += ["### Targets", ""]
         rows = [[t["target"], f"<= {t['limit']}", _num(t["value"], 3), _num(t.get("value_cpu"), 3),

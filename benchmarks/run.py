@@ -28,13 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from torch import nn
+# Waiting OpenMP threads sleep instead of spinning. On a machine other processes share, a spinning
+# thread holds the core its descheduled sibling needs, so each parallel operator can stall for a
+# scheduler slice (2 threads ran 4-6x slower than 1 in our measurements) and cases differ by how
+# many operators they launch. Set before torch loads OpenMP; an explicit setting is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import held_tensors, interleaved_times, paired_ratio, peak_rise_bytes, storage_bytes
+from benchmarks.measure import (held_tensors, interleaved_times, paired_ratio, parallel_speedup, peak_rise_bytes,
+                                storage_bytes)
 from benchmarks.models import DEFAULT_MODELS, MODELS, QUICK_MODELS, BenchModel, make_batch
 from benchmarks.report import write_markdown
 
@@ -66,17 +73,23 @@ def describe() -> list[str]:
         "loss), `backward()`, `AdamW(fused=True).step()`, `zero_grad(set_to_none=True)`; median over repetitions after "
         "warm-up. Full fine-tuning trains every weight. peftlab methods use `spec.config_cls()` defaults "
         "(plus the listed variants) and train only the method's parameters: no task head, so the method's "
-        "own cost is isolated. HF peft rows load the very same adapter (`save_pretrained` of the peftlab "
-        "row, read by `peft.PeftModel.from_pretrained(is_trainable=True)`); peft's automatic "
-        "classifier copy is frozen so both train the same parameters.",
+        "own cost is isolated. HF peft rows hold the very same adapter: peftlab's `save_pretrained` output, "
+        "read back with `peft.get_peft_model(PeftConfig.from_pretrained(...))` and "
+        "`set_peft_model_state_dict`; peft's automatic classifier copy is frozen so both train the same "
+        "parameters (the note column says where peft could not read peftlab's weights).",
         "**Ratios** (`x floor`, `x base`, `x peft`, ...) are medians of per-round ratios: cases take turns "
-        "(A, B, C, then C, B, A, ...) so drift of the machine falls on all of them alike.",
+        "(A, B, C, then C, B, A, ...) so drift of the machine falls on all of them alike. The `(CPU)` columns "
+        "use process CPU time instead of wall time. The runner sets `OMP_WAIT_POLICY=PASSIVE` (unless set): "
+        "on a shared machine spinning OpenMP threads otherwise stall every parallel operator, which "
+        "penalizes cases by operator count instead of work.",
         "**Peak memory**: live tensor bytes held by the case (weights, buffers, gradients, optimizer state, "
         "each storage once) plus the largest rise during one step. CPU: from `torch.profiler` memory events "
         "of PyTorch's allocator — sees autograd's saved activations, misses oneDNN/MKL scratch space, "
         "Python objects and fragmentation. CUDA: `torch.cuda.max_memory_allocated`.",
-        "**Inference**: `torch.inference_mode()` forward without labels, eval mode. *merged*: "
-        "`merge_and_unload()`, which returns the plain base model with the update folded in.",
+        "**Inference**: `torch.inference_mode()` forward without labels, eval mode. Unmerged peftlab LoRA "
+        "folds its update into a temporary weight per call when no gradient is wanted (see "
+        "`methods/reparameterized/lora.py`); *merged*: `merge_and_unload()`, which returns the plain base "
+        "model with the update folded into its weights.",
         "**Mixed batch**: one forward of the batch where example i uses adapter `a{i mod k}` "
         "(`adapter_names=[...]`), k distinct adapters; `x single` compares with the same model's plain "
         "forward with one active adapter.",
@@ -160,9 +173,9 @@ def _peft_from(peftlab_model: nn.Module, template: nn.Module, folder: Path, adap
             if result.unexpected_keys and not config.is_prompt_learning:
                 raise RuntimeError(f"keys {result.unexpected_keys[:3]} matched nothing")
         except Exception as err:  # speed does not depend on the values: keep peft's own init, say so
-            notes.append(f"peft could not read peftlab's weights ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:120]}); same config, peft's own init")
-            peft.set_peft_model_state_dict(model, own, adapter_name=name)
+            detail = " ".join(str(err).split())[:160]
+            notes.append(f"peft could not read peftlab's weights ({type(err).__name__}: {detail}); "
+                         "same config, peft's own initial weights")
     model.set_adapter(adapters[0])
     for pname, param in model.named_parameters():
         if "modules_to_save" in pname:  # that classifier copy stays frozen: both rows train the same set
@@ -234,20 +247,14 @@ def _perturb(params: list[nn.Parameter], seed: int) -> None:
 # -- the three measurements ----------------------------------------------------------------
 def run_training(cases: list[TrainCase], batch: dict[str, torch.Tensor], device: str,
                  repeats: int, warmup: int, errors: list[dict[str, str]], log: Callable[[str], None]) -> list[dict]:
-    ok: list[TrainCase] = []
-    for case in cases:  # one step each first: a method whose forward fails is reported, not fatal
-        try:
-            _train_step(case, batch)
-            ok.append(case)
-        except Exception as err:
-            errors.append({"case": case.label, "error": f"training step: {type(err).__name__}: {err}"})
+    steps = _working({c.label: (lambda c=c: _train_step(c, batch)) for c in cases}, errors, "training step")
+    ok = [c for c in cases if c.label in steps]
     memory: dict[str, tuple[int, int]] = {}
     for case in ok:
         held = storage_bytes(held_tensors(case.model, case.optimizer))
         memory[case.label] = (held, held + peak_rise_bytes(lambda: _train_step(case, batch), device))
     log(f"  training: {len(ok)} cases x {repeats} rounds")
-    wall, cpu = interleaved_times({c.label: (lambda c=c: _train_step(c, batch)) for c in ok},
-                                  repeats, max(warmup - 1, 0), device)
+    wall, cpu = interleaved_times(steps, repeats, max(warmup - 1, 0), device)
     tokens = batch["input_ids"].numel()
     rows = []
     for case in ok:
@@ -290,8 +297,10 @@ def run_inference(template: nn.Module, cases: list[TrainCase], specs: dict[str, 
         with torch.inference_mode():
             model(**inputs)
 
+    fns = _working({k: (lambda m=m[0]: forward(m)) for k, m in models.items()}, errors, "inference")
+    models = {k: v for k, v in models.items() if k in fns}
     log(f"  inference: {len(models)} cases x {repeats} rounds")
-    wall, cpu = interleaved_times({k: (lambda m=m[0]: forward(m)) for k, m in models.items()}, repeats, warmup, device)
+    wall, cpu = interleaved_times(fns, repeats, max(warmup - 1, 0), device)
     rows = []
     for label, (_, impl, method, counterpart) in models.items():
         t = wall[label]
@@ -343,14 +352,17 @@ def run_mixed(template: nn.Module, specs: list[MethodSpec], batch: dict[str, tor
                 meta[key] = {"method": spec.name, "impl": impl, "k": k}
     if not fns:
         return []
+    fns = _working(fns, errors, "mixed batch")
     parity = {}
+    chosen = [names[i % max(MIXED_KS)] for i in range(n)]
     for method, model, pm in checks:  # same adapters, same batch: the two libraries must agree
-        chosen = [names[i % max(MIXED_KS)] for i in range(n)]
-        with torch.inference_mode():
-            a, b = _logits(model(**inputs, adapter_names=chosen)), _logits(pm(**inputs, adapter_names=chosen))
-        parity[method] = float((a.float() - b.float()).abs().max())
+        if f"peftlab {method} k={max(MIXED_KS)}" in fns and f"peft {method} k={max(MIXED_KS)}" in fns:
+            with torch.inference_mode():
+                a, b = _logits(model(**inputs, adapter_names=chosen)), _logits(pm(**inputs, adapter_names=chosen))
+            parity[method] = float((a.float() - b.float()).abs().max())
+    meta = {k: v for k, v in meta.items() if k in fns}
     log(f"  mixed batches: {len(fns)} cases x {repeats} rounds")
-    wall, cpu = interleaved_times(fns, repeats, warmup, device)
+    wall, cpu = interleaved_times(fns, repeats, max(warmup - 1, 0), device)
     rows = []
     for key, info in meta.items():
         t = wall[key]
@@ -361,6 +373,19 @@ def run_mixed(template: nn.Module, specs: list[MethodSpec], batch: dict[str, tor
                      **_ratios("x_peft", wall, cpu, key, peer if info["impl"] == "peftlab" else None),
                      "max_abs_diff_vs_peft": parity.get(info["method"]) if info["impl"] == "peftlab" else None})
     return rows
+
+
+def _working(fns: dict[str, Callable[[], object]], errors: list[dict[str, str]], what: str
+             ) -> dict[str, Callable[[], object]]:
+    """Call each once (the first warm-up call): one that fails is reported and left out, not fatal."""
+    ok = {}
+    for key, fn in fns.items():
+        try:
+            fn()
+            ok[key] = fn
+        except Exception as err:
+            errors.append({"case": key, "error": f"{what}: {type(err).__name__}: {err}"})
+    return ok
 
 
 def _ratios(name: str, wall: dict[str, list[float]], cpu: dict[str, list[float]], key: str,
@@ -429,6 +454,7 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, log: Callable[[str],
             use_peft = False
     errors: list[dict[str, str]] = []
     started = time.time()
+    busy = {"load_before": os.getloadavg()[0], "speedup_before": parallel_speedup(torch.get_num_threads())}
     with tempfile.TemporaryDirectory() as tmp:
         result: dict[str, Any] = {}
         cases = build_train_cases(template, specs, use_peft, only, Path(tmp), errors) \
@@ -451,16 +477,18 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, log: Callable[[str],
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
+    busy.update(load_after=os.getloadavg()[0], speedup_after=parallel_speedup(torch.get_num_threads()))
     result["meta"] = {
         "model": spec.name, "description": spec.description, "batch": batch_size, "seq": seq, "device": device,
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "repeats": args.repeats, "infer_repeats": args.infer_repeats, "warmup": args.warmup,
         "command": "python -m benchmarks.run " + " ".join(args.argv), "machine": machine(),
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "wall_s": round(time.time() - started, 1),
+        "wall_s": round(time.time() - started, 1), **{k: round(v, 2) for k, v in busy.items()},
         "methods": [s.name for s in specs],
     }
     result["errors"] = errors

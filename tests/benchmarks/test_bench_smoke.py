@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "benchmarks"
-    argv = ["--quick", "--model", "tiny-bert", "--repeats", "1", "--infer-repeats", "1", "--out", str(out)]
+    argv = ["--quick", "--model", "tiny-bert", "--repeats", "1", "--infer-repeats", "1", "--threads", "1", "--out", str(out)]
     threads = torch.get_num_threads()
     try:
         data = main(argv)

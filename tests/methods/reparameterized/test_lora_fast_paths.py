@@ -141,3 +141,61 @@ def test_mixed_batch_path_has_no_graph_breaks():
         dynamo.reset()
         explanation = dynamo.explain(layer)(torch.randn(2, 3, 8))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_siblings_fed_the_same_input_share_one_low_rank_gemm(kind):
+    from peftlab.methods.reparameterized import lora
+
+    config = LoraConfig(targets=("@query", "@key", "@value", "@ffn_in"))
+    pm = _perturbed(kind, config)
+    pm.train()
+    for module in pm.modules():  # the base model's own dropout off, so two runs compare exactly
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    layers = [m for m in pm.modules() if isinstance(m, LoraLayer)]
+    shares = {id(m._share) for m in layers if m._share is not None}
+    assert shares, "query/key/value under one parent should form a group"
+    calls = []
+    original = lora._SharedInput.low
+
+    def counting(self, layer, x, x2):
+        low = original(self, layer, x, x2)
+        calls.append(low is not None)
+        return low
+
+    lora._SharedInput.low = counting
+    try:
+        shared, shared_grads = _output_and_grads(pm, kind)
+    finally:
+        lora._SharedInput.low = original
+    assert calls and all(calls)
+    assert all(m._share is None or m._share.x is None for m in layers)  # no activation kept afterwards
+    for m in layers:
+        m._share = None
+    alone, alone_grads = _output_and_grads(pm, kind)
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, alone_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_sibling_fed_another_input_computes_its_own():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x, y):
+            return self.q(x) + self.k(y)
+
+    pm = get_peft_model(Block(), LoraConfig(r=2, targets=("q", "k")))
+    with torch.no_grad():
+        for p in pm.adapter_parameters("default"):
+            p.normal_()
+    pm.train()
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    got = pm(x, y)
+    b = pm.base_model
+    want = sum(layer.base_layer(inp) + layer.settings["default"] * inp @ layer.lora_A["default"].weight.T @ layer.lora_B["default"].weight.T
+               for layer, inp in ((b.q, x), (b.k, y)))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -90,6 +90,7 @@ class LoraLayer(DeltaModule):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self._share: _SharedInput | None = None  # siblings fed the same input (set by attach)
         base = base_of(base_layer)
         self.is_embedding = isinstance(base, nn.Embedding)
         self.transposed = not isinstance(base, (nn.Linear, nn.Embedding))  # Conv1D keeps W as in x out
@@ -158,7 +159,10 @@ class LoraLayer(DeltaModule):
                     # CPU) and one multiply; the 1/(1-p) rescale is folded into B below.
                     h = h * torch.rand_like(h).ge_(p)
                     scale = scale / (1 - p)
-                low = F.linear(h, a)
+                share = self._share if p == 0 and len(live) == 1 and not torch.compiler.is_compiling() else None
+                low = share.low(self, x, h) if share is not None else None
+                if low is None:
+                    low = F.linear(h, a)
             # scale * B^T as its own contiguous r x out tensor (tiny): the GEMM below then needs no
             # alpha (so backward has no extra out-sized multiply), and backward forms grad_low from
             # a transposed operand, which CPU BLAS runs ~2.5x faster for small r than from B.
@@ -168,6 +172,14 @@ class LoraLayer(DeltaModule):
             else:
                 out = torch.addmm(out.to(low.dtype), low, bt).to(out.dtype)
         return out.view(*x.shape, self.out_features) if self.is_embedding else out.view(*x.shape[:-1], self.out_features)
+
+    def _can_share(self, x: torch.Tensor) -> bool:
+        """Whether this layer, called on ``x`` now, takes the plain low-rank path with one adapter
+        and no dropout, so its ``x A^T`` can be computed together with its siblings'."""
+        live = self.live_adapters()
+        return (len(live) == 1 and not self.is_embedding and self.mixed_batch is None and self._is_plain()
+                and x.shape[-1] == self.in_features and self._dropout_p(live[0]) == 0
+                and self.lora_A[live[0]].weight.dtype == x.dtype and not self._fold_into_weight(x, live))
 
     def _is_plain(self) -> bool:
         # A plain Linear/Conv1D/Embedding (no wrapper inside, no hook that might hold its output):
@@ -274,9 +286,51 @@ class LoraLayer(DeltaModule):
         self.merged_adapters.remove(name)
 
 
+class _SharedInput:
+    """Sibling LoRA layers (query/key/value, gate/up) that normally receive the very same input.
+
+    The first of them to run on an input ``x`` computes ``x [A_1; A_2; ...]^T`` for all of them
+    in one GEMM: one pass over ``x`` instead of one per layer, and in backward one GEMM each for
+    the A gradients and for the gradient of ``x``. The others take their columns. The identity
+    and version of ``x`` guard it: a sibling fed another tensor (cross-attention) computes its own.
+    """
+
+    def __init__(self, members: list[LoraLayer]) -> None:
+        self.members = members
+        self.x: torch.Tensor | None = None
+        self.version = -1
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def low(self, layer: LoraLayer, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+        if self.x is not x or self.version != x._version or id(layer) not in self.pending:
+            ready = [m for m in self.members if m._can_share(x)]
+            if len(ready) < 2 or layer not in ready:
+                return None
+            a = [m.lora_A[m.live_adapters()[0]].weight for m in ready]
+            lows = F.linear(x2, torch.cat(a)).split([w.shape[0] for w in a], dim=1)
+            self.x, self.version = x, x._version
+            self.pending = {id(m): low for m, low in zip(ready, lows)}
+        low = self.pending.pop(id(layer))
+        if not self.pending:
+            self.x = None  # hold no activation past the last sibling
+        return low
+
+
+def _group_siblings(model: nn.Module) -> None:
+    groups: dict[tuple[str, int], list[LoraLayer]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and not module.is_embedding:
+            groups.setdefault((path.rpartition(".")[0], module.in_features), []).append(module)
+    for members in groups.values():
+        share = _SharedInput(members) if len(members) > 1 else None
+        for module in members:
+            module._share = share
+
+
 def attach(model: nn.Module, name: str, config: LoraConfig, host: Any = None) -> None:
     for path in resolve_targets(model, config.targets, allowed_types=LINEAR_TYPES + (nn.Embedding,)):
         wrap(model, path, LoraLayer).add(name, config)
+    _group_siblings(model)
 
 
 SPEC = register(MethodSpec(
