@@ -60,7 +60,8 @@ def model_section(name: str, result: dict[str, Any]) -> list[str]:
                  _num(r["x_peft"], 3), _num(r["x_peft_cpu"], 3)] for r in result["inference"]]
         lines += _table(["case", "impl", "ms", "x base", "x base (CPU)", "x peft", "x peft (CPU)"], rows)
     if result.get("mixed"):
-        lines += [f"### Mixed-adapter batches (batch {m['batch']}, example i uses adapter a(i mod k))", ""]
+        shape = f"{m.get('mixed_batch', m['batch'])} x {m.get('mixed_seq', m['seq'])} tokens"
+        lines += [f"### Mixed-adapter batches ({shape}, example i uses adapter a(i mod k))", ""]
         rows = [[r["method"], r["impl"], str(r["k"]) if r["k"] else "one active adapter", _num(r["ms"], 0),
                  _num(r["x_single"], 3), _num(r["x_single_cpu"], 3), _num(r["x_peft"], 3), _num(r["x_peft_cpu"], 3),
                  _num(r.get("max_abs_diff_vs_peft"), 7)] for r in result["mixed"]]

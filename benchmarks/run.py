@@ -52,6 +52,7 @@ from peftlab.core.registry import MethodSpec, all_methods
 # also gets inference rows (dropout does nothing at inference, so that variant would repeat them).
 VARIANTS: dict[str, list[tuple[dict[str, Any], bool]]] = {"lora": [({}, True), ({"dropout": 0.1}, False)]}
 MIXED_KS = (1, 2, 4, 8)
+MIXED_EXAMPLES = 32
 # (what, table, row label, column, limit): the speed targets the LoRA implementation must hold.
 TARGETS = [
     ("LoRA training step / floor", "train", "lora", "x_floor", 1.03),
@@ -67,8 +68,11 @@ def describe() -> list[str]:
         "**Floor**: the base model in training mode (dropout on) with every weight frozen "
         "(`requires_grad=False`) and the input-embedding output made to require grad (a forward hook), "
         "so `loss.backward()` computes the gradient of every activation through every layer down to the "
-        "embeddings but no weight gradient; no optimizer step. No PEFT method can train faster than this "
-        "(prompt methods also lengthen the sequence, so they sit further above it).",
+        "embeddings but no weight gradient; no optimizer step. A PEFT method cannot train much faster: it "
+        "needs the same forward and, below its first trainable tensor, the same input-gradient backward "
+        "(one whose first trainable tensor sits inside layer 0, such as LoRA on the query, skips the "
+        "embedding part of that backward and can land a little under 1.0; prompt methods lengthen the "
+        "sequence and sit above it).",
         "**Training step**: forward with labels (classification: cross-entropy over 2 labels; LM: next-token "
         "loss), `backward()`, `AdamW(fused=True).step()`, `zero_grad(set_to_none=True)`; median over repetitions after "
         "warm-up. Full fine-tuning trains every weight. peftlab methods use `spec.config_cls()` defaults "
@@ -443,6 +447,10 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, log: Callable[[str],
     for p in template.parameters():
         p.requires_grad_(False)
     batch = make_batch(spec, batch_size, seq, device)
+    # Mixed batches need room for 8 adapters: at least MIXED_EXAMPLES examples, the same number of
+    # tokens as the training batch where that batch is smaller (shorter sequences).
+    mixed_n = max(batch_size, MIXED_EXAMPLES)
+    mixed = make_batch(spec, mixed_n, max(8, batch_size * seq // mixed_n), device)
     specs = all_methods()
     only = re.compile(args.only) if args.only else None
     use_peft = not args.no_peft
@@ -467,7 +475,7 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, log: Callable[[str],
         del cases
         gc.collect()
         if "mixed" in args.parts:
-            result["mixed"] = run_mixed(template, specs, batch, device, args.infer_repeats, args.warmup, use_peft,
+            result["mixed"] = run_mixed(template, specs, mixed, device, args.infer_repeats, args.warmup, use_peft,
                                         only, Path(tmp), errors, log)
     import transformers
 
@@ -480,6 +488,7 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, log: Callable[[str],
     busy.update(load_after=os.getloadavg()[0], speedup_after=parallel_speedup(torch.get_num_threads()))
     result["meta"] = {
         "model": spec.name, "description": spec.description, "batch": batch_size, "seq": seq, "device": device,
+        "mixed_batch": mixed_n, "mixed_seq": mixed["input_ids"].shape[1],
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "repeats": args.repeats, "infer_repeats": args.infer_repeats, "warmup": args.warmup,

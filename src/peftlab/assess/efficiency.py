@@ -91,12 +91,14 @@ def count_parameters(size: ModelSize) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(size: ModelSize, seed: int) -> Any:
+def build(size: ModelSize, seed: int, device: str = "cpu") -> Any:
+    """``size`` with random weights, created directly on ``device`` (a 7B model never sits in host memory)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(seed)
-    return _auto_class(size.kind).from_config(size.config())
+    with torch.device(device):
+        return _auto_class(size.kind).from_config(size.config())
 
 
 def available_memory(device: str) -> int:

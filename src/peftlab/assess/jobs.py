@@ -13,6 +13,7 @@ once with the file and line, instead of an hour later.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib
 import inspect
 import platform
@@ -100,8 +101,9 @@ class Jobs:
 
     head = "sequence classification"
 
-    def __init__(self, suite: Suite) -> None:
+    def __init__(self, suite: Suite, progress: bool = True) -> None:
         self.suite = suite
+        self.progress = progress  # per-run training bars
         self.notes: list[str] = []
 
     def tasks(self) -> list[TaskSpec]:
@@ -131,7 +133,8 @@ class Jobs:
 
         s = self.suite
         return TrainArgs(epochs=s.epochs, lr=s.learning_rate(method), weight_decay=s.weight_decay,
-                         warmup_ratio=s.warmup_ratio, max_steps=max_steps or s.max_steps, seed=seed)
+                         warmup_ratio=s.warmup_ratio, max_steps=max_steps or s.max_steps, seed=seed,
+                         progress=self.progress)
 
     def measure(self, task: TaskSpec, method: str, seed: int) -> Measured:
         raise NotImplementedError
@@ -159,17 +162,18 @@ class Jobs:
             record.update(
                 status="ok", score=measured.score, score_metric=measured.score_metric, metrics=measured.metrics,
                 trainable_params=s["trainable_params"], total_params=s["total_params"],
-                trainable_percent=s["trainable_percent"], steps=s["steps"], final_loss=s["final_loss"],
-                median_step_s=s["median_step_s"], tokens_per_s=s["tokens_per_s"],
+                trainable_percent=s["trainable_percent"], steps=s["steps"], final_loss=_clean(s["final_loss"]),
+                median_step_s=_clean(s["median_step_s"]), tokens_per_s=_clean(s["tokens_per_s"]),
                 peak_memory_bytes=probe.peak_bytes, held_memory_bytes=probe.held_bytes,
-                memory_method=probe.method or "not measured (the job takes no probe)",
+                memory_method=probe.method or "not measured (no training step was probed)",
                 device=str(s.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")))
         record["wall_s"] = time.perf_counter() - wall0
         record["cpu_s"] = time.process_time() - cpu0
         return record
 
 
-def _clean(value: float) -> float | None:
+def _clean(value: float | None) -> float | None:
+    """JSON has no NaN: an undefined figure (no timed step, no score) is stored as null."""
     return None if value is None or not np.isfinite(value) else float(value)
 
 
@@ -177,8 +181,8 @@ def _clean(value: float) -> float | None:
 class GlueJobs(Jobs):
     head = "sequence classification"
 
-    def __init__(self, suite: Suite) -> None:
-        super().__init__(suite)
+    def __init__(self, suite: Suite, progress: bool = True) -> None:
+        super().__init__(suite, progress)
         self._baselines: dict[str, float] = {}
 
     def tasks(self) -> list[TaskSpec]:
@@ -212,7 +216,11 @@ class GlueJobs(Jobs):
                 raise TaskDataError(f"GLUE {glue.dir_name} train split in {self.suite.data_dir} has no examples")
             labels = [e.label for e in load_glue(glue, self.suite.data_dir, glue.eval_splits[0], task.eval_limit)]
             for split in glue.eval_splits[1:]:
-                load_glue(glue, self.suite.data_dir, split, task.eval_limit)
+                try:
+                    load_glue(glue, self.suite.data_dir, split, task.eval_limit)
+                except TaskDataError as err:  # run_glue scores the splits there are
+                    first = str(err).split("; ")[0].split(". ")[0]
+                    self.notes.append(f"{glue.dir_name}: no {split} split ({first}); scored on {glue.eval_splits[0]} only")
             self._baselines[task.name] = constant_baseline(glue, labels)
 
     def baseline(self, task: TaskSpec) -> float | None:
@@ -330,8 +338,8 @@ class GenerationJobs(TextJobs):
 class EfficiencyJobs(Jobs):
     """Trainable share, peak memory and step time at a fixed batch; no task score."""
 
-    def __init__(self, suite: Suite) -> None:
-        super().__init__(suite)
+    def __init__(self, suite: Suite, progress: bool = True) -> None:
+        super().__init__(suite, progress)
         self._plan: dict[str, tuple[bool, bool]] = {}
 
     def _device(self) -> str:
@@ -359,15 +367,24 @@ class EfficiencyJobs(Jobs):
 
     def measure(self, task: TaskSpec, method: str, seed: int) -> Measured:
         from ..train.glue_job import HEADS
-        from ..train.loop import train
 
         size = get_size(task.name)
-        model = build(size, seed)
+        model = build(size, seed, self._device())
         config = self.suite.method_config(method)
         if config is not None and size.kind == "encoder" and not config.modules_to_save:
             config = config.replace(modules_to_save=HEADS)
+        try:
+            return self._measure(model, size, task, method, config, seed)
+        finally:
+            del model
+            gc.collect()  # the next size must not start with this one's memory still held
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _measure(self, model: Any, size: Any, task: TaskSpec, method: str, config: Any, seed: int) -> Measured:
+        from ..train.loop import train
+
         model, trainable, total = _wrap(model, config)
-        model.to(self._device())
         # step 0 warms up (and creates the optimizer state), step 1 is probed, the rest are timed
         steps = 2 + max(1, self.suite.timed_steps)
         loader = synthetic_loader(size, model.config.vocab_size, self.suite.batch_size, task.max_length, steps, seed)
@@ -378,7 +395,6 @@ class EfficiencyJobs(Jobs):
                    "trainable_percent": 100.0 * trainable / total, "steps": result.steps,
                    "final_loss": result.final_loss, "median_step_s": _median_timed(result),
                    "tokens_per_s": _tokens_per_s(result), "device": self._device()}
-        del model
         return Measured(summary, probe, None, None, {})
 
 
@@ -414,8 +430,8 @@ JOBS: dict[str, type[Jobs]] = {"glue": GlueJobs, "translation": TranslationJobs,
                                "efficiency": EfficiencyJobs}
 
 
-def jobs_for(suite: Suite) -> Jobs:
-    return JOBS[suite.kind](suite)
+def jobs_for(suite: Suite, progress: bool = True) -> Jobs:
+    return JOBS[suite.kind](suite, progress)
 
 
 __all__ = ["JOBS", "Jobs", "check_model", "constant_baseline", "jobs_for", "SIZES"]

@@ -71,13 +71,16 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 median_step_ms=_mean_std([_ms(r.get("median_step_s")) for r in ok])[0],
                 tokens_per_s=_mean_std([r.get("tokens_per_s") for r in ok])[0],
                 final_loss=_mean_std([r.get("final_loss") for r in ok])[0],
-                steps=ok[0].get("steps"), lr=ok[0].get("lr"),
-                metrics={k: _mean_std([r["metrics"].get(k) for r in ok if r.get("metrics")])[0] * scale
-                         for k in (ok[0].get("metrics") or {})
-                         if _mean_std([r["metrics"].get(k) for r in ok if r.get("metrics")])[0] is not None},
+                steps=ok[0].get("steps"), lr=ok[0].get("lr"), metrics=_mean_metrics(ok, scale),
             )
         rows.append(row)
     return rows
+
+
+def _mean_metrics(records: list[dict[str, Any]], scale: float) -> dict[str, float]:
+    names = list(dict.fromkeys(k for r in records for k in (r.get("metrics") or {})))
+    means = {k: _mean_std([(r.get("metrics") or {}).get(k) for r in records])[0] for k in names}
+    return {k: v * scale for k, v in means.items() if v is not None}
 
 
 def _mb(value: Any) -> float | None:
@@ -115,19 +118,23 @@ def baseline_notes(rows: list[dict[str, Any]], suite: Suite) -> list[str]:
                 chance = math.log(glue.num_labels)
                 if row["final_loss"] >= 0.95 * chance:
                     why = (f"its training loss ended at {row['final_loss']:.3f}, the chance level ln {glue.num_labels} "
-                           f"= {chance:.3f}: it did not fit the training data in {row['steps']} steps at lr "
-                           f"{row['lr']:.2g} (more steps, or a larger lr_scale, would be needed)")
+                           f"= {chance:.3f}: it did not fit the training data in {_steps(row['steps'])} at lr "
+                           f"{row['lr']:.2g} (it needs more steps or another learning rate)")
                 else:
                     why = (f"its training loss fell to {row['final_loss']:.3f} (chance level {chance:.3f}), but that did "
                            "not carry over to the dev set: the training subset is too small for this task and model")
             elif row.get("final_loss") is not None:
-                why = f"its training loss ended at {row['final_loss']:.3f} after {row['steps']} steps"
+                why = f"its training loss ended at {row['final_loss']:.3f} after {_steps(row['steps'])}"
             also = (" Full fine-tuning is at the baseline too, so the task is out of this model's reach at this "
                     "budget rather than a failure of the method." if full_too and method != FULL else "")
             notes.append(f"{_name(method)} on {task_label(task)}: {row['score_metric']} {row['score']:.1f} is within "
                          f"{margin:.1f} of the constant-prediction (majority-class) baseline {row['baseline']:.1f}; "
                          f"{why}.{also}")
     return notes
+
+
+def _steps(n: int | None) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
 
 
 def failure_notes(records: list[dict[str, Any]]) -> list[str]:

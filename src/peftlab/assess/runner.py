@@ -42,7 +42,10 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
     """Run (or resume) ``suite`` into folder ``out`` and write the report there."""
     started, cpu_started = time.perf_counter(), time.process_time()
     out = Path(out)
-    jobs = jobs_for(suite)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per run (training) under the suite's bar is enough
+    jobs = jobs_for(suite, progress)
     methods, notes = suite.method_plan()
     tasks = jobs.tasks()
     jobs.preflight(tasks, methods)  # raises on bad input before anything trains

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 
 from ..core.config import PeftConfig
 from ..core.model import get_peft_model
+from ..tasks.errors import TaskDataError
 from ..tasks.glue import get_glue_task, glue_metrics, load_glue
 from .data import encode_pairs, make_loader
 from .loop import StepProbe, TrainArgs, predict, train
@@ -70,7 +72,15 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     result = train(model, loader, args, probe=probe)
     metrics: dict[str, float] = {}
     for split in task.eval_splits:
-        rows = encode_pairs(load_glue(task, run.data_dir, split, run.eval_limit), tokenizer, run.max_length)
+        try:
+            examples = load_glue(task, run.data_dir, split, run.eval_limit)
+        except TaskDataError as err:
+            if split == task.eval_splits[0]:
+                raise
+            # e.g. MNLI's pcp_subset variant has no mismatched dev set: score the splits there are
+            warnings.warn(f"{err}; {task.dir_name} is scored without its {split} split", stacklevel=2)
+            continue
+        rows = encode_pairs(examples, tokenizer, run.max_length)
         logits, labels = predict(model, make_loader(rows, tokenizer, 128, shuffle=False))
         scores = glue_metrics(task, logits, labels)
         metrics.update(scores if len(task.eval_splits) == 1 else {f"{split}/{k}": v for k, v in scores.items()})

@@ -66,7 +66,7 @@ class LoraConfig(PeftConfig):
     @classmethod
     def from_peft(cls, data: dict[str, Any]) -> "LoraConfig":
         if data.get("bias", "none") != "none" or data.get("use_dora") or data.get("rank_pattern") or data.get("alpha_pattern"):
-            raise ValueError("this peft LoRA checkpoint uses bias/DoRA/rank_pattern/alpha_pattern, which "
+            raise PeftlabError("this peft LoRA checkpoint uses bias/DoRA/rank_pattern/alpha_pattern, which "
                              "peftlab's LoraConfig does not read; re-save it with plain LoRA settings")
         return cls(r=data["r"], alpha=data["lora_alpha"], dropout=data.get("lora_dropout", 0.0),
                    rslora=bool(data.get("use_rslora", False)), targets=data["target_modules"],
