@@ -13,6 +13,10 @@ def _num(value: Any, digits: int = 2) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _sci(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1e}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -24,7 +28,7 @@ def model_section(name: str, result: dict[str, Any]) -> list[str]:
     lines = [f"## {name}: {m['description']}", ""]
     hw = m["machine"] + (f", GPU {m['gpu']}" if m.get("gpu") else "")
     lines += [
-        f"- command: `{m['command']}`",
+        f"- command: `{m['command'].strip()}`",
         f"- machine: {hw}; {m['device']}, {m['dtype']}, {m['threads']} threads, "
         f"OMP_WAIT_POLICY={m.get('omp_wait_policy')}",
         f"- torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, Python {m['python']}",
@@ -64,7 +68,7 @@ def model_section(name: str, result: dict[str, Any]) -> list[str]:
         lines += [f"### Mixed-adapter batches ({shape}, example i uses adapter a(i mod k))", ""]
         rows = [[r["method"], r["impl"], str(r["k"]) if r["k"] else "one active adapter", _num(r["ms"], 0),
                  _num(r["x_single"], 3), _num(r["x_single_cpu"], 3), _num(r["x_peft"], 3), _num(r["x_peft_cpu"], 3),
-                 _num(r.get("max_abs_diff_vs_peft"), 7)] for r in result["mixed"]]
+                 _sci(r.get("max_abs_diff_vs_peft"))] for r in result["mixed"]]
         lines += _table(["method", "impl", "k adapters", "ms", "x one adapter", "x one adapter (CPU)", "x peft",
                          "x peft (CPU)", "max abs diff vs peft"], rows)
     if result.get("errors"):

@@ -31,8 +31,9 @@ from typing import Any, Callable
 # Waiting OpenMP threads sleep instead of spinning. On a machine other processes share, a spinning
 # thread holds the core its descheduled sibling needs, so each parallel operator can stall for a
 # scheduler slice (2 threads ran 4-6x slower than 1 in our measurements) and cases differ by how
-# many operators they launch. Set before torch loads OpenMP; an explicit setting is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# many operators they launch. Only effective before torch loads OpenMP; an explicit setting is kept.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -492,7 +493,7 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, log: Callable[[str],
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "repeats": args.repeats, "infer_repeats": args.infer_repeats, "warmup": args.warmup,
-        "command": "python -m benchmarks.run " + " ".join(args.argv), "machine": machine(),
+        "command": " ".join(["python -m benchmarks.run", *args.argv]), "machine": machine(),
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version,
         "python": platform.python_version(),
@@ -519,6 +520,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--only", help="regex: measure only peftlab methods/variants whose label matches")
     p.add_argument("--no-peft", action="store_true", help="skip the HF peft rows")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: rewrite OUT.md from OUT.json")
     p.add_argument("--parts", default="train,inference,mixed",
                    help="comma-separated subset of train,inference,mixed (default: all three)")
     args = p.parse_args(argv)
@@ -535,7 +537,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     names = args.model.split(",") if args.model else list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -546,6 +547,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if json_path.exists():  # keep the other models' results: one file holds every model's latest run
         data = json.loads(json_path.read_text())
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.report_only:
+        write_markdown(data, md_path, describe(), TARGETS)
+        return data
+    torch.set_num_threads(args.threads)
     for name in names:
         log(f"{name}: {MODELS[name].description}")
         data["models"][name] = bench_model(MODELS[name], args, log)

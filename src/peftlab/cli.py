@@ -130,6 +130,10 @@ def cmd_assess(args: argparse.Namespace) -> int:
 
     suite = _assess_suite(args)
     out = Path(args.out or Path("runs") / "assess" / suite.name)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         run_suite(suite, out, progress=not args.no_progress, rerun=args.rerun, plots=not args.no_plots)
     except KeyboardInterrupt:
@@ -189,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--full-lr", type=float, default=None, help="learning rate of full fine-tuning")
     assess.add_argument("--max-params", type=int, default=None, help="efficiency: largest model run on CPU")
     assess.add_argument("--device", default=None, help="efficiency: cpu or cuda (default: cuda when available)")
+    assess.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 avoids stalls on a busy shared machine")
     assess.add_argument("--out", default=None, help="output folder (default runs/assess/<suite>)")
     assess.add_argument("--rerun", action="store_true", help="run every run again instead of reusing stored ones")
     assess.add_argument("--no-plots", action="store_true")

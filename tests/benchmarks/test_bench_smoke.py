@@ -110,3 +110,12 @@ def test_interleaving_takes_turns():
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert len(wall["a"]) == len(cpu["b"]) == 3
     assert measure.paired_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0
+
+
+def test_report_only_rewrites_the_markdown_from_the_json(quick_run):
+    _, out = quick_run
+    md = out.with_suffix(".md")
+    before = md.read_text()
+    md.unlink()
+    main(["--report-only", "--out", str(out)])
+    assert md.read_text() == before

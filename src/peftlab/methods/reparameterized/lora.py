@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Any
 
 import torch
@@ -293,26 +294,33 @@ class _SharedInput:
     in one GEMM: one pass over ``x`` instead of one per layer, and in backward one GEMM each for
     the A gradients and for the gradient of ``x``. The others take their columns. The identity
     and version of ``x`` guard it: a sibling fed another tensor (cross-attention) computes its own.
+    The pending columns are per thread, so models run from several threads do not mix them.
     """
 
     def __init__(self, members: list[LoraLayer]) -> None:
         self.members = members
-        self.x: torch.Tensor | None = None
-        self.version = -1
-        self.pending: dict[int, torch.Tensor] = {}
+        self.state = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles carry the group, not the pending columns
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["members"])
 
     def low(self, layer: LoraLayer, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
-        if self.x is not x or self.version != x._version or id(layer) not in self.pending:
+        st = self.state
+        pending: dict[int, torch.Tensor] = getattr(st, "pending", {})
+        if getattr(st, "x", None) is not x or st.version != x._version or id(layer) not in pending:
             ready = [m for m in self.members if m._can_share(x)]
             if len(ready) < 2 or layer not in ready:
                 return None
             a = [m.lora_A[m.live_adapters()[0]].weight for m in ready]
             lows = F.linear(x2, torch.cat(a)).split([w.shape[0] for w in a], dim=1)
-            self.x, self.version = x, x._version
-            self.pending = {id(m): low for m, low in zip(ready, lows)}
-        low = self.pending.pop(id(layer))
-        if not self.pending:
-            self.x = None  # hold no activation past the last sibling
+            st.x, st.version = x, x._version
+            pending = st.pending = {id(m): low for m, low in zip(ready, lows)}
+        low = pending.pop(id(layer))
+        if not pending:
+            st.x = None  # hold no activation past the last sibling
         return low
 
 
