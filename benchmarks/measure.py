@@ -1,9 +1,10 @@
 """Timing and memory measurement.
 
 Timing: every case runs the same number of warm-up calls, then the cases take turns (A, B, C,
-..., then C, B, A, ...) so slow drift of the machine (other processes, thermal state) falls on
-all of them alike. A ratio between two cases is the median over repetitions of the per-round
-ratio, which cancels drift that is slower than one round.
+..., then C, B, A, ...) with a reference case (the floor, the base model) run between every few
+of them, so each measurement has a reference measured moments before and after it. A ratio is
+the median over rounds of the per-round ratio of reference-normalized times: load on the
+machine that changes within a round cancels, not only drift between rounds.
 
 Memory: the peak bytes of live tensors during one step, counted as the tensors the case holds
 before the step (parameters, buffers, gradients, optimizer state; each storage once) plus the
@@ -22,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -32,39 +34,75 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class Timings:
+    """Seconds per call (wall and process CPU), one entry per round for every case, plus each
+    measurement's *local reference*: the mean of the reference case's calls just before and just
+    after it. Ratios divide by that local reference first, so a change of machine load within a
+    round cancels as well as drift between rounds."""
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+    local_wall: dict[str, list[float]]
+    local_cpu: dict[str, list[float]]
+    reference: str
+
+    def ratio(self, key: str, ref: str, cpu: bool = False) -> float:
+        """Median over rounds of ``key``'s time over ``ref``'s, each first normalized by its local
+        reference (for ``ref == reference`` that is simply the key's time over the local reference)."""
+        times, local = (self.cpu, self.local_cpu) if cpu else (self.wall, self.local_wall)
+
+        def norm(k: str) -> list[float]:
+            if k == self.reference:
+                return [1.0] * len(times[key] if key != self.reference else times[ref])
+            return [t / r for t, r in zip(times[k], local[k])]
+
+        return statistics.median(a / b for a, b in zip(norm(key), norm(ref)))
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: str,
-                      ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process-CPU seconds per call of each function over ``repeats`` rounds, taking turns
-    (order reversed on odd rounds).
+                      reference: str | None = None, every: int = 4) -> Timings:
+    """Time every function ``repeats`` rounds, taking turns (order reversed on odd rounds), with the
+    ``reference`` function (default: the first) run before every ``every`` others and at the end of
+    each round.
 
     CPU time is the less noisy of the two on a shared machine: time spent descheduled does not
     count, although OpenMP threads spinning at a barrier for a descheduled sibling still do.
     """
+    reference = reference or next(iter(fns))
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    order = list(fns)
+    order = [k for k in fns if k != reference]
+    seq: list[tuple[str, float, float]] = []
     gc.collect()
     gc.disable()  # a collection inside one timed call would land on whichever case triggered it
     try:
         for r in range(repeats):
-            for key in (order if r % 2 == 0 else order[::-1]):
+            keys = order if r % 2 == 0 else order[::-1]
+            plan = [k for i, key in enumerate(keys) for k in ((reference, key) if i % every == 0 else (key,))]
+            for key in plan + [reference]:
                 sync(device)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fns[key]()
                 sync(device)
-                wall[key].append(time.perf_counter() - start)
-                cpu[key].append(time.process_time() - start_cpu)
+                seq.append((key, time.perf_counter() - start, time.process_time() - start_cpu))
     finally:
         gc.enable()
-    return wall, cpu
-
-
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    """Median over rounds of ``a[i] / b[i]``."""
-    return statistics.median(x / y for x, y in zip(a, b))
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    local_wall: dict[str, list[float]] = {k: [] for k in fns}
+    local_cpu: dict[str, list[float]] = {k: [] for k in fns}
+    refs = [i for i, (k, _, _) in enumerate(seq) if k == reference]
+    for i, (key, w, c) in enumerate(seq):
+        wall[key].append(w)
+        cpu[key].append(c)
+        if key != reference:
+            before = max(j for j in refs if j < i)
+            after = min(j for j in refs if j > i)
+            local_wall[key].append(0.5 * (seq[before][1] + seq[after][1]))
+            local_cpu[key].append(0.5 * (seq[before][2] + seq[after][2]))
+    return Timings(wall, cpu, local_wall, local_cpu, reference)
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:

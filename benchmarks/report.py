@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from peftlab.core.state import atomic_write_bytes
+
 
 def _num(value: Any, digits: int = 2) -> str:
     if value is None:
@@ -21,6 +23,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out + [""]
+
+
+def _own_floor(row: dict[str, Any]) -> str:
+    """The ratio to the floor at the row's own sequence length, where that differs from the batch's."""
+    if row.get("own_floor", "floor") == "floor":
+        return "="
+    return f"{_num(row['x_own_floor'], 3)} ({row['own_floor'].removeprefix('floor (').rstrip(')')})"
 
 
 def model_section(name: str, result: dict[str, Any]) -> list[str]:
@@ -53,11 +62,11 @@ def model_section(name: str, result: dict[str, Any]) -> list[str]:
     if result.get("train"):
         lines += ["### Training step (forward + backward + optimizer step)", ""]
         rows = [[r["label"], r["impl"], _num(r["trainable"]), _num(r["step_ms"], 0), _num(r["tokens_per_s"], 0),
-                 _num(r["x_floor"], 3), _num(r["x_floor_cpu"], 3), _num(r["x_full"], 3), _num(r["x_peft"], 3),
+                 _num(r["x_floor"], 3), _num(r["x_floor_cpu"], 3), _own_floor(r), _num(r["x_full"], 3), _num(r["x_peft"], 3),
                  _num(r["x_peft_cpu"], 3), _num(r["peak_mb"], 0), _num(r["peak_x_floor"], 2), r.get("note", "")]
                 for r in result["train"]]
         lines += _table(["case", "impl", "trainable params", "step ms", "tokens/s", "x floor", "x floor (CPU)",
-                         "x full FT", "x peft", "x peft (CPU)", "peak MB", "peak x floor", "note"], rows)
+                         "x own-length floor", "x full FT", "x peft", "x peft (CPU)", "peak MB", "peak x floor", "note"], rows)
     if result.get("inference"):
         lines += ["### Inference (forward, no grad)", ""]
         rows = [[r["label"], r["impl"], _num(r["ms"], 0), _num(r["x_base"], 3), _num(r["x_base_cpu"], 3),
@@ -85,4 +94,4 @@ def write_markdown(data: dict[str, Any], path: Path, notes: list[str], targets: 
     for name, result in data["models"].items():
         lines += model_section(name, result)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    atomic_write_bytes(path, "\n".join(lines).encode())

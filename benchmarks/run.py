@@ -41,13 +41,14 @@ from torch import nn  # noqa: E402
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import (held_tensors, interleaved_times, paired_ratio, parallel_speedup, peak_rise_bytes,
+from benchmarks.measure import (Timings, held_tensors, interleaved_times, parallel_speedup, peak_rise_bytes,
                                 storage_bytes)
 from benchmarks.models import DEFAULT_MODELS, MODELS, QUICK_MODELS, BenchModel, make_batch
 from benchmarks.report import write_markdown
 
 from peftlab import get_peft_model
 from peftlab.core.registry import MethodSpec, all_methods
+from peftlab.core.state import atomic_write_bytes
 
 # Configurations measured per method (default: its config's defaults), and whether the variant
 # also gets inference rows (dropout does nothing at inference, so that variant would repeat them).
@@ -62,6 +63,7 @@ TARGETS = [
     ("LoRA merged inference / base model", "inference", "lora merged", "x_base", 1.005),
     ("LoRA batch over 8 adapters / batch with one adapter", "mixed", "lora k=8", "x_single", 1.15),
 ]
+OTHER_METHODS_FLOOR = 1.10
 
 
 def describe() -> list[str]:
@@ -82,8 +84,10 @@ def describe() -> list[str]:
         "read back with `peft.get_peft_model(PeftConfig.from_pretrained(...))` and "
         "`set_peft_model_state_dict`; peft's automatic classifier copy is frozen so both train the same "
         "parameters (the note column says where peft could not read peftlab's weights).",
-        "**Ratios** (`x floor`, `x base`, `x peft`, ...) are medians of per-round ratios: cases take turns "
-        "(A, B, C, then C, B, A, ...) so drift of the machine falls on all of them alike. The `(CPU)` columns "
+        "**Ratios** (`x floor`, `x base`, `x peft`, ...) are medians over rounds: cases take turns (A, B, C, "
+        "then C, B, A, ...), the reference (floor; base model; one-adapter batch) runs before every 4 of them, "
+        "and each time is first divided by the mean of the reference runs just before and after it, so load "
+        "that changes within a round cancels. `step ms`/`ms` are raw medians. The `(CPU)` columns "
         "use process CPU time instead of wall time. The runner sets `OMP_WAIT_POLICY=PASSIVE` (unless set): "
         "on a shared machine spinning OpenMP threads otherwise stall every parallel operator, which "
         "penalizes cases by operator count instead of work.",
@@ -113,6 +117,10 @@ class TrainCase:
     counterpart: str | None = None  # label of the peft row a peftlab row is compared with
     note: str = ""
     infer: bool = True  # also measured at inference
+    # A method that lengthens the sequence (prompt tuning) is also compared with a floor fed that
+    # many tokens: its own floor, which its extra tokens cannot beat.
+    batch: dict[str, torch.Tensor] | None = None  # None: the common batch
+    own_floor: str = "floor"
 
     @property
     def trainable(self) -> int:
@@ -192,12 +200,32 @@ def _input_grad_hook(model: nn.Module) -> None:
     model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.requires_grad_(True))
 
 
+def seen_length(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Sequence length the base model inside a peftlab ``model`` is actually run on."""
+    seen: list[int] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        x = kwargs.get("inputs_embeds")
+        x = kwargs.get("input_ids") if x is None else x
+        seen.append((x if x is not None else args[0]).shape[1])
+
+    handle = model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def build_train_cases(template: nn.Module, specs: list[MethodSpec], use_peft: bool, only: re.Pattern | None,
-                      tmp: Path, errors: list[dict[str, str]]) -> list[TrainCase]:
+                      tmp: Path, errors: list[dict[str, str]], bench: BenchModel, batch: dict[str, torch.Tensor]
+                      ) -> list[TrainCase]:
     storages = _template_storages(template)
     floor = clone_model(template, share=True).train()
     _input_grad_hook(floor)
     cases = [TrainCase("floor", "floor", floor, None)]
+    own_floors: dict[int, str] = {batch["input_ids"].shape[1]: "floor"}
     if only is None or only.search("full FT"):
         full = clone_model(template, share=False).train()
         for p in full.parameters():
@@ -217,6 +245,14 @@ def build_train_cases(template: nn.Module, specs: list[MethodSpec], use_peft: bo
                 errors.append({"case": label, "error": f"{type(err).__name__}: {err}"})
                 continue
             case = TrainCase(label, "peftlab", model, _adamw(model), spec.name, config.to_dict(), infer=infer)
+            if spec.changes_sequence_length:
+                length = seen_length(model, batch)
+                if length not in own_floors:
+                    own_floors[length] = f"floor ({length} tokens)"
+                    cases.append(TrainCase(own_floors[length], "floor", floor, None, infer=False,
+                                           batch=make_batch(bench, batch["input_ids"].shape[0], length,
+                                                            batch["input_ids"].device.type)))
+                case.own_floor = own_floors[length]
             cases.append(case)
             if use_peft and spec.peft_type:
                 try:
@@ -228,6 +264,7 @@ def build_train_cases(template: nn.Module, specs: list[MethodSpec], use_peft: bo
                 cases.append(TrainCase(f"peft {label}", "peft", pmodel, _adamw(pmodel), spec.name, config.to_dict(),
                                        infer=infer))
                 case.counterpart = f"peft {label}"
+                cases[-1].own_floor = case.own_floor
                 if cases[-1].trainable != case.trainable:
                     notes.append(f"trains {cases[-1].trainable:,} parameters, peftlab {case.trainable:,}")
                 cases[-1].note = "; ".join(dict.fromkeys(notes))
@@ -252,25 +289,27 @@ def _perturb(params: list[nn.Parameter], seed: int) -> None:
 # -- the three measurements ----------------------------------------------------------------
 def run_training(cases: list[TrainCase], batch: dict[str, torch.Tensor], device: str,
                  repeats: int, warmup: int, errors: list[dict[str, str]], log: Callable[[str], None]) -> list[dict]:
-    steps = _working({c.label: (lambda c=c: _train_step(c, batch)) for c in cases}, errors, "training step")
+    steps = _working({c.label: (lambda c=c: _train_step(c, c.batch or batch)) for c in cases}, errors,
+                     "training step")
     ok = [c for c in cases if c.label in steps]
     memory: dict[str, tuple[int, int]] = {}
     for case in ok:
         held = storage_bytes(held_tensors(case.model, case.optimizer))
-        memory[case.label] = (held, held + peak_rise_bytes(lambda: _train_step(case, batch), device))
+        memory[case.label] = (held, held + peak_rise_bytes(steps[case.label], device))
     log(f"  training: {len(ok)} cases x {repeats} rounds")
-    wall, cpu = interleaved_times(steps, repeats, max(warmup - 1, 0), device)
-    tokens = batch["input_ids"].numel()
+    timings = interleaved_times(steps, repeats, max(warmup - 1, 0), device, reference="floor")
     rows = []
     for case in ok:
-        t = wall[case.label]
+        tokens = (case.batch or batch)["input_ids"].numel()
+        t = timings.wall[case.label]
         row: dict[str, Any] = {
             "label": case.label, "impl": case.impl, "method": case.method, "config": case.config,
-            "trainable": case.trainable, "times_s": t, "cpu_times_s": cpu[case.label], "step_ms": 1e3 * _median(t),
-            "tokens_per_s": tokens / _median(t),
-            **_ratios("x_floor", wall, cpu, case.label, "floor"),
-            **_ratios("x_full", wall, cpu, case.label, "full FT"),
-            **_ratios("x_peft", wall, cpu, case.label, case.counterpart),
+            "trainable": case.trainable, "times_s": t, "cpu_times_s": timings.cpu[case.label],
+            "step_ms": 1e3 * _median(t), "tokens_per_s": tokens / _median(t),
+            **_ratios("x_floor", timings, case.label, "floor"),
+            "own_floor": case.own_floor, **_ratios("x_own_floor", timings, case.label, case.own_floor),
+            **_ratios("x_full", timings, case.label, "full FT"),
+            **_ratios("x_peft", timings, case.label, case.counterpart),
             "held_mb": memory[case.label][0] / 2**20, "peak_mb": memory[case.label][1] / 2**20,
             "peak_x_floor": memory[case.label][1] / memory["floor"][1], "note": case.note,
         }
@@ -305,13 +344,13 @@ def run_inference(template: nn.Module, cases: list[TrainCase], specs: dict[str, 
     fns = _working({k: (lambda m=m[0]: forward(m)) for k, m in models.items()}, errors, "inference")
     models = {k: v for k, v in models.items() if k in fns}
     log(f"  inference: {len(models)} cases x {repeats} rounds")
-    wall, cpu = interleaved_times(fns, repeats, max(warmup - 1, 0), device)
+    timings = interleaved_times(fns, repeats, max(warmup - 1, 0), device, reference="base")
     rows = []
     for label, (_, impl, method, counterpart) in models.items():
-        t = wall[label]
-        rows.append({"label": label, "impl": impl, "method": method, "times_s": t, "cpu_times_s": cpu[label],
-                     "ms": 1e3 * _median(t), **_ratios("x_base", wall, cpu, label, "base"),
-                     **_ratios("x_peft", wall, cpu, label, counterpart)})
+        t = timings.wall[label]
+        rows.append({"label": label, "impl": impl, "method": method, "times_s": t, "cpu_times_s": timings.cpu[label],
+                     "ms": 1e3 * _median(t), **_ratios("x_base", timings, label, "base"),
+                     **_ratios("x_peft", timings, label, counterpart)})
     return rows
 
 
@@ -367,15 +406,15 @@ def run_mixed(template: nn.Module, specs: list[MethodSpec], batch: dict[str, tor
             parity[method] = float((a.float() - b.float()).abs().max())
     meta = {k: v for k, v in meta.items() if k in fns}
     log(f"  mixed batches: {len(fns)} cases x {repeats} rounds")
-    wall, cpu = interleaved_times(fns, repeats, max(warmup - 1, 0), device)
+    timings = interleaved_times(fns, repeats, max(warmup - 1, 0), device)  # reference: peftlab's single adapter
     rows = []
     for key, info in meta.items():
-        t = wall[key]
+        t = timings.wall[key]
         peer = f"peft {info['method']} " + (f"k={info['k']}" if info["k"] else "single")
         rows.append({"label": f"{info['method']} " + (f"k={info['k']}" if info["k"] else "single"), **info,
-                     "times_s": t, "cpu_times_s": cpu[key], "ms": 1e3 * _median(t),
-                     **_ratios("x_single", wall, cpu, key, f"{info['impl']} {info['method']} single"),
-                     **_ratios("x_peft", wall, cpu, key, peer if info["impl"] == "peftlab" else None),
+                     "times_s": t, "cpu_times_s": timings.cpu[key], "ms": 1e3 * _median(t),
+                     **_ratios("x_single", timings, key, f"{info['impl']} {info['method']} single"),
+                     **_ratios("x_peft", timings, key, peer if info["impl"] == "peftlab" else None),
                      "max_abs_diff_vs_peft": parity.get(info["method"]) if info["impl"] == "peftlab" else None})
     return rows
 
@@ -393,12 +432,11 @@ def _working(fns: dict[str, Callable[[], object]], errors: list[dict[str, str]],
     return ok
 
 
-def _ratios(name: str, wall: dict[str, list[float]], cpu: dict[str, list[float]], key: str,
-            ref: str | None) -> dict[str, float | None]:
+def _ratios(name: str, timings: Timings, key: str, ref: str | None) -> dict[str, float | None]:
     """``name`` (wall-clock ratio) and ``name_cpu`` (process-CPU-time ratio) of ``key`` to ``ref``."""
-    if ref not in wall:
+    if ref not in timings.wall:
         return {name: None, f"{name}_cpu": None}
-    return {name: paired_ratio(wall[key], wall[ref]), f"{name}_cpu": paired_ratio(cpu[key], cpu[ref])}
+    return {name: timings.ratio(key, ref), f"{name}_cpu": timings.ratio(key, ref, cpu=True)}
 
 
 def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> None:
@@ -423,7 +461,26 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         value_cpu = rows[0].get(f"{column}_cpu") if rows else None
         out.append({"target": what, "limit": limit, "value": value, "value_cpu": value_cpu,
                     "ok": None if value is None else bool(value <= limit)})
+    # Every other method: at most 1.10x the floor at its own sequence length; where peft has the
+    # method, no slower and no larger at its peak than peft.
+    rows = {r["label"]: r for r in result.get("train", [])}
+    for r in rows.values():
+        if r["impl"] != "peftlab":
+            continue
+        if r["method"] != "lora":
+            where = "" if r["own_floor"] == "floor" else f" ({r['own_floor'].removeprefix('floor (').rstrip(')')})"
+            out.append(_target(f"{r['label']} training step / floor at its own length{where}", OTHER_METHODS_FLOOR,
+                               r["x_own_floor"], r["x_own_floor_cpu"]))
+        peer = rows.get(f"peft {r['label']}")
+        if peer is not None:
+            out.append(_target(f"{r['label']} training step / peft's", 1.0, r["x_peft"], r["x_peft_cpu"]))
+            out.append(_target(f"{r['label']} peak training memory / peft's", 1.0, r["peak_mb"] / peer["peak_mb"]))
     return out
+
+
+def _target(what: str, limit: float, value: float | None, value_cpu: float | None = None) -> dict[str, Any]:
+    return {"target": what, "limit": limit, "value": value, "value_cpu": value_cpu,
+            "ok": None if value is None else bool(value <= limit)}
 
 
 def machine() -> str:
@@ -466,7 +523,7 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, log: Callable[[str],
     busy = {"load_before": os.getloadavg()[0], "speedup_before": parallel_speedup(torch.get_num_threads())}
     with tempfile.TemporaryDirectory() as tmp:
         result: dict[str, Any] = {}
-        cases = build_train_cases(template, specs, use_peft, only, Path(tmp), errors) \
+        cases = build_train_cases(template, specs, use_peft, only, Path(tmp), errors, spec, batch) \
             if args.parts & {"train", "inference"} else []
         if "train" in args.parts:
             result["train"] = run_training(cases, batch, device, args.repeats, args.warmup, errors, log)
@@ -556,7 +613,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data["models"][name] = bench_model(MODELS[name], args, log)
         log(f"  done in {data['models'][name]['meta']['wall_s']} s")
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(data, indent=1))
+        atomic_write_bytes(json_path, json.dumps(data, indent=1).encode())
         write_markdown(data, md_path, describe(), TARGETS)
     return data
 

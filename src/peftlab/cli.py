@@ -126,7 +126,7 @@ def _assess_suite(args: argparse.Namespace):  # -> Suite
 
 
 def cmd_assess(args: argparse.Namespace) -> int:
-    from .assess.runner import run_suite
+    from .assess.runner import default_workers, run_suite
 
     suite = _assess_suite(args)
     out = Path(args.out or Path("runs") / "assess" / suite.name)
@@ -135,7 +135,9 @@ def cmd_assess(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        run_suite(suite, out, progress=not args.no_progress, rerun=args.rerun, plots=not args.no_plots)
+        workers = args.workers if args.workers is not None else (1 if args.threads else default_workers(suite))
+        run_suite(suite, out, progress=not args.no_progress, rerun=args.rerun, plots=not args.no_plots,
+                  workers=workers, threads=args.threads)
     except KeyboardInterrupt:
         print(f"\npeftlab assess: interrupted; finished runs are kept in {out / 'runs'}. "
               "Run the same command again to resume.", file=sys.stderr)
@@ -195,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--device", default=None, help="efficiency: cpu or cuda (default: cuda when available)")
     assess.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1 avoids stalls on a busy shared machine")
+    assess.add_argument("--workers", type=int, default=None,
+                        help="runs at a time, each in its own process with cores/workers threads (default: 2 "
+                             "for a training suite on a CPU-only machine with 2+ cores, else 1)")
     assess.add_argument("--out", default=None, help="output folder (default runs/assess/<suite>)")
     assess.add_argument("--rerun", action="store_true", help="run every run again instead of reusing stored ones")
     assess.add_argument("--no-plots", action="store_true")

@@ -11,7 +11,7 @@ from peftlab.assess.jobs import Jobs
 from peftlab.cli import main
 
 ARGS = ["assess", "--suite", "glue", "--methods", "lora", "--max-steps", "2", "--batch-size", "4",
-        "--no-progress"]
+        "--no-progress", "--workers", "1"]
 
 
 def _assess(tmp_path: Path, model: Path, data: Path, *extra: str) -> int:
@@ -110,3 +110,24 @@ def test_majority_baseline_gets_a_note(tmp_path, tiny_model):
         name = "full fine-tuning" if run["method"] == "full" else run["method"]
         assert f"{name} on QNLI" in report
     assert "majority-class" in report
+
+
+def test_worker_processes_give_the_results_of_one_process(tmp_path, tiny_model, capsys):
+    from tests.assess.conftest import write_glue
+
+    data = write_glue(tmp_path / "glue", tasks=("MRPC", "QNLI"))
+    common = ["--tasks", "mrpc,qnli", "--no-plots", "--threads", "1"]
+    assert _assess(tmp_path / "one", tiny_model, data, *common) == 0
+    assert main([a for a in ARGS if a not in ("--workers", "1")] + [
+        "--model", str(tiny_model), "--data-dir", str(data), "--out", str(tmp_path / "two" / "out"),
+        "--workers", "2", *common]) == 0
+    assert "4 run(s) done, 0 reused" in capsys.readouterr().out
+    one, two = (json.loads((tmp_path / d / "out" / "results.json").read_text()) for d in ("one", "two"))
+    assert two["totals"]["workers"] == 2 and two["totals"]["threads"] == 1
+    key = lambda r: (r["task"], r["method"])  # noqa: E731
+    assert [key(r) for r in one["runs"]] == [key(r) for r in two["runs"]]  # the plan's order, not finishing order
+    for a, b in zip(one["runs"], two["runs"]):
+        assert b["status"] == "ok" and b["threads"] == 1, b.get("error")
+        assert abs(a["score"] - b["score"]) < 1e-6 and abs(a["final_loss"] - b["final_loss"]) < 1e-4
+        assert a["peak_memory_bytes"] == b["peak_memory_bytes"]
+        assert b["baseline"] is not None and a["baseline"] == b["baseline"]  # the majority-class notes need it

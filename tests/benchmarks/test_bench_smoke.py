@@ -40,7 +40,9 @@ def test_every_registered_method_is_measured_or_explained(quick_run):
     for spec in all_methods():
         assert spec.name in train or spec.name in explained, f"{spec.name} neither measured nor reported"
     for row in result["train"]:
-        assert row["step_ms"] > 0 and row["peak_mb"] > 0 and len(row["times_s"]) == 1
+        assert row["step_ms"] > 0 and row["peak_mb"] > 0
+        assert len(row["times_s"]) == 1 or row["label"] == "floor"  # the reference runs between the others
+        assert row["own_floor"] in train and (row["own_floor"] != "floor" or row["x_own_floor"] == row["x_floor"])
     assert train["floor"]["trainable"] == 0 and train["floor"]["x_floor"] == 1.0
     assert train["full FT"]["trainable"] == sum(p.numel() for p in MODELS["tiny-bert"].build().parameters())
 
@@ -75,7 +77,7 @@ def test_writes_json_and_generated_markdown(quick_run):
     md = out.with_suffix(".md").read_text()
     assert "python -m benchmarks.run --quick" in md and f"torch {torch.__version__}" in md
     assert "| floor | floor |" in md and "### Targets" in md and "### Mixed-adapter batches" in md
-    assert [t["target"] for t in saved["models"]["tiny-bert"]["targets"]] == [t[0] for t in TARGETS]
+    assert [t["target"] for t in saved["models"]["tiny-bert"]["targets"]][:len(TARGETS)] == [t[0] for t in TARGETS]
 
 
 def test_script_entry_point():
@@ -104,12 +106,19 @@ def test_peak_memory_sees_a_temporary_tensor():
     assert measure.storage_bytes([torch.zeros(10), torch.zeros(10)]) == 80
 
 
-def test_interleaving_takes_turns():
-    calls = []
-    wall, cpu = measure.interleaved_times({k: (lambda k=k: calls.append(k)) for k in "ab"}, 3, 1, "cpu")
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
-    assert len(wall["a"]) == len(cpu["b"]) == 3
-    assert measure.paired_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0
+def test_prompt_tuning_is_also_compared_with_a_floor_at_its_own_length(quick_run):
+    data, _ = quick_run
+    result = data["models"]["tiny-bert"]
+    train = {r["label"]: r for r in result["train"]}
+    seq = result["meta"]["seq"]
+    prompt = train["prompt_tuning"]
+    assert prompt["own_floor"] == f"floor ({seq + 20} tokens)" and prompt["x_own_floor"] is not None
+    assert train[prompt["own_floor"]]["trainable"] == 0
+    assert train["lora"]["own_floor"] == "floor"
+    targets = {t["target"]: t for t in result["targets"]}
+    assert f"prompt_tuning training step / floor at its own length ({seq + 20} tokens)" in targets
+    if "peft lora" in train:
+        assert targets["lora peak training memory / peft's"]["value"] == train["lora"]["peak_mb"] / train["peft lora"]["peak_mb"]
 
 
 def test_report_only_rewrites_the_markdown_from_the_json(quick_run):
@@ -119,3 +128,19 @@ def test_report_only_rewrites_the_markdown_from_the_json(quick_run):
     md.unlink()
     main(["--report-only", "--out", str(out)])
     assert md.read_text() == before
+
+
+def test_interleaving_takes_turns_around_a_reference():
+    calls = []
+    timings = measure.interleaved_times({k: (lambda k=k: calls.append(k)) for k in "rabc"}, 2, 1, "cpu", every=2)
+    assert calls == list("rabc") + list("rabrcr") + list("rcbrar")
+    assert timings.reference == "r" and len(timings.wall["a"]) == len(timings.cpu["c"]) == 2
+    assert len(timings.wall["r"]) == 6
+
+
+def test_ratios_divide_by_the_local_reference():
+    # The machine slows down 2x half way through a round: b (measured then) is really as fast as a.
+    t = measure.Timings(wall={"r": [1, 1, 2, 2], "a": [1.5], "b": [3.0]}, cpu={}, local_wall={"a": [1.0], "b": [2.0]},
+                        local_cpu={}, reference="r")
+    assert t.ratio("a", "r") == 1.5 and t.ratio("b", "r") == 1.5
+    assert t.ratio("b", "a") == 1.0 and t.ratio("r", "a") == 1 / 1.5

@@ -169,6 +169,7 @@ class Jobs:
                 device=str(s.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")))
         record["wall_s"] = time.perf_counter() - wall0
         record["cpu_s"] = time.process_time() - cpu0
+        record["threads"] = torch.get_num_threads()
         return record
 
 

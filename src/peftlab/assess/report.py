@@ -127,9 +127,9 @@ def baseline_notes(rows: list[dict[str, Any]], suite: Suite) -> list[str]:
                 why = f"its training loss ended at {row['final_loss']:.3f} after {_steps(row['steps'])}"
             also = (" Full fine-tuning is at the baseline too, so the task is out of this model's reach at this "
                     "budget rather than a failure of the method." if full_too and method != FULL else "")
-            notes.append(f"{_name(method)} on {task_label(task)}: {row['score_metric']} {row['score']:.1f} is within "
-                         f"{margin:.1f} of the constant-prediction (majority-class) baseline {row['baseline']:.1f}; "
-                         f"{why}.{also}")
+            where = "below" if row["score"] < row["baseline"] - margin else f"within {margin:.1f} of"
+            notes.append(f"{_name(method)} on {task_label(task)}: {row['score_metric']} {row['score']:.1f} is {where} "
+                         f"the constant-prediction (majority-class) baseline {row['baseline']:.1f}; {why}.{also}")
     return notes
 
 
@@ -345,7 +345,9 @@ def markdown(suite: Suite, rows: list[dict[str, Any]], notes: list[str], totals:
         f"- Learning rate: each method's `default_lr` × {suite.lr_scale:g}; full fine-tuning {suite.full_lr:g}",
         f"- Device: {devices}; {totals.get('runs', 0)} runs ({totals.get('reused', 0)} reused from an earlier "
         f"invocation), {totals.get('wall_s', 0) / 60:.1f} min wall and {totals.get('cpu_s', 0) / 60:.1f} min CPU "
-        "summed over the runs",
+        "summed over the runs; this invocation took "
+        f"{totals.get('invocation_wall_s', 0) / 60:.1f} min wall with {totals.get('workers', 1)} worker process(es) "
+        f"of {totals.get('threads', 1)} thread(s)",
         "",
     ]
     if any(r.get("score") is not None for r in rows):

@@ -56,6 +56,8 @@ class _carries_base_signature:
     def __get__(self, obj: Any, owner: type) -> Any:
         if obj is None:
             return self.fn
+        if torch.compiler.is_compiling():  # tracing calls it, never inspects it: a plain method
+            return self.fn.__get__(obj, owner)
         call = functools.partial(self.fn, obj)
         call.__signature__ = obj._forward_signature()  # type: ignore[attr-defined]
         return call

@@ -212,3 +212,25 @@ def test_sibling_groups_survive_copy_and_pickle():
     assert all(m._share is not None and all(s in layers for s in m._share.members) for m in layers)
     pickle.loads(pickle.dumps(pm))
     torch.testing.assert_close(main_output(twin(**model_inputs("bert"))), main_output(pm(**model_inputs("bert"))))
+
+
+def test_joint_down_projection_matches_separate_products_and_skips_unused_outputs():
+    from peftlab.methods.reparameterized.lora import _JointDown
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g, requires_grad=True)
+    a1, a2 = (torch.randn(r, 5, generator=g, requires_grad=True) for r in (2, 3))
+    low1, low2 = _JointDown.apply(x, a1, a2)
+    ref1, ref2 = x @ a1.T, x @ a2.T
+    torch.testing.assert_close(low1, ref1)
+    torch.testing.assert_close(low2, ref2)
+    w1, w2 = torch.randn(6, 2, generator=g), torch.randn(6, 3, generator=g)
+    got = torch.autograd.grad((low1 * w1).sum() + (low2 * w2).sum(), (x, a1, a2))
+    want = torch.autograd.grad((ref1 * w1).sum() + (ref2 * w2).sum(), (x, a1, a2))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    # only one sibling's output used (the other layer's adapter disabled mid-forward): its A gets no gradient
+    low1, _ = _JointDown.apply(x, a1, a2)
+    (low1 * w1).sum().backward()
+    assert a2.grad is None and a1.grad is not None
+    torch.testing.assert_close(x.grad, w1 @ a1.detach())

@@ -203,15 +203,19 @@ class PrefixKV(DeltaModule):
         kv = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return kv[2 * layer], kv[2 * layer + 1]
 
+    def _kv_view(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.view(flat.shape[0], 2 * self.num_layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+
     def _arranged(self, name: str) -> torch.Tensor:
         """(L*2, kv_heads, p, d_h), computed once per forward pass (and again if the weights change)."""
+        if torch.compiler.is_compiling():  # a traced graph computes it once per call anyway
+            return self._kv_view(self.flat_prefix(name))
         hit = self._cache.get(name)
         params = hit[0] if hit is not None else self.adapter_parameters(name)
         stamp = (torch.is_grad_enabled(), *(p._version for p in params))
         if hit is not None and hit[1] == stamp:
             return hit[2]
-        flat = self.flat_prefix(name)
-        kv = flat.view(flat.shape[0], 2 * self.num_layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        kv = self._kv_view(self.flat_prefix(name))
         self._cache[name] = (params, stamp, kv)
         return kv
 
@@ -432,9 +436,13 @@ def attach(model: nn.Module, name: str, config: PrefixTuningConfig, host: Any) -
     owner.add(name, config, like)
 
 
+# default_lr: training goes through the MLP, which diverges at the rates bare soft prompts take.
+# Measured on MiniLM, SST-2 (5,000 examples, one epoch, the MLP on): dev accuracy 0.729 at lr 1e-3,
+# 0.722 at 5e-4, 0.712 at 2e-3, and the majority class (0.509) at 5e-3 and above. The quick suite
+# runs default_lr x 4, i.e. the best of these.
 SPEC = register(MethodSpec(
     name="prefix_tuning", family="additive", subcategory="soft prompt", config_cls=PrefixTuningConfig,
     trains="p key/value vectors per self-attention layer (through an MLP, folded after training)",
     attach=attach, paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation",
-    mergeable=False, identity_at_init=False, peft_type="PREFIX_TUNING", default_lr=1e-2,
+    mergeable=False, identity_at_init=False, peft_type="PREFIX_TUNING", default_lr=2.5e-4,
 ))
