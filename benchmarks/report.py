@@ -57,6 +57,7 @@ def model_section(name: str, result: dict[str, Any]) -> list[str]:
     if result.get("targets"):
         lines += ["### Targets", ""]
         rows = [[t["target"], f"<= {t['limit']}", _num(t["value"], 3), _num(t.get("value_cpu"), 3),
+                 f"not comparable: {t['unlike']}" if t.get("unlike") else
                  {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]] for t in result["targets"]]
         lines += _table(["target", "limit", "measured (wall)", "measured (CPU time)", "met (wall)"], rows)
     if result.get("train"):

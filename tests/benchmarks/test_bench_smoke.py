@@ -144,3 +144,18 @@ def test_ratios_divide_by_the_local_reference():
                         local_cpu={}, reference="r")
     assert t.ratio("a", "r") == 1.5 and t.ratio("b", "r") == 1.5
     assert t.ratio("b", "a") == 1.0 and t.ratio("r", "a") == 1 / 1.5
+
+
+def test_a_peft_row_training_other_parameters_is_not_compared():
+    from benchmarks.run import check_targets
+
+    def row(label, impl, trainable, peak):
+        return {"label": label, "impl": impl, "method": "ia3", "trainable": trainable, "peak_mb": peak,
+                "own_floor": "floor", "x_own_floor": 1.0, "x_own_floor_cpu": 1.0, "x_peft": 0.9, "x_peft_cpu": 0.9}
+
+    same = check_targets({"train": [row("ia3", "peftlab", 10, 5.0), row("peft ia3", "peft", 10, 4.0)]})
+    other = check_targets({"train": [row("ia3", "peftlab", 10, 5.0), row("peft ia3", "peft", 12, 4.0)]})
+    memory = {t["target"]: t for t in same}["ia3 peak training memory / peft's"]
+    assert memory["ok"] is False and memory["value"] == 1.25
+    memory = {t["target"]: t for t in other}["ia3 peak training memory / peft's"]
+    assert memory["ok"] is None and "peft trains 12 parameters, peftlab 10" in memory["unlike"]
