@@ -104,6 +104,14 @@ def describe() -> list[str]:
         "(measured with a hook, e.g. `floor (148 tokens)`); `x own-length floor` is `=` where that is the "
         "common batch. Targets: LoRA's own, then for every other method `x own-length floor <= 1.10`, and for "
         "each method peft also has: step time and peak memory <= peft's.",
+        "**Reading a `no` against peft**: where both rows do the same arithmetic (prompt tuning prepends the "
+        "same embeddings; (IA)^3 multiplies by the same vectors) the step-time ratio to peft is this machine's "
+        "run-to-run noise, and its sign changed between runs on unchanged code; both sit at their floor. A "
+        "target marked *not comparable* compares adapters of different sizes: peft builds another adapter "
+        "from the same config (GPT-2's fused `c_attn` in (IA)^3, the prefix MLP's width under grouped-query "
+        "attention).",
+        "**GPU**: the 1B-parameter Llama in bf16 (`--model llama-1b`, CUDA) has a section here only when the "
+        "command ran on a machine with a GPU.",
         "**Mixed batch**: one forward of the batch where example i uses adapter `a{i mod k}` "
         "(`adapter_names=[...]`), k distinct adapters; `x single` compares with the same model's plain "
         "forward with one active adapter.",
