@@ -262,3 +262,16 @@ def test_peft_config_round_trip_and_refusals():
     assert fields == {"num_layers": 2, "token_dim": 16, "num_attention_heads": 2}
     with pytest.raises(PeftlabError, match="encoder-decoder"):
         config_from_dict({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "num_transformer_submodules": 2})
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_training_step_returns_no_cache_unless_asked(kind):
+    # A returned cache would keep each layer's un-prefixed keys and values alive through backward.
+    pm = get_peft_model(BUILDERS[kind](), PrefixTuningConfig(num_virtual_tokens=3))
+    inputs = model_inputs(kind)
+    pm.train()
+    assert pm(**inputs).past_key_values is None
+    assert pm(**inputs, use_cache=True).past_key_values is not None  # the caller's choice stands
+    pm.eval()
+    with torch.no_grad():
+        assert pm(**inputs).past_key_values is not None  # inference keeps the model's default
