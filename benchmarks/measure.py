@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import statistics
 import sys
@@ -50,12 +51,14 @@ class Timings:
     def ratio(self, key: str, ref: str, cpu: bool = False) -> float:
         """Median over rounds of ``key``'s time over ``ref``'s, each first normalized by its local
         reference (for ``ref == reference`` that is simply the key's time over the local reference)."""
+        if key == ref:
+            return 1.0
         times, local = (self.cpu, self.local_cpu) if cpu else (self.wall, self.local_wall)
 
-        def norm(k: str) -> list[float]:
-            if k == self.reference:
-                return [1.0] * len(times[key] if key != self.reference else times[ref])
-            return [t / r for t, r in zip(times[k], local[k])]
+        def norm(k: str) -> Iterable[float]:
+            if k == self.reference:  # each of its runs, divided by itself
+                return itertools.repeat(1.0)
+            return (t / r for t, r in zip(times[k], local[k]))
 
         return statistics.median(a / b for a, b in zip(norm(key), norm(ref)))
 

@@ -25,11 +25,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + [""]
 
 
+def own_length(floor_label: str) -> str | None:
+    """``"148 tokens"`` for the floor case ``"floor (148 tokens)"``; None for the common floor."""
+    return floor_label.removeprefix("floor (").removesuffix(")") if floor_label != "floor" else None
+
+
 def _own_floor(row: dict[str, Any]) -> str:
     """The ratio to the floor at the row's own sequence length, where that differs from the batch's."""
-    if row.get("own_floor", "floor") == "floor":
-        return "="
-    return f"{_num(row['x_own_floor'], 3)} ({row['own_floor'].removeprefix('floor (').rstrip(')')})"
+    length = own_length(row.get("own_floor", "floor"))
+    return "=" if length is None else f"{_num(row['x_own_floor'], 3)} ({length})"
 
 
 def model_section(name: str, result: dict[str, Any]) -> list[str]:

@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` i
 from benchmarks.measure import (Timings, held_tensors, interleaved_times, parallel_speedup, peak_rise_bytes,
                                 storage_bytes)
 from benchmarks.models import DEFAULT_MODELS, MODELS, QUICK_MODELS, BenchModel, make_batch
-from benchmarks.report import write_markdown
+from benchmarks.report import own_length, write_markdown
 
 from peftlab import get_peft_model
 from peftlab.core.registry import MethodSpec, all_methods
@@ -472,16 +472,17 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         rows = [r for r in result.get(table, []) if r["label"] == label and r.get("impl", "peftlab") == "peftlab"]
         value = rows[0][column] if rows and rows[0].get(column) is not None else None
         value_cpu = rows[0].get(f"{column}_cpu") if rows else None
-        out.append({"target": what, "limit": limit, "value": value, "value_cpu": value_cpu,
-                    "ok": None if value is None else bool(value <= limit)})
-    # Every other method: at most 1.10x the floor at its own sequence length; where peft has the
-    # method, no slower and no larger at its peak than peft.
+        out.append(_target(what, limit, value, value_cpu))
+    # Every method without a target of its own above: at most 1.10x the floor at its own sequence
+    # length; and where peft has the method, no slower and no larger at its peak than peft.
+    own = {label for _, table, label, _, _ in TARGETS if table == "train"}
     rows = {r["label"]: r for r in result.get("train", [])}
     for r in rows.values():
         if r["impl"] != "peftlab":
             continue
-        if r["method"] != "lora":
-            where = "" if r["own_floor"] == "floor" else f" ({r['own_floor'].removeprefix('floor (').rstrip(')')})"
+        if r["label"] not in own:
+            length = own_length(r["own_floor"])
+            where = f" ({length})" if length else ""
             out.append(_target(f"{r['label']} training step / floor at its own length{where}", OTHER_METHODS_FLOOR,
                                r["x_own_floor"], r["x_own_floor_cpu"]))
         peer = rows.get(f"peft {r['label']}")

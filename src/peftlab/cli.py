@@ -130,10 +130,6 @@ def cmd_assess(args: argparse.Namespace) -> int:
 
     suite = _assess_suite(args)
     out = Path(args.out or Path("runs") / "assess" / suite.name)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
         workers = args.workers if args.workers is not None else (1 if args.threads else default_workers(suite))
         run_suite(suite, out, progress=not args.no_progress, rerun=args.rerun, plots=not args.no_plots,

@@ -21,6 +21,12 @@ def _run(capsys, tmp_path: Path, *args: str) -> str:
     return err
 
 
+def _replace_line(path: Path, index: int, text: str) -> None:
+    lines = path.read_text().splitlines()
+    lines[index] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
 def test_missing_task_folder(tmp_path, tiny_model, capsys):
     data = write_glue(tmp_path / "glue", tasks=("QNLI",))
     err = _run(capsys, tmp_path, "--model", str(tiny_model), "--data-dir", str(data), "--tasks", "qnli,mrpc")
@@ -30,9 +36,7 @@ def test_missing_task_folder(tmp_path, tiny_model, capsys):
 def test_malformed_row_names_file_and_line(tmp_path, tiny_model, capsys):
     data = write_glue(tmp_path / "glue", tasks=("QNLI",))
     train = data / "QNLI" / "train.tsv"
-    lines = train.read_text().splitlines()
-    lines[4] = "7\tonly two columns"
-    train.write_text("\n".join(lines) + "\n")
+    _replace_line(train, 4, "7\tonly two columns")
     err = _run(capsys, tmp_path, "--model", str(tiny_model), "--data-dir", str(data))
     assert f"{train}:5:" in err and "malformed" in err and "expected 4" in err
 
@@ -40,9 +44,7 @@ def test_malformed_row_names_file_and_line(tmp_path, tiny_model, capsys):
 def test_label_outside_the_task_set(tmp_path, tiny_model, capsys):
     data = write_glue(tmp_path / "glue", tasks=("QNLI",))
     dev = data / "QNLI" / "dev.tsv"
-    lines = dev.read_text().splitlines()
-    lines[2] = "1\twho ran ?\tthe cat ran\tmaybe"
-    dev.write_text("\n".join(lines) + "\n")
+    _replace_line(dev, 2, "1\twho ran ?\tthe cat ran\tmaybe")
     err = _run(capsys, tmp_path, "--model", str(tiny_model), "--data-dir", str(data))
     assert f"{dev}:3:" in err and "'maybe'" in err and "entailment, not_entailment" in err
 

@@ -25,14 +25,7 @@ LEXICON = {"one": "unu", "two": "doi", "three": "trei", "four": "patru", "five":
            "seven": "șapte", "eight": "opt", "nine": "nouă", "ten": "zece"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second
-    # thread makes step times swing 10x; restore the setting afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 @pytest.fixture

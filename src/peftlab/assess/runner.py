@@ -73,7 +73,7 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per run (training) under the suite's bar is enough
-    jobs = jobs_for(suite, progress and workers == 1)  # bars of parallel runs would interleave
+    jobs = jobs_for(suite, progress)
     methods, notes = suite.method_plan()
     tasks = jobs.tasks()
     jobs.preflight(tasks, methods)  # raises on bad input before anything trains
@@ -84,13 +84,18 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
 
     result = SuiteResult(suite, out, [], [], notes)
     done: dict[int, dict[str, Any]] = {}  # plan index -> record; the report keeps the plan's order
+
+    def keep(i: int, record: dict[str, Any]) -> None:
+        record["baseline"] = jobs.baseline(plan[i][0])  # known here, from the preflight a worker skips
+        done[i] = record
+        result.records = [done[j] for j in sorted(done)]
+
     todo = []
     for i, (task, method, seed) in enumerate(plan):
         record = None if rerun else store.finished(suite.model, task.name, method, seed,
                                                    fingerprint(jobs.settings(task, method, seed)))
         if record is not None:
-            record["baseline"] = jobs.baseline(task)
-            done[i] = record
+            keep(i, record)
             result.reused += 1
         else:
             todo.append(i)
@@ -98,13 +103,11 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
                position=0)
 
     def finish(i: int, record: dict[str, Any]) -> None:
-        record["baseline"] = jobs.baseline(plan[i][0])  # known here, from the preflight a worker skips
+        keep(i, record)
         store.save(record)
-        done[i] = record
         result.ran += 1
         if record["status"] != "ok":
             tqdm.write(f"peftlab assess: {_key(plan[i])} failed: {record['error']}")
-        result.records = [done[j] for j in sorted(done)]
         _write_tables(result, started, cpu_started, plots=False)
         bar.update(1)
 
@@ -115,6 +118,7 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
         torch.set_num_threads(threads)
     threads = threads or (torch.get_num_threads() if workers == 1 else max(1, (os.cpu_count() or 1) // workers))
     result.workers, result.threads = workers, threads
+    jobs.progress = progress and workers == 1  # bars of parallel runs would interleave
     if workers == 1:
         for i in todo:
             bar.set_postfix_str(_key(plan[i]))
@@ -122,7 +126,6 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
     else:
         _run_in_workers(suite, plan, todo, workers, threads, finish, bar)
     bar.close()
-    result.records = [done[j] for j in sorted(done)]
     _write_tables(result, started, cpu_started, plots=plots)
     echo(result.summary)
     echo(f"\n{result.ran} run(s) done, {result.reused} reused; report: {out / 'report.md'}")

@@ -30,10 +30,10 @@ queries are rotated but the prefix keys are not, so a query's score against the 
 its absolute position. With the shift, peftlab and peft give the same outputs from the same
 checkpoint (Llama, BERT: checked to 1e-5). Models with learned absolute positions then take at most
 ``max_position_embeddings - p`` tokens, as in peft; calling ``base_model`` directly skips the shift.
-Encoder-decoder models (T5: relative position bias) keep
-their positions; the prefix columns get no position bias. Encoder-decoder models get a prefix in
-every encoder and decoder self-attention (layers numbered in model order, encoder first); peft
-instead prefixes decoder self- and cross-attention, so such checkpoints do not carry over.
+Encoder-decoder models (T5: relative position bias) keep their positions, and the prefix columns
+get no position bias. They get a prefix in every encoder and decoder self-attention (layers numbered
+in model order, encoder first); peft instead prefixes decoder self- and cross-attention, so such
+checkpoints do not carry over.
 
 Supports the ``eager`` and ``sdpa`` attention implementations. Not identity at init (the prefix is
 attended to from the first step) and not mergeable (it adds attention positions, not weights).
@@ -403,7 +403,6 @@ def _model_configs(model: nn.Module) -> list[Any]:
 @functools.lru_cache(maxsize=None)
 def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
-
 
 
 def _takes_positions(model: nn.Module) -> bool:

@@ -10,10 +10,10 @@ Supports ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored in x out) and ``nn.Emb
 (``A``: r x vocab, looked up by token id). Merging adds ``(alpha/r) B A`` into ``W0``.
 
 How the forward runs (same numbers, less work than the formula read literally):
-- training: ``low = x A^T``, then ``scale * low B^T`` is added into the base output by the GEMM
-  itself (``addmm_`` with alpha=scale; in place on a plain layer's fresh output), so no
-  out-sized temporary, add or scale pass; dropout is one 0/1 mask on ``x`` whose ``1/(1-p)``
-  rides on that alpha;
+- training: ``low = x A^T`` (one GEMM for sibling layers fed the same ``x``, e.g. query/key/value),
+  then ``low (scale B^T)`` is added into the base output by the GEMM itself (in place on a plain
+  layer's fresh output), so no out-sized temporary, add or scale pass; dropout is one 0/1 mask on
+  ``x`` whose ``1/(1-p)`` is folded into ``scale``;
 - inference (no gradient wanted for A or B): the update is folded into a temporary weight,
   ``x (W0 + scale B A)^T``, one GEMM like the base layer's, once a batch has enough tokens;
 - mixed batches (``PeftModel.forward(..., adapter_names=[...])``, one adapter per example):
