@@ -37,13 +37,32 @@ def perturb(model, params) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def same_generation(ours, theirs, prompt_tuning: bool) -> None:
-    # peft's prompt-tuning generate drops position ids, so left padding shifts its positions, while
-    # peftlab keeps generate's padding-aware positions (as the base model has them): compare unpadded.
-    ids, mask = (IDS[1:], MASK[1:]) if prompt_tuning else (IDS, MASK)
-    kw = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+def bert_takes_a_cache() -> bool:
+    import inspect
+
+    return "past_key_values" in inspect.signature(transformers.BertModel.forward).parameters
+
+
+def greedy_by_forward(model, steps: int = 8) -> torch.Tensor:
+    """Greedy decoding by a full forward pass per new token (no KV cache), positions counted over
+    the real tokens as ``generate`` counts them: the reference for ``generate``."""
+    seq, mask = IDS, MASK
     with torch.no_grad():
-        assert torch.equal(ours.generate(**kw), theirs.generate(**kw))
+        for _ in range(steps):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=seq, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return seq
+
+
+def generates_greedily(model) -> None:
+    # peft's own generate is not the reference: with transformers 5.x it disagrees with peft's own
+    # forward for soft prompts (peft 0.21.2). The forward outputs are compared with peft's directly.
+    model.base_model.generation_config.eos_token_id = None  # decode every step, like the reference
+    with torch.no_grad():
+        out = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, greedy_by_forward(model))
 
 
 def test_peft_prompt_tuning_checkpoint_layout_matches_ours(tmp_path):
@@ -74,7 +93,7 @@ def test_peftlab_checkpoint_runs_the_same_in_peft(make_config, tmp_path):
     assert a.logits.shape == b.logits.shape
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=0)
-    same_generation(ours, theirs, isinstance(make_config(), PromptTuningConfig))
+    generates_greedily(ours)
 
 
 @pytest.mark.parametrize("make_config", [
@@ -92,7 +111,7 @@ def test_peft_checkpoint_runs_the_same_in_peftlab(make_config, tmp_path):
         a = ours(input_ids=IDS, attention_mask=MASK).logits
         b = theirs(input_ids=IDS, attention_mask=MASK).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    same_generation(ours, theirs, isinstance(make_config(), peft.PromptTuningConfig))
+    generates_greedily(ours)
 
 
 @pytest.mark.parametrize("make_config", [
@@ -109,6 +128,9 @@ def test_bert_classifier_checkpoint_layout_and_outputs(make_config, tmp_path):
     width = 384 if isinstance(make_config(), PromptTuningConfig) else 6 * 2 * 384
     assert {k: tuple(v.shape) for k, v in state.items()} == {
         "prompt_embeddings": (4, width), "base_model.classifier.weight": (2, 384), "base_model.classifier.bias": (2,)}
+    if isinstance(make_config(), PrefixTuningConfig) and not bert_takes_a_cache():
+        pytest.skip(f"transformers {transformers.__version__}'s BertModel takes no past_key_values, which peft "
+                    f"{peft.__version__} needs for prefix tuning on BERT (peftlab does not): only the layout is compared")
     theirs = peft.PeftModel.from_pretrained(minilm(), tmp_path).eval()
     ids = torch.randint(1000, 2000, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
