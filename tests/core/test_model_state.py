@@ -103,3 +103,19 @@ def test_partition_check_catches_hand_unfrozen_base():
     pm.base_model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
     with pytest.raises(PeftlabError, match="word_embeddings"):
         pm.check_parameter_partition()
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    import os
+
+    from peftlab.assess.store import write_json_atomic
+
+    pm = get_peft_model(tiny_bert(), LoraConfig(r=2))
+    old = os.umask(0o022)
+    try:
+        pm.save_pretrained(tmp_path / "adapter")
+        write_json_atomic(tmp_path / "report.json", {"a": 1})
+    finally:
+        os.umask(old)
+    for file in [*(tmp_path / "adapter").iterdir(), tmp_path / "report.json"]:
+        assert file.stat().st_mode & 0o777 == 0o644, file

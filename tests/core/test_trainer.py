@@ -30,3 +30,23 @@ def test_trainer_trains_only_the_adapter(tmp_path):
     Trainer(model=pm, args=args, train_dataset=Rows()).train()
     assert all(torch.equal(p, frozen[n]) for n, p in pm.named_parameters() if n in frozen)
     assert any(not torch.equal(p, before[n]) for n, p in pm.named_parameters() if n in before)
+
+
+def test_trainer_evaluates_with_labels_and_compute_metrics(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from peftlab.core.model import PeftModelForSequenceClassification
+
+    pm = get_peft_model(tiny_bert(), LoraConfig(r=4, modules_to_save=("classifier",)))
+    assert isinstance(pm, PeftModelForSequenceClassification)
+    seen = []
+
+    def accuracy(prediction):
+        seen.append(prediction.label_ids.shape)
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8, report_to=[],
+                             use_cpu=True, disable_tqdm=True)
+    metrics = Trainer(model=pm, args=args, eval_dataset=Rows(), compute_metrics=accuracy).evaluate()
+    assert seen == [(32,)]
+    assert metrics["eval_loss"] > 0 and 0 <= metrics["eval_accuracy"] <= 1

@@ -12,7 +12,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -54,8 +54,8 @@ class _carries_base_signature:
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __get__(self, obj: Any, owner: type) -> Any:
-        if obj is None:
-            return self.fn
+        if obj is None:  # the class: the HF Trainer reads label names here, before any instance
+            return _with_label_names(self.fn, owner.label_names)
         if torch.compiler.is_compiling():  # tracing calls it, never inspects it: a plain method
             return self.fn.__get__(obj, owner)
         call = functools.partial(self.fn, obj)
@@ -63,8 +63,44 @@ class _carries_base_signature:
         return call
 
 
+@functools.lru_cache(maxsize=None)
+def _with_label_names(fn: Any, label_names: tuple[str, ...]) -> Any:
+    """``fn`` whose signature names the task's label arguments, as the HF ``Trainer`` looks for
+    them (``find_labels`` inspects the class's forward for parameters named like labels)."""
+
+    @functools.wraps(fn)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(self, *args, **kwargs)
+
+    kind = inspect.Parameter
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [kind("self", kind.POSITIONAL_OR_KEYWORD), kind("args", kind.VAR_POSITIONAL)]
+        + [kind(name, kind.KEYWORD_ONLY, default=None) for name in label_names]
+        + [kind("kwargs", kind.VAR_KEYWORD)])
+    return forward
+
+
 class PeftModel(nn.Module):
-    """A base model plus one or more named adapters, one of them active."""
+    """A base model plus one or more named adapters, one of them active.
+
+    ``PeftModel(model, config)`` returns the subclass for the model's task (as HF peft's
+    ``PeftModelForSequenceClassification`` and friends), which names the task's label arguments.
+    """
+
+    # Each subclass names its peft task_type and the label arguments the Trainer looks for.
+    task_type: ClassVar[str | None] = None
+    label_names: ClassVar[tuple[str, ...]] = ()
+    task_classes: ClassVar[dict[str, type["PeftModel"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.task_type:
+            PeftModel.task_classes[cls.task_type] = cls
+
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> "PeftModel":
+        if cls is PeftModel and model is not None:
+            cls = PeftModel.task_classes.get(_task_type(model), PeftModel)
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -380,6 +416,30 @@ def _task_type(model: nn.Module) -> str | None:
         if name.endswith(suffix):
             return task
     return "FEATURE_EXTRACTION"
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    task_type, label_names = "SEQ_CLS", ("labels",)
+
+
+class PeftModelForCausalLM(PeftModel):
+    task_type, label_names = "CAUSAL_LM", ("labels",)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    task_type, label_names = "SEQ_2_SEQ_LM", ("labels",)
+
+
+class PeftModelForTokenClassification(PeftModel):
+    task_type, label_names = "TOKEN_CLS", ("labels",)
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    task_type, label_names = "QUESTION_ANS", ("start_positions", "end_positions")
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    task_type, label_names = "FEATURE_EXTRACTION", ()
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
