@@ -63,5 +63,17 @@ def model_inputs(kind: str, batch: int = 2, length: int = 8) -> dict[str, torch.
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def training_batch(kind: str) -> dict[str, torch.Tensor]:
+    """``model_inputs`` with labels: class ids for BERT, the tokens themselves for language models."""
+    batch = model_inputs(kind)
+    batch["labels"] = torch.tensor([0, 1]) if kind == "bert" else batch["input_ids"].clone()
+    return batch
+
+
+def begin_training(peft_model, kind: str) -> None:
+    """Start training the way a loop does (methods with data passes get one batch)."""
+    peft_model.begin_training([training_batch(kind)], total_steps=1)
+
+
 def main_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]

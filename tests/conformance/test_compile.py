@@ -12,7 +12,7 @@ import torch
 from peftlab import PeftlabError, get_peft_model
 from peftlab.core.registry import all_methods
 
-from ..conftest import TINY_MODELS, main_output, model_inputs
+from ..conftest import TINY_MODELS, begin_training, main_output, model_inputs
 
 CASES = [(spec, kind) for spec in all_methods() for kind in ("bert", "llama")]
 
@@ -26,6 +26,7 @@ def test_traces_without_graph_breaks(spec, kind):
         pytest.skip(f"{spec.name} does not apply to {kind}: {err}")
     inputs = model_inputs(kind)
     expected = main_output(model(**inputs))
+    begin_training(model, kind)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     for train in (True, False):
         model.train(train)

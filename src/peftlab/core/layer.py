@@ -16,7 +16,14 @@ from .errors import PeftlabError
 
 
 class DeltaModule(nn.Module):
+    # Containers (keyed by adapter name) of an adapter's trained tensors.
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    # Containers of tensors that belong to an adapter but never train (masks, shared random
+    # projections, statistics): saved, loaded strictly and deleted with it, never given to an optimizer.
+    frozen_attrs: ClassVar[tuple[str, ...]] = ()
+    # Attributes (of the two above) holding a sparse difference to a base tensor: the checkpoint
+    # keeps only its non-zero entries, as ``<attr>.indices`` (flat, int64) and ``<attr>.values``.
+    sparse_attrs: ClassVar[tuple[str, ...]] = ()
     # During ``PeftModel.forward(..., adapter_names=...)``: the adapter of each example (dim 0);
     # modules of methods that declare ``supports_mixed_batch`` read it. ``None`` otherwise.
     mixed_batch: list[str] | None = None
@@ -40,7 +47,7 @@ class DeltaModule(nn.Module):
     # -- which adapters this module holds ------------------------------------------------
     def adapter_names(self) -> list[str]:
         names: dict[str, None] = {}
-        for attr in self.adapter_attrs:
+        for attr in self.adapter_attrs + self.frozen_attrs:
             for key in getattr(self, attr).keys():
                 names[key] = None
         return list(names)
@@ -64,10 +71,15 @@ class DeltaModule(nn.Module):
             params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
         return params
 
+    def trainable_entries(self, name: str) -> int:
+        """How many scalars of adapter ``name`` can change in training (a masked method counts its
+        mask, not the dense tensor that holds the masked entries)."""
+        return sum(p.numel() for p in self.adapter_parameters(name))
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge(name)
-        for attr in self.adapter_attrs:
+        for attr in self.adapter_attrs + self.frozen_attrs:
             container = getattr(self, attr)
             if name in container:
                 del container[name]
@@ -79,23 +91,36 @@ class DeltaModule(nn.Module):
         """Tensors of adapter ``name``, keyed relative to this module, without the adapter name
         (the layout HF peft writes: ``lora_A.weight``, ``ia3_l``)."""
         state: dict[str, torch.Tensor] = {}
-        for attr in self.adapter_attrs:
+        for attr in self.adapter_attrs + self.frozen_attrs:
             container = getattr(self, attr)
             if name not in container:
                 continue
             item = container[name]
             if isinstance(item, nn.Module):
                 state.update({f"{attr}.{k}": v for k, v in item.state_dict().items()})
+            elif attr in self.sparse_attrs:
+                flat = item.detach().reshape(-1)
+                indices = flat.nonzero().reshape(-1)
+                state[f"{attr}.indices"], state[f"{attr}.values"] = indices, flat[indices]
             else:
                 state[attr] = item
         return state
 
+    def variable_length_keys(self, name: str) -> set[str]:
+        """Keys of ``adapter_state`` whose length depends on the trained values (sparse entries)."""
+        return {f"{attr}.{part}" for attr in self.sparse_attrs if name in getattr(self, attr)
+                for part in ("indices", "values")}
+
     def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy checkpoint tensors in; the caller has already checked keys and shapes."""
+        """Copy checkpoint tensors in; the caller has already checked keys and (fixed) shapes."""
         current = self.adapter_state(name)
         with torch.no_grad():
+            for attr in self.sparse_attrs:
+                if name in getattr(self, attr):
+                    _scatter(getattr(self, attr)[name], tensors[f"{attr}.indices"], tensors[f"{attr}.values"], attr)
             for key, value in tensors.items():
-                current[key].copy_(value.to(dtype=current[key].dtype, device=current[key].device))
+                if key not in self.variable_length_keys(name):
+                    current[key].copy_(value.to(dtype=current[key].dtype, device=current[key].device))
 
     def release(self, model: nn.Module) -> None:
         """Undo anything this module hooked outside its own tree (model-level modules override)."""
@@ -158,6 +183,40 @@ class TrainableCopy(DeltaModule):
     def unmerge(self, name: str) -> None:
         self.base_layer.load_state_dict(self._originals)
         self.merged_adapters.remove(name)
+
+
+class BufferDict(nn.Module):
+    """Frozen per-adapter tensors keyed by adapter name, as buffers: they follow ``.to()`` and
+    dtype casts of floating tensors like parameters do, but are never parameters."""
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        self.register_buffer(name, tensor)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._buffers[name]  # type: ignore[return-value]
+
+    def __delitem__(self, name: str) -> None:
+        del self._buffers[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._buffers
+
+    def keys(self) -> Any:
+        return self._buffers.keys()
+
+
+def _scatter(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, attr: str) -> None:
+    """Write a checkpoint's sparse entries into ``dense`` (zero elsewhere), checking them first."""
+    from .errors import CheckpointError
+
+    if indices.dim() != 1 or values.shape != indices.shape:
+        raise CheckpointError(f"{attr}: indices {tuple(indices.shape)} and values {tuple(values.shape)} must be "
+                              "1-D and of equal length")
+    if indices.is_floating_point() or (indices.numel() and (indices.min() < 0 or indices.max() >= dense.numel())):
+        raise CheckpointError(f"{attr}: indices must be integers in [0, {dense.numel()}) for a tensor of shape "
+                              f"{tuple(dense.shape)}; was it saved for another model?")
+    dense.zero_()
+    dense.view(-1)[indices.to(dense.device, torch.long)] = values.to(dense.dtype)
 
 
 def base_of(module: nn.Module) -> nn.Module:

@@ -12,13 +12,14 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from .config import PeftConfig, config_from_dict
 from .errors import PeftlabError
+from .hooks import TrainingState, run_hook
 from .inject import delta_modules, remove_empty_wrappers, unwrap_all, wrap
 from .layer import DeltaModule, TrainableCopy
 from .registry import spec_for_config
@@ -35,14 +36,21 @@ class ParameterReport:
     trainable: int
     total: int
     base: int
+    # Scalars that can change in training: below ``trainable`` for methods that train a masked
+    # subset of a dense tensor (the review counts those entries, not the tensor).
+    trainable_entries: int | None = None
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / max(self.total, 1)
 
     def __str__(self) -> str:
-        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+        text = (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
                 f"trainable%: {self.percent:.4f}")
+        if self.trainable_entries is not None and self.trainable_entries != self.trainable:
+            text += (f" || trainable entries: {self.trainable_entries:,} "
+                     f"({100.0 * self.trainable_entries / max(self.total, 1):.4f}%)")
+        return text
 
 
 class _carries_base_signature:
@@ -110,6 +118,10 @@ class PeftModel(nn.Module):
         self.peft_configs: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
         self.trainable = True
+        self.training_state = TrainingState()
+        # Hooks of the trainable adapters, gathered when the trainable set changes (not per forward).
+        self._loss_hooks: list[tuple[str, str, Any]] = []
+        self._needs_begin = False
         for param in model.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -141,7 +153,11 @@ class PeftModel(nn.Module):
         with self.mixed_batch(kwargs.pop("adapter_names", None)):
             for module in self._input_adapters():
                 args, kwargs = module.transform_inputs(self.base_model, args, kwargs)
-            return self.base_model(*args, **kwargs)
+            out = self.base_model(*args, **kwargs)
+        # The base model's mode: a new PeftModel is in train mode whatever mode its base is in.
+        if self.base_model.training and torch.is_grad_enabled() and (self._loss_hooks or self._needs_begin):
+            out = self._with_loss_terms(out)
+        return out
 
     @contextlib.contextmanager
     def mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -280,6 +296,88 @@ class PeftModel(nn.Module):
             self.delete_adapter(name)
         return self.base_model
 
+    # -- training hooks (see core/hooks.py) -----------------------------------------------
+    def trainable_adapters(self) -> list[str]:
+        """The adapters whose tensors train now."""
+        return [self.active_adapter] if self.trainable and self.active_adapter else []
+
+    def _hooks(self, field: str) -> list[tuple[str, str, Any]]:
+        """(method, adapter, hook) for each trainable adapter whose method declares ``field``."""
+        found = []
+        for name in self.trainable_adapters():
+            spec = spec_for_config(self.peft_configs[name])
+            if getattr(spec.hooks, field) is not None:
+                found.append((spec.name, name, getattr(spec.hooks, field)))
+        return found
+
+    def begin_training(self, data: Iterable[Any] | None = None, total_steps: int | None = None) -> None:
+        """Start a training run: reset the step count and run the methods' data passes on ``data``
+        (an iterable of the training batches; a method that needs it says so when it is missing).
+        Call once before the first step."""
+        self.training_state = TrainingState(total_steps=total_steps, started=True)
+        was_training = self.training
+        for method, name, hook in self._hooks("before_training"):
+            run_hook(method, "before_training", self.training_state, hook, self, name, data)
+        self.train(was_training)
+
+    def before_optimizer_step(self) -> None:
+        """Run after backward, before ``optimizer.step()`` (gradient masks, rank allocation)."""
+        self._require_begun("before_optimizer_step")
+        for method, name, hook in self._hooks("before_step"):
+            run_hook(method, "before_step", self.training_state, hook, self, name, self.training_state)
+
+    def after_optimizer_step(self) -> None:
+        """Run after ``optimizer.step()``; counts the step."""
+        self._require_begun("after_optimizer_step")
+        for method, name, hook in self._hooks("after_step"):
+            run_hook(method, "after_step", self.training_state, hook, self, name, self.training_state)
+        self.training_state.step += 1
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The one call a plain training loop makes per step, in place of ``optimizer.step()``."""
+        self.before_optimizer_step()
+        optimizer.step()
+        self.after_optimizer_step()
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups for every trainable tensor: the methods' own groups, and
+        one group at ``lr`` / ``weight_decay`` for the rest."""
+        groups: list[dict[str, Any]] = []
+        for method, name, hook in self._hooks("param_groups"):
+            groups += run_hook(method, "param_groups", self.training_state, hook, self, name, lr, weight_decay)
+        covered = {id(p) for group in groups for p in group["params"]}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in covered]
+        if rest:
+            groups.insert(0, {"params": rest, "lr": lr, "weight_decay": weight_decay})
+        return groups
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """The sum of the trainable adapters' loss terms (``None`` if they declare none). Added to a
+        model output's ``loss`` automatically; a loop that computes its own loss adds this."""
+        terms = [run_hook(method, "loss", self.training_state, hook, self, name) for method, name, hook in self._loss_hooks]
+        terms = [t for t in terms if t is not None]
+        return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
+
+    def _with_loss_terms(self, out: Any) -> Any:
+        if self._needs_begin and not self.training_state.started:
+            method = next(spec_for_config(self.peft_configs[n]).name for n in self.trainable_adapters())
+            raise PeftlabError(
+                f"{method} acts during training (data pass or step hooks), but training has not begun: call "
+                "model.begin_training(loader, total_steps) and model.optimizer_step(optimizer) in a plain loop, "
+                "add peftlab.train.hf.PeftlabCallback() to an HF Trainer, or use peftlab's train loop")
+        extra = self.extra_loss() if self._loss_hooks else None
+        if extra is not None:
+            if getattr(out, "loss", None) is None:
+                raise PeftlabError("the adapter adds a loss term, but the model output has no loss (no labels "
+                                   "given?): pass labels, or add model.extra_loss() to your own loss")
+            out["loss"] = out.loss + extra
+        return out
+
+    def _require_begun(self, call: str) -> None:
+        if not self.training_state.started:
+            raise PeftlabError(f"{call}() before begin_training(): call model.begin_training(loader, total_steps) "
+                               "once before the first step")
+
     # -- parameters ----------------------------------------------------------------------
     def _delta_modules(self) -> Iterator[tuple[str, DeltaModule]]:
         return delta_modules(self)
@@ -303,6 +401,9 @@ class PeftModel(nn.Module):
             for param in self.adapter_parameters(self.active_adapter):
                 param.requires_grad_(True)
         self.check_parameter_partition()
+        self._loss_hooks = self._hooks("loss")
+        self._needs_begin = any(spec_for_config(self.peft_configs[n]).hooks.has_step_hooks
+                                for n in self.trainable_adapters())
 
     def check_parameter_partition(self) -> None:
         """Every parameter is either trainable state of the active adapter or frozen; nothing else."""
@@ -317,10 +418,14 @@ class PeftModel(nn.Module):
     def trainable_parameters_report(self) -> ParameterReport:
         adapters = {id(p) for n in self.peft_configs for p in self.adapter_parameters(n)}
         params = {id(p): p for p in self.parameters()}
+        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+        masked = sum(sum(p.numel() for p in m.adapter_parameters(n)) - m.trainable_entries(n)
+                     for n in self.trainable_adapters() for _, m in self._delta_modules() if n in m.adapter_names())
         return ParameterReport(
-            trainable=sum(p.numel() for p in params.values() if p.requires_grad),
+            trainable=trainable,
             total=sum(p.numel() for p in params.values()),
             base=sum(p.numel() for i, p in params.items() if i not in adapters),
+            trainable_entries=trainable - masked,
         )
 
     def print_trainable_parameters(self) -> None:
@@ -352,7 +457,8 @@ class PeftModel(nn.Module):
 
     def load_adapter_state_dict(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
         entries = self._state_entries(adapter_name)
-        check_state({k: t for k, (_, _, t) in entries.items()}, tensors, source)
+        variable = {k for k, (module, local, _) in entries.items() if local in module.variable_length_keys(adapter_name)}
+        check_state({k: t for k, (_, _, t) in entries.items()}, tensors, source, variable)
         per_module: dict[int, tuple[DeltaModule, dict[str, torch.Tensor]]] = {}
         for key, (module, local, _) in entries.items():
             per_module.setdefault(id(module), (module, {}))[1][local] = tensors[key]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import PeftlabError
+from .hooks import TrainingHooks
 
 if TYPE_CHECKING:
     from .config import PeftConfig
@@ -45,6 +46,8 @@ class MethodSpec:
     # Its delta modules read ``DeltaModule.mixed_batch`` (one adapter name per example), so
     # ``PeftModel.forward(..., adapter_names=[...])`` can serve several adapters in one batch.
     supports_mixed_batch: bool = False
+    # What the method does during training (data pass, loss term, step hooks, parameter groups).
+    hooks: TrainingHooks = TrainingHooks()
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

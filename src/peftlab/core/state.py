@@ -83,11 +83,14 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return {k: handle.get_tensor(k) for k in handle.keys()}
 
 
-def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
-    """Raise naming every key that is missing, unexpected or of the wrong shape."""
+def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str,
+                variable_length: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Raise naming every key that is missing, unexpected or of the wrong shape (keys in
+    ``variable_length``, sparse entries, only need the same number of dimensions)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    misshapen = sorted(k for k in set(expected) & set(found) if tuple(expected[k].shape) != tuple(found[k].shape))
+    misshapen = sorted(k for k in set(expected) & set(found) if (
+        expected[k].dim() != found[k].dim() if k in variable_length else tuple(expected[k].shape) != tuple(found[k].shape)))
     if not (missing or unexpected or misshapen):
         return
     lines = [f"checkpoint {source} does not match the adapter it is loaded into:"]

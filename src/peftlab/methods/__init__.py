@@ -7,3 +7,4 @@ from .additive import ia3  # noqa: F401
 from .partial import bitfit  # noqa: F401
 from .additive import prompt_tuning  # noqa: F401
 from .additive import prefix_tuning  # noqa: F401
+from .partial import child_tuning  # noqa: F401

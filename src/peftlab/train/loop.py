@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..core.model import PeftModel
+
 # ``probe(step, model, optimizer)`` may return a context manager to run one training step inside
 # (forward, backward, optimizer step), e.g. to measure its memory; ``None`` leaves the step alone.
 # Probed steps are left out of the step-time and throughput figures, since a probe costs time.
@@ -85,9 +87,14 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to train. "
                          "Wrap it with peftlab.get_peft_model(model, config) first, or unfreeze it.")
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # A PeftModel runs its methods' training hooks (data pass, step hooks, parameter groups).
+    peft = model if isinstance(model, PeftModel) else None
+    groups = peft.param_groups(args.lr, args.weight_decay) if peft else params
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total = args.max_steps or max(1, math.ceil(len(loader) * args.epochs))
+    if peft:
+        peft.begin_training(loader, total)
     warmup = int(total * args.warmup_ratio)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
@@ -107,7 +114,10 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
                 accelerator.backward(loss)
                 if args.max_grad_norm:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
+                if peft:
+                    peft.optimizer_step(optimizer)
+                else:
+                    optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 if sync_device:  # GPU kernels run asynchronously: wait, so the step time is the step's
