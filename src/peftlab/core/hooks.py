@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
+from .errors import PeftlabError
+
 if TYPE_CHECKING:
     from .model import PeftModel
 
@@ -78,6 +80,8 @@ class TrainingHookError(RuntimeError):
 def run_hook(method: str, hook_name: str, state: TrainingState, hook: Callable[..., Any], *args: Any) -> Any:
     try:
         return hook(*args)
+    except PeftlabError:  # the method's own message about the user's input: already clear
+        raise
     except Exception as err:
         raise TrainingHookError(f"{method}: training hook {hook_name!r} failed at step {state.step}"
                                 f"{f' of {state.total_steps}' if state.total_steps else ''}: "

@@ -262,6 +262,35 @@ class PeftModel(nn.Module):
             self.model_adapters[key].release(self.base_model)
             del self.model_adapters[key]
 
+    # -- arithmetic ----------------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear", **options: Any) -> None:
+        """Add ``adapter_name``: a weighted combination of trained adapters of one method (HF peft's
+        call). ``combination_type`` is one the method's spec lists in ``combination_types``."""
+        adapters, weights = list(adapters), [float(w) for w in weights]
+        for name in adapters:
+            self._check_known(name)
+        if not adapters or len(adapters) != len(weights):
+            raise PeftlabError(f"add_weighted_adapter: {len(adapters)} adapters and {len(weights)} weights; "
+                               "give one weight per adapter, at least one adapter")
+        specs = {spec_for_config(self.peft_configs[n]).name: spec_for_config(self.peft_configs[n]) for n in adapters}
+        if len(specs) > 1:
+            raise PeftlabError(f"add_weighted_adapter combines adapters of one method; got "
+                               f"{ {n: spec_for_config(self.peft_configs[n]).name for n in adapters} }")
+        spec = next(iter(specs.values()))
+        if spec.combine is None or combination_type not in spec.combination_types:
+            offered = list(spec.combination_types) or "none"
+            raise PeftlabError(f"{spec.name} adapters cannot be combined by {combination_type!r}; "
+                               f"{spec.name} offers: {offered}")
+        if adapter_name in self.peft_configs:
+            raise PeftlabError(f"an adapter named {adapter_name!r} already exists; pick another name")
+        try:
+            spec.combine(self, adapters, weights, adapter_name, combination_type, **options)
+        except BaseException:
+            if adapter_name in self.peft_configs:  # leave the model as it was
+                self.delete_adapter(adapter_name)
+            raise
+
     # -- merging -------------------------------------------------------------------------
     def merge_adapter(self, adapter_name: str | None = None) -> None:
         name = adapter_name or self.active_adapter

@@ -48,6 +48,11 @@ class MethodSpec:
     supports_mixed_batch: bool = False
     # What the method does during training (data pass, loss term, step hooks, parameter groups).
     hooks: TrainingHooks = TrainingHooks()
+    # Adapter arithmetic: ``combine(model, adapters, weights, new_name, combination_type, **options)``
+    # adds adapter ``new_name`` to ``model`` (a PeftModel) as a weighted combination of trained
+    # adapters of this method, and returns nothing; it raises PeftlabError naming what does not fit.
+    combine: Callable[..., None] | None = None
+    combination_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
