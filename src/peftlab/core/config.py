@@ -84,7 +84,14 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
     if "method" in data:
         cls = get_method(data["method"]).config_cls
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        for key, value in values.items():
+            if isinstance(value, dict) and "method" in value:  # a hybrid's part
+                try:
+                    values[key] = config_from_dict(value)
+                except PeftlabError as err:
+                    raise PeftlabError(f"{cls.__name__}.{key}: {err}") from None
+        return cls(**values)
     if "peft_type" in data:
         return spec_for_peft_type(data["peft_type"]).config_cls.from_peft(data)
     raise PeftlabError(f"config {sorted(data)} names no method: expected a 'method' key "
@@ -116,6 +123,8 @@ def load_config(path: str | Path) -> PeftConfig:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, PeftConfig):  # a hybrid's part: nested, with its own method name
+        return value.to_dict()
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):

@@ -116,7 +116,8 @@ class PeftModel(nn.Module):
         # Model-level delta modules (soft prompts) that do not sit inside a layer of the model.
         self.model_adapters = nn.ModuleDict()
         self.peft_configs: dict[str, PeftConfig] = {}
-        self.active_adapter: str | None = None
+        self._active: list[str] = []           # applied, in this order, where they share a module
+        self._trainable: list[str] | None = None  # a subset of _active that trains; None: all of them
         self.trainable = True
         self.training_state = TrainingState()
         # Hooks of the trainable adapters, gathered when the trainable set changes (not per forward).
@@ -216,19 +217,34 @@ class PeftModel(nn.Module):
             self._remove_everywhere(adapter_name)  # leave the model as it was
             raise
         self.peft_configs[adapter_name] = config
-        self.set_adapter(self.active_adapter or adapter_name)
+        self.set_adapter(self._active or adapter_name, self._trainable)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter; only its weights train."""
-        self._check_known(adapter_name)
-        self.active_adapter = adapter_name
+    def set_adapter(self, adapter_name: str | list[str], trainable: str | list[str] | None = None) -> None:
+        """Make ``adapter_name`` the active adapter, or several at once (a list): all of them apply —
+        one after the other where two sit in the same module (a stack), in the order given.
+        ``trainable`` names the active adapters that train (default: all); the others stay frozen."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names or len(set(names)) != len(names):
+            raise PeftlabError(f"set_adapter({adapter_name!r}): expected an adapter name or a list of distinct names")
+        for name in names:
+            self._check_known(name)
+        chosen = None if trainable is None else ([trainable] if isinstance(trainable, str) else list(trainable))
+        if chosen is not None and not set(chosen) <= set(names):
+            raise PeftlabError(f"trainable={chosen!r} names adapters that are not active ({names}); "
+                               "an adapter trains only while it is active")
+        self._active, self._trainable = names, chosen
         for _, module in self._delta_modules():
-            module.set_active([adapter_name])
+            module.set_active(names)
         self._set_trainable()
 
     @property
+    def active_adapter(self) -> str | None:
+        """The active adapter (the first one when several are active)."""
+        return self._active[0] if self._active else None
+
+    @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter] if self.active_adapter else []
+        return list(self._active)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -249,10 +265,11 @@ class PeftModel(nn.Module):
         self._check_known(adapter_name)
         self._remove_everywhere(adapter_name)
         del self.peft_configs[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.peft_configs), None)
-            if self.active_adapter:
-                self.set_adapter(self.active_adapter)
+        active = [n for n in self._active if n != adapter_name] or list(self.peft_configs)[:1]
+        trainable = None if self._trainable is None else [n for n in self._trainable if n != adapter_name]
+        self._active, self._trainable = [], None
+        if active:
+            self.set_adapter(active, trainable if trainable is None or set(trainable) <= set(active) else None)
 
     def _remove_everywhere(self, adapter_name: str) -> None:
         for _, module in list(self._delta_modules()):
@@ -293,24 +310,28 @@ class PeftModel(nn.Module):
 
     # -- merging -------------------------------------------------------------------------
     def merge_adapter(self, adapter_name: str | None = None) -> None:
-        name = adapter_name or self.active_adapter
-        self._check_known(name)
-        spec = spec_for_config(self.peft_configs[name])
-        if not spec.mergeable:
-            raise PeftlabError(f"method {spec.name!r} cannot be merged into the base weights "
-                               "(it adds computation the base model does not have); keep it unmerged")
-        for _, module in self._delta_modules():
-            if name in module.adapter_names() and name not in module.merged_adapters:
-                module.merge(name)
+        """Fold ``adapter_name`` (default: every active adapter) into the base weights."""
+        names = [adapter_name] if adapter_name is not None else self.active_adapters
+        for name in names:
+            self._check_known(name)
+            spec = spec_for_config(self.peft_configs[name])
+            if not spec.mergeable:
+                raise PeftlabError(f"method {spec.name!r} (adapter {name!r}) cannot be merged into the base weights "
+                                   "(it adds computation the base model does not have); keep it unmerged")
+        for name in names:
+            for _, module in self._delta_modules():
+                if name in module.adapter_names() and name not in module.merged_adapters:
+                    module.merge(name)
 
     def unmerge_adapter(self, adapter_name: str | None = None) -> None:
-        name = adapter_name or self.active_adapter
+        """Take ``adapter_name`` (default: every merged adapter) back out of the base weights."""
         for _, module in self._delta_modules():
-            if name in module.merged_adapters:
-                module.unmerge(name)
+            for name in reversed(list(module.merged_adapters)):
+                if adapter_name is None or name == adapter_name:
+                    module.unmerge(name)
 
     def merge_and_unload(self) -> nn.Module:
-        """Fold the active adapter into the base weights and return the plain base model."""
+        """Fold the active adapter(s) into the base weights and return the plain base model."""
         self.merge_adapter()
         unwrap_all(self.base_model)
         for key in list(self.model_adapters):
@@ -328,7 +349,9 @@ class PeftModel(nn.Module):
     # -- training hooks (see core/hooks.py) -----------------------------------------------
     def trainable_adapters(self) -> list[str]:
         """The adapters whose tensors train now."""
-        return [self.active_adapter] if self.trainable and self.active_adapter else []
+        if not self.trainable:
+            return []
+        return list(self._active) if self._trainable is None else list(self._trainable)
 
     def _hooks(self, field: str) -> list[tuple[str, str, Any]]:
         """(method, adapter, hook) for each trainable adapter whose method declares ``field``."""
@@ -426,8 +449,8 @@ class PeftModel(nn.Module):
         for name in self.peft_configs:
             for param in self.adapter_parameters(name):
                 param.requires_grad_(False)
-        if self.trainable and self.active_adapter:
-            for param in self.adapter_parameters(self.active_adapter):
+        for name in self.trainable_adapters():
+            for param in self.adapter_parameters(name):
                 param.requires_grad_(True)
         self.check_parameter_partition()
         self._loss_hooks = self._hooks("loss")
@@ -435,9 +458,8 @@ class PeftModel(nn.Module):
                                 for n in self.trainable_adapters())
 
     def check_parameter_partition(self) -> None:
-        """Every parameter is either trainable state of the active adapter or frozen; nothing else."""
-        wanted = {id(p) for p in self.adapter_parameters(self.active_adapter)} if (
-            self.trainable and self.active_adapter) else set()
+        """Every parameter is either trainable state of a trainable adapter or frozen; nothing else."""
+        wanted = {id(p) for n in self.trainable_adapters() for p in self.adapter_parameters(n)}
         wrong = [n for n, p in self.named_parameters() if p.requires_grad != (id(p) in wanted)]
         if wrong:
             raise PeftlabError(f"parameters outside the active adapter are trainable, or adapter parameters "
