@@ -8,3 +8,4 @@ from .partial import bitfit  # noqa: F401
 from .additive import prompt_tuning  # noqa: F401
 from .additive import prefix_tuning  # noqa: F401
 from .partial import child_tuning  # noqa: F401
+from .hybrid import mam_adapter  # noqa: F401
