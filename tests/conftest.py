@@ -63,6 +63,50 @@ def model_inputs(kind: str, batch: int = 2, length: int = 8) -> dict[str, torch.
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def apply_method(spec, model, adapter: str = "default"):
+    """``get_peft_model`` with the method's default config, as (peft model, config). A method that
+    builds on other adapters (``spec.example``) gets them first, perturbed so they are not the
+    identity, and is then the only active adapter."""
+    from peftlab import get_peft_model
+
+    if spec.example is None:
+        config = spec.config_cls()
+        return get_peft_model(model, config, adapter), config
+    prerequisites, config = spec.example()
+    pm = None
+    for i, (name, part) in enumerate(prerequisites.items()):
+        pm = get_peft_model(model, part, name) if pm is None else (pm.add_adapter(name, part) or pm)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in pm.adapter_parameters(name):
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    pm.add_adapter(adapter, config)
+    pm.set_adapter(adapter)
+    return pm, config
+
+
+def load_method(spec, model, path, adapter: str = "default"):
+    """Load what ``save_method`` wrote: the prerequisite adapters first, then the method's adapter."""
+    from peftlab import PeftModel
+
+    if spec.example is None:
+        return PeftModel.from_pretrained(model, path, adapter_name=adapter)
+    names = list(spec.example()[0])
+    pm = PeftModel.from_pretrained(model, path / "prerequisites" / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        pm.load_adapter(path / "prerequisites" / name, name)
+    pm.load_adapter(path, adapter)
+    pm.set_adapter(adapter)
+    return pm
+
+
+def save_method(spec, pm, path, adapter: str = "default") -> None:
+    """Save the method's adapter at ``path`` and any prerequisites under ``path/prerequisites``."""
+    pm.save_pretrained(path, adapter_names=[adapter])
+    if spec.example is not None:
+        pm.save_pretrained(path / "prerequisites", adapter_names=list(spec.example()[0]))
+
+
 def training_batch(kind: str) -> dict[str, torch.Tensor]:
     """``model_inputs`` with labels: class ids for BERT, the tokens themselves for language models."""
     batch = model_inputs(kind)

@@ -12,7 +12,7 @@ import torch
 from peftlab import PeftlabError, get_peft_model
 from peftlab.core.registry import all_methods
 
-from ..conftest import TINY_MODELS, begin_training, main_output, model_inputs
+from ..conftest import TINY_MODELS, apply_method, begin_training, main_output, model_inputs
 
 CASES = [(spec, kind) for spec in all_methods() for kind in ("bert", "llama")]
 
@@ -21,7 +21,7 @@ CASES = [(spec, kind) for spec in all_methods() for kind in ("bert", "llama")]
 def test_traces_without_graph_breaks(spec, kind):
     torch._dynamo.reset()
     try:
-        model = get_peft_model(TINY_MODELS[kind](), spec.config_cls())
+        model, _ = apply_method(spec, TINY_MODELS[kind]())
     except PeftlabError as err:
         pytest.skip(f"{spec.name} does not apply to {kind}: {err}")
     inputs = model_inputs(kind)

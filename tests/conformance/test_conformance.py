@@ -13,7 +13,7 @@ from peftlab import PeftModel, PeftlabError, config_from_dict, get_peft_model
 from peftlab.core.layer import DeltaModule
 from peftlab.core.registry import all_methods
 
-from ..conftest import TINY_MODELS, begin_training, main_output, model_inputs
+from ..conftest import TINY_MODELS, apply_method, begin_training, load_method, main_output, model_inputs, save_method
 
 SPECS = all_methods()
 CASES = [(spec, kind) for spec in SPECS for kind in TINY_MODELS]
@@ -32,9 +32,8 @@ def _perturb(peft_model, name, seed):
 
 
 def _build(spec, kind, adapter="default"):
-    config = spec.config_cls()
     try:
-        return get_peft_model(TINY_MODELS[kind](), config, adapter), config
+        return apply_method(spec, TINY_MODELS[kind](), adapter)
     except PeftlabError as err:
         if kind == "llama":
             pytest.skip(f"{spec.name} does not apply to Llama: {err}")
@@ -97,9 +96,9 @@ class TestConformance:
             assert sum(t.numel() for k, t in state.items() if k.endswith(".values") and t.dtype != torch.bool) == changed
         else:
             assert sum(t.numel() for t in state.values()) < base_numel / 2
-        pm.save_pretrained(tmp_path)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-        loaded = PeftModel.from_pretrained(TINY_MODELS[kind](), tmp_path)
+        save_method(spec, pm, tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["adapter_config.json", "adapter_model.safetensors"]
+        loaded = load_method(spec, TINY_MODELS[kind](), tmp_path)
         assert _close(_run(loaded, kind), expected, 1e-5)
         assert not any(p.requires_grad for p in loaded.parameters())
 
@@ -144,9 +143,12 @@ class TestConformance:
         assert _differs(second, first)
         assert {id(p) for p in pm.parameters() if p.requires_grad} == {id(p) for p in pm.adapter_parameters("second")}
         pm.delete_adapter("second")
-        assert pm.active_adapter == "default"
+        assert pm.active_adapter == next(iter(pm.peft_configs))  # as peft: the first adapter left
+        pm.set_adapter("default")
         assert _close(_run(pm, kind), first, 1e-6)
         pm.delete_adapter("default")
+        for name in list(pm.peft_configs):  # the adapters a method builds on, if any
+            pm.delete_adapter(name)
         assert not any(isinstance(m, DeltaModule) for m in pm.base_model.modules())
         assert sum(p.numel() for p in pm.parameters()) == n_base
         assert _close(_run(pm, kind), base, 1e-6)

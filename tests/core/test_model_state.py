@@ -119,3 +119,34 @@ def test_saved_files_follow_the_umask(tmp_path):
         os.umask(old)
     for file in [*(tmp_path / "adapter").iterdir(), tmp_path / "report.json"]:
         assert file.stat().st_mode & 0o777 == 0o644, file
+
+
+@pytest.mark.parametrize("first,second", [
+    (LoraConfig(r=2, targets=("value",)), "ia3"),
+    ("bitfit", LoraConfig(r=2, targets=("query", "value"))),
+], ids=["lora-under-ia3", "bitfit-under-lora"])
+def test_an_adapter_wrapped_by_another_method_saves_under_the_models_own_names(first, second, tmp_path):
+    from peftlab import BitFitConfig, IA3Config
+
+    make = {"ia3": lambda: IA3Config(targets=("value",), feedforward=()), "bitfit": BitFitConfig}
+    first = make[first]() if isinstance(first, str) else first
+    second = make[second]() if isinstance(second, str) else second
+    pm = get_peft_model(tiny_bert(), first, "inner")
+    pm.add_adapter("outer", second)  # wraps the inner adapter's wrappers
+    pm.set_adapter(["inner", "outer"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pm.adapter_parameters("inner") + pm.adapter_parameters("outer"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    assert not any("base_layer" in k for n in ("inner", "outer") for k in pm.adapter_state_dict(n))
+    pm.save_pretrained(tmp_path)
+    for name in ("inner", "outer"):
+        written = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        assert not any("base_layer" in t for t in written.get("target_modules") or [])
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "inner", adapter_name="inner")
+    loaded.load_adapter(tmp_path / "outer", "outer")
+    loaded.set_adapter(["inner", "outer"])
+    inputs = model_inputs("bert")
+    pm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(loaded(**inputs)), main_output(pm(**inputs)))

@@ -138,6 +138,8 @@ def test_every_method_trains_and_generates(spec, e2e_dir):
     run = GenerationRun(model=need(STORIES), data_dir=str(e2e_dir), train_split="dev",
                         eval_split="test", eval_limit=2, max_new_tokens=6, batch_size=4)
     model, tok = load_causal_lm(run)
+    if spec.example is not None:
+        pytest.skip(f"{spec.name} builds on other trained adapters; a job trains one adapter from scratch")
     try:  # a method that cannot apply to Llama says so at attach time (e.g. no biases for BitFit)
         model = get_peft_model(model, spec.config_cls())
     except PeftlabError as err:

@@ -110,6 +110,8 @@ def test_every_method_trains_and_decodes(spec, corpus):
     run = tiny_run(corpus, eval_limit=3, max_new_tokens=6)
     torch.manual_seed(0)
     model, tokenizer = load_seq2seq(run, translation_splits(run)[0])
+    if spec.example is not None:
+        pytest.skip(f"{spec.name} builds on other trained adapters; a job trains one adapter from scratch")
     try:  # a method that cannot apply to T5 says so at attach time (e.g. no biases for BitFit)
         model = get_peft_model(model, spec.config_cls())
     except PeftlabError as err:

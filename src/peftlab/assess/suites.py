@@ -123,6 +123,10 @@ class Suite:
                 notes.append(f"method {name!r} is in the {self.name} suite's list but not registered "
                              f"in this peftlab; skipped ({err})")
                 continue
+            if spec.example is not None:  # it combines adapters trained before; one run trains one from scratch
+                notes.append(f"method {spec.name!r} builds on other trained adapters; a study run trains one "
+                             "adapter from scratch, so it is skipped here")
+                continue
             if spec.name not in chosen:
                 chosen.append(spec.name)
         return chosen + [FULL], notes

@@ -66,6 +66,11 @@ class PeftConfig:
         over ``peft_fields`` when adapter ``adapter_name`` of ``model`` is saved; most methods need none."""
         return {}
 
+    def required_adapters(self) -> tuple[str, ...]:
+        """Other adapters of the same model this one builds on (AdapterFusion's fused adapters):
+        they must exist when it is added or loaded, and cannot be deleted while it exists."""
+        return ()
+
     @classmethod
     def from_peft(cls, data: dict[str, Any]) -> "PeftConfig":
         raise PeftlabError(f"{cls.__name__} cannot read a peft config")

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import inspect
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator
@@ -24,7 +25,7 @@ from .inject import delta_modules, remove_empty_wrappers, unwrap_all, wrap
 from .layer import DeltaModule, TrainableCopy
 from .registry import spec_for_config
 from .state import CONFIG_NAME, WEIGHTS_NAME, check_state, read_tensors, save_adapter
-from .targets import resolve_modules_to_save
+from .targets import logical_name, resolve_modules_to_save
 
 _BASE = "base_model."
 
@@ -208,6 +209,10 @@ class PeftModel(nn.Module):
                                f"{sorted(self.peft_configs)}); pick another name or delete_adapter() first")
         if not isinstance(config, PeftConfig):
             raise PeftlabError(f"config must be a peftlab config such as LoraConfig(...), got {type(config).__name__}")
+        missing = [n for n in config.required_adapters() if n not in self.peft_configs]
+        if missing:
+            raise PeftlabError(f"adapter {adapter_name!r} builds on adapters {missing}, which this model does not "
+                               f"have (it has {sorted(self.peft_configs)}); add or load them first, under those names")
         spec = spec_for_config(config)
         try:
             spec.attach(self.base_model, adapter_name, config, self)
@@ -263,6 +268,9 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
+        users = [n for n, c in self.peft_configs.items() if adapter_name in c.required_adapters()]
+        if users:
+            raise PeftlabError(f"adapter {adapter_name!r} is used by {users}; delete those first")
         self._remove_everywhere(adapter_name)
         del self.peft_configs[adapter_name]
         active = [n for n in self._active if n != adapter_name] or list(self.peft_configs)[:1]
@@ -417,11 +425,17 @@ class PeftModel(nn.Module):
                 f"{method} acts during training (data pass or step hooks), but training has not begun: call "
                 "model.begin_training(loader, total_steps) and model.optimizer_step(optimizer) in a plain loop, "
                 "add peftlab.train.hf.PeftlabCallback() to an HF Trainer, or use peftlab's train loop")
-        extra = self.extra_loss() if self._loss_hooks else None
+        if not self._loss_hooks:
+            return out
+        if getattr(out, "loss", None) is None:
+            # The caller computes its own loss (no labels given): it must add the term itself.
+            if not self.__dict__.get("_warned_loss") and not torch.compiler.is_compiling():
+                self.__dict__["_warned_loss"] = True
+                warnings.warn("the active adapter adds a loss term, but the model output has no loss (no labels "
+                              "given): add model.extra_loss() to the loss you compute", stacklevel=3)
+            return out
+        extra = self.extra_loss()
         if extra is not None:
-            if getattr(out, "loss", None) is None:
-                raise PeftlabError("the adapter adds a loss term, but the model output has no loss (no labels "
-                                   "given?): pass labels, or add model.extra_loss() to your own loss")
             out["loss"] = out.loss + extra
         return out
 
@@ -490,15 +504,20 @@ class PeftModel(nn.Module):
         for path, module in self._delta_modules():
             for local, tensor in module.adapter_state(adapter_name).items():
                 if path.startswith(_BASE):
-                    key = f"{prefix}{path[len(_BASE):]}.{local}"
+                    # The model's own module name, whatever wraps it (another adapter's wrapper
+                    # makes the path '...value.base_layer'), so the key loads into any stacking.
+                    key = f"{prefix}{logical_name(path[len(_BASE):])}.{local}"
                 else:  # model-level modules name their tensors at the top level, as peft does
                     key = local
+                if key in entries:
+                    raise PeftlabError(f"adapter {adapter_name!r}: two of its modules write checkpoint key {key!r}")
                 entries[key] = (module, local, tensor)
         return entries
 
     def _adapter_paths(self, adapter_name: str) -> list[str]:
-        return [path[len(_BASE):] for path, m in self._delta_modules()
-                if path.startswith(_BASE) and not isinstance(m, TrainableCopy) and adapter_name in m.adapter_names()]
+        paths = [logical_name(path[len(_BASE):]) for path, m in self._delta_modules()
+                 if path.startswith(_BASE) and not isinstance(m, TrainableCopy) and adapter_name in m.adapter_names()]
+        return list(dict.fromkeys(paths))
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Only the adapter's tensors, under the keys written to ``adapter_model.safetensors``."""

@@ -53,6 +53,10 @@ class MethodSpec:
     # adapters of this method, and returns nothing; it raises PeftlabError naming what does not fit.
     combine: Callable[..., None] | None = None
     combination_types: tuple[str, ...] = ()
+    # For a method that builds on other adapters (``config.required_adapters()``, e.g. AdapterFusion):
+    # ``example()`` returns ({name: config} of the adapters to add first, the method's config over
+    # them) — what the conformance suite builds, since the default config alone cannot apply.
+    example: Callable[[], tuple[dict[str, Any], Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
