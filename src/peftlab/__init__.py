@@ -1,21 +1,37 @@
 """peftlab: the parameter-efficient fine-tuning taxonomy, applied to any PyTorch model, measured side by side."""
+from .core.auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
+                        AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
+                        AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from .core.config import PeftConfig, config_from_dict, load_config
 from .core.errors import CheckpointError, PeftlabError
-from .core.model import ParameterReport, PeftModel, get_peft_model
+from .core.hooks import TrainingHookError, TrainingHooks
+from .core.model import (ParameterReport, PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
+                         PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
+                         PeftModelForTokenClassification, TaskType, get_peft_model, get_peft_model_state_dict,
+                         inject_adapter_in_model, set_peft_model_state_dict)
 from .core.registry import MethodSpec, get_method, list_methods, register
 from .methods.reparameterized.lora import LoraConfig
 from .methods.additive.parallel_adapter import ParallelAdapterConfig
 from .methods.additive.residual_adapter import ResidualAdapterConfig
 from .methods.additive.sequential_adapter import SequentialAdapterConfig
 from .methods.additive.ia3 import IA3Config
+from .methods.additive.adapter_fusion import AdapterFusionConfig
 from .methods.partial.bitfit import BitFitConfig
+from .methods.partial.child_tuning import ChildTuningConfig
 from .methods.additive.prompt_tuning import PromptTuningConfig
 from .methods.additive.prefix_tuning import PrefixTuningConfig
+from .methods.hybrid.mam_adapter import MAMAdapterConfig
 
 __all__ = [
-    "BitFitConfig", "IA3Config",
-    "CheckpointError", "LoraConfig", "MethodSpec", "ParameterReport", "PeftConfig", "PeftModel",
-    "PeftlabError", "ParallelAdapterConfig", "ResidualAdapterConfig",
-    "PrefixTuningConfig", "PromptTuningConfig", "SequentialAdapterConfig", "config_from_dict", "get_method", "get_peft_model", "list_methods", "load_config", "register",
+    "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "IA3Config",
+    "LoraConfig", "MAMAdapterConfig", "MethodSpec", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
+    "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+    "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "ResidualAdapterConfig",
+    "SequentialAdapterConfig", "TaskType", "TrainingHookError", "TrainingHooks", "config_from_dict", "get_method",
+    "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "load_config",
+    "register", "set_peft_model_state_dict",
 ]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ that ``peft`` reads the same file, and read ``peft``'s files through ``from_peft
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +30,12 @@ class PeftConfig:
 
     targets: tuple[str, ...] | str | None = None
     modules_to_save: tuple[str, ...] = ()
+    # HF peft's task_type (SEQ_CLS, CAUSAL_LM, ...); None: read from the model's head when saving.
+    task_type: str | None = None
+    # As HF peft: True adds the adapter frozen (for inference only).
+    inference_mode: bool = False
+    # The base model the adapter was saved from (written by save_pretrained, as peft does).
+    base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from users and JSON, store tuples so configs stay hashable and frozen.
@@ -81,6 +88,43 @@ class PeftConfig:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "PeftConfig":
+        """The config of a saved adapter (its folder, or its ``adapter_config.json``), as HF peft's
+        ``PeftConfig.from_pretrained``; on a method's class, it must be that method's config."""
+        file = Path(path) / "adapter_config.json" if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise PeftlabError(f"no adapter config at {file}; expected a folder written by save_pretrained")
+        config = load_config(file)
+        if cls is not PeftConfig and not isinstance(config, cls):
+            raise PeftlabError(f"{file} holds a {type(config).__name__}, not a {cls.__name__}")
+        return config
+
+
+def peft_names(**aliases: str) -> Any:
+    """Class decorator, above ``@dataclass``: the config also takes HF peft's names for its fields
+    (``@peft_names(lora_alpha="alpha")``), so a peft script's ``LoraConfig(lora_alpha=16, ...)``
+    runs unchanged. peftlab's names stay primary; giving both names of one field is refused."""
+
+    def decorate(cls: type) -> type:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            for theirs, ours in aliases.items():
+                if theirs in kwargs:
+                    if ours in kwargs:
+                        raise PeftlabError(f"{cls.__name__} got {theirs}= (HF peft's name) and {ours}= for the same "
+                                           "field; give one of them")
+                    kwargs[ours] = kwargs.pop(theirs)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        cls.peft_aliases = dict(aliases)  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
+
 
 def config_from_dict(data: dict[str, Any]) -> PeftConfig:
     """Rebuild a config from its JSON form (peftlab's, or a peft ``adapter_config.json``)."""
@@ -98,7 +142,9 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
                     raise PeftlabError(f"{cls.__name__}.{key}: {err}") from None
         return cls(**values)
     if "peft_type" in data:
-        return spec_for_peft_type(data["peft_type"]).config_cls.from_peft(data)
+        config = spec_for_peft_type(data["peft_type"]).config_cls.from_peft(data)
+        # peft's own fields every config has (inference_mode stays False: peft writes True on every save).
+        return config.replace(task_type=data.get("task_type"), base_model_name_or_path=data.get("base_model_name_or_path"))
     raise PeftlabError(f"config {sorted(data)} names no method: expected a 'method' key "
                        "(peftlab) or a 'peft_type' key (HF peft)")
 

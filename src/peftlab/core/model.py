@@ -7,6 +7,7 @@ merge, save and load. Everything method-specific sits in the methods' delta modu
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import inspect
 import json
@@ -119,7 +120,7 @@ class PeftModel(nn.Module):
         self.peft_configs: dict[str, PeftConfig] = {}
         self._active: list[str] = []           # applied, in this order, where they share a module
         self._trainable: list[str] | None = None  # a subset of _active that trains; None: all of them
-        self.trainable = True
+        self.inference_adapters: set[str] = set()  # loaded with is_trainable=False: never train
         self.training_state = TrainingState()
         # Hooks of the trainable adapters, gathered when the trainable set changes (not per forward).
         self._loss_hooks: list[tuple[str, str, Any]] = []
@@ -222,6 +223,8 @@ class PeftModel(nn.Module):
             self._remove_everywhere(adapter_name)  # leave the model as it was
             raise
         self.peft_configs[adapter_name] = config
+        if config.inference_mode:
+            self.inference_adapters.add(adapter_name)
         self.set_adapter(self._active or adapter_name, self._trainable)
 
     def set_adapter(self, adapter_name: str | list[str], trainable: str | list[str] | None = None) -> None:
@@ -273,6 +276,7 @@ class PeftModel(nn.Module):
             raise PeftlabError(f"adapter {adapter_name!r} is used by {users}; delete those first")
         self._remove_everywhere(adapter_name)
         del self.peft_configs[adapter_name]
+        self.inference_adapters.discard(adapter_name)
         active = [n for n in self._active if n != adapter_name] or list(self.peft_configs)[:1]
         trainable = None if self._trainable is None else [n for n in self._trainable if n != adapter_name]
         self._active, self._trainable = [], None
@@ -354,12 +358,60 @@ class PeftModel(nn.Module):
             self.delete_adapter(name)
         return self.base_model
 
+    # -- HF peft's names for the same things ------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        """Adapter name -> config (HF peft's name for ``peft_configs``)."""
+        return self.peft_configs
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as HF peft returns them."""
+        report = self.trainable_parameters_report()
+        return report.trainable, report.total
+
+    def disable_adapter_layers(self) -> None:
+        """Compute as the base model until :meth:`enable_adapter_layers` (``disable_adapter()`` is the
+        block form)."""
+        if any(m.merged_adapters for _, m in self._delta_modules()):
+            raise PeftlabError("an adapter is merged into the base weights; unmerge_adapter() before disabling")
+        for _, module in self._delta_modules():
+            module.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        for _, module in self._delta_modules():
+            module.disabled = False
+
+    def get_layer_status(self) -> list[dict[str, Any]]:
+        """One row per module that holds adapters: its name, type, which adapters it holds, which are
+        active and merged, and whether it is enabled (HF peft's ``get_layer_status``, as dicts)."""
+        return [{"name": logical_name(path[len(_BASE):]) if path.startswith(_BASE) else path,
+                 "module_type": type(module).__name__, "enabled": not module.disabled,
+                 "active_adapters": list(module.active_adapters), "merged_adapters": list(module.merged_adapters),
+                 "available_adapters": module.adapter_names(),
+                 "requires_grad": {n: any(p.requires_grad for p in module.adapter_parameters(n))
+                                   for n in module.adapter_names()}}
+                for path, module in self._delta_modules()]
+
+    def get_model_status(self) -> dict[str, Any]:
+        """The whole model's adapter state in one dict (HF peft's ``get_model_status``)."""
+        layers = self.get_layer_status()
+        trainable, total = self.get_nb_trainable_parameters()
+        return {"base_model_type": type(self.base_model).__name__, "adapter_model_type": type(self).__name__,
+                "peft_types": {n: type(c).method for n, c in self.peft_configs.items()},
+                "trainable_params": trainable, "total_params": total, "num_adapter_layers": len(layers),
+                "enabled": all(row["enabled"] for row in layers) if layers else True,
+                "active_adapters": self.active_adapters, "trainable_adapters": self.trainable_adapters(),
+                "merged_adapters": sorted({n for row in layers for n in row["merged_adapters"]}),
+                "available_adapters": sorted(self.peft_configs)}
+
     # -- training hooks (see core/hooks.py) -----------------------------------------------
     def trainable_adapters(self) -> list[str]:
         """The adapters whose tensors train now."""
-        if not self.trainable:
-            return []
-        return list(self._active) if self._trainable is None else list(self._trainable)
+        chosen = self._active if self._trainable is None else self._trainable
+        return [n for n in chosen if n not in self.inference_adapters]
 
     def _hooks(self, field: str) -> list[tuple[str, str, Any]]:
         """(method, adapter, hook) for each trainable adapter whose method declares ``field``."""
@@ -548,7 +600,7 @@ class PeftModel(nn.Module):
             # so either library loads the folder without unknown-key warnings.
             config = self.peft_configs[name].peft_fields() or self.peft_configs[name].to_dict()
             config["base_model_name_or_path"] = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
-            config["task_type"] = config.get("task_type") or _task_type(self.base_model)
+            config["task_type"] = self.peft_configs[name].task_type or config.get("task_type") or _task_type(self.base_model)
             if "target_modules" in config:  # peft cannot read '@' sites: write the resolved names
                 config["target_modules"] = self._adapter_paths(name)
             config.update(self.peft_configs[name].peft_fields_for(self.base_model, name))
@@ -557,23 +609,45 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False) -> "PeftModel":
-        """Load an adapter saved by peftlab or HF peft onto ``model``; strict about every key."""
+        """Load an adapter saved by peftlab or HF peft onto ``model``; strict about every key.
+
+        ``is_trainable=False`` (peft's default) loads it for inference: it never trains, while
+        adapters added later train as usual. A failed load leaves ``model`` exactly as it was given.
+        """
+        if not isinstance(model, nn.Module):
+            raise PeftlabError(f"PeftModel.from_pretrained(model, path): model must be the base nn.Module (e.g. "
+                               f"AutoModelForSequenceClassification.from_pretrained(...)), got {type(model).__name__} "
+                               f"{model!r:.80}; the adapter folder is the second argument")
         config = _read_config(path)
-        peft_model = cls(model, config, adapter_name)
-        peft_model.trainable = is_trainable
-        peft_model.load_adapter_state_dict(adapter_name, read_tensors(Path(path) / WEIGHTS_NAME), str(path))
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        peft_model = None
+        try:
+            peft_model = cls(model, config, adapter_name)
+            peft_model._load_into(adapter_name, path, is_trainable)
+        except BaseException:
+            if peft_model is not None:
+                peft_model.unload()
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
 
-    def load_adapter(self, path: str | Path, adapter_name: str) -> None:
-        """Add a saved adapter under ``adapter_name`` (inactive until set_adapter)."""
+    def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add a saved adapter under ``adapter_name`` (inactive until set_adapter); with
+        ``is_trainable=False`` (peft's default) it never trains."""
         self.add_adapter(adapter_name, _read_config(path))
         try:
-            self.load_adapter_state_dict(adapter_name, read_tensors(Path(path) / WEIGHTS_NAME), str(path))
+            self._load_into(adapter_name, path, is_trainable)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+
+    def _load_into(self, adapter_name: str, path: str | Path, is_trainable: bool) -> None:
+        if not is_trainable:
+            self.inference_adapters.add(adapter_name)
+        self.load_adapter_state_dict(adapter_name, read_tensors(Path(path) / WEIGHTS_NAME), str(path))
 
 
 def _read_config(path: str | Path) -> PeftConfig:
@@ -621,3 +695,51 @@ class PeftModelForFeatureExtraction(PeftModel):
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap ``model`` with a new adapter built from ``config``; only the adapter trains."""
     return PeftModel(model, config, adapter_name)
+
+
+class TaskType(str, enum.Enum):
+    """HF peft's task types; ``config.task_type`` takes either these or their strings."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, torch.Tensor] | None = None,
+                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under its checkpoint keys (HF peft's function; ``state_dict`` unused)."""
+    return model.adapter_state_dict(adapter_name)
+
+
+def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default") -> None:
+    """Load checkpoint tensors into adapter ``adapter_name``, strictly (peft's returns unmatched keys;
+    peftlab refuses any mismatch, naming each key)."""
+    model.load_adapter_state_dict(adapter_name, peft_model_state_dict)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+    """Put the adapter's layers into ``model`` itself, without a PeftModel around it (HF peft's
+    low-level call): the adapter is active, its tensors train and every other parameter is frozen.
+    Methods that keep model-level state (soft prompts) need a PeftModel: use get_peft_model."""
+    spec = spec_for_config(peft_config)
+    try:
+        spec.attach(model, adapter_name, peft_config, None)
+    except Exception as err:
+        for _, module in list(delta_modules(model)):  # leave the model as it was
+            module.delete_adapter(adapter_name)
+        remove_empty_wrappers(model)
+        if isinstance(err, PeftlabError):
+            raise
+        raise PeftlabError(f"{spec.name} cannot be injected without a PeftModel ({type(err).__name__}: {err}); "
+                           "use get_peft_model") from err
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, module in delta_modules(model):
+        module.set_active([adapter_name])
+        for param in module.adapter_parameters(adapter_name):
+            param.requires_grad_(True)
+    return model

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ...core.config import PeftConfig
+from ...core.config import PeftConfig, peft_names
 from ...core.errors import PeftlabError
 from ...core.inject import wrap
 from ...core.layer import DeltaModule, base_of
@@ -45,6 +45,7 @@ _DEFAULT_TARGETS = ("@key", "@value", "@ffn_out")
 _QKV_ROLES = ("query", "key", "value")
 
 
+@peft_names(target_modules="targets", feedforward_modules="feedforward")
 @dataclasses.dataclass(frozen=True)
 class IA3Config(PeftConfig):
     """targets: modules whose activations are rescaled (default keys, values and the FFN output

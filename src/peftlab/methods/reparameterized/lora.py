@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.config import PeftConfig
+from ...core.config import PeftConfig, peft_names
 from ...core.errors import PeftlabError
 from ...core.inject import wrap
 from ...core.layer import DeltaModule, base_of
@@ -38,6 +38,7 @@ from ...core.registry import MethodSpec, register
 from ...core.targets import LINEAR_TYPES, resolve_targets
 
 
+@peft_names(lora_alpha="alpha", target_modules="targets", lora_dropout="dropout", use_rslora="rslora")
 @dataclasses.dataclass(frozen=True)
 class LoraConfig(PeftConfig):
     """r: rank of the update; alpha: scale numerator; dropout: on the low-rank input;
