@@ -7,7 +7,7 @@ from torch import nn
 from peftlab import LoraConfig, get_peft_model
 from peftlab.methods.reparameterized.lora import LoraLayer
 
-from ...conftest import model_inputs, tiny_gpt2, tiny_llama
+from ...conftest import model_inputs, tiny_bert, tiny_gpt2, tiny_llama
 
 
 class Tiny(nn.Module):
@@ -91,3 +91,17 @@ def test_training_reduces_loss_on_llama():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+def test_default_placement_is_query_and_value_with_b_zero_and_kaiming_uniform_a():
+    from peftlab.methods.reparameterized.lora import LoraLayer
+
+    pm = get_peft_model(tiny_bert(), LoraConfig())
+    wrapped = sorted(n.rsplit(".", 1)[-1] for n, m in pm.base_model.named_modules() if isinstance(m, LoraLayer))
+    assert wrapped == ["query", "query", "value", "value"]
+    layer = next(m for m in pm.base_model.modules() if isinstance(m, LoraLayer))
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert not b.any() and a.shape == (8, 32)
+    bound = 1 / 32 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 32, loralib's init
+    assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound
+    assert pm.peft_configs["default"].scaling == 2.0

@@ -4,8 +4,18 @@ The frozen weight ``W0`` (out x in) gets a trainable low-rank update::
 
     h = W0 x + (alpha / r) * B A x          A: r x in (random), B: out x r (zero) -> identity at init
 
+Placement and initialisation follow the paper: the attention query and value projections
+(``@query``, ``@value``), ``B = 0``, and ``A`` drawn as the reference code (loralib) draws it,
+Kaiming-uniform (``bound = 1/sqrt(in)``) — the paper's text says Gaussian. Deviation: ``alpha``
+defaults to 16 with ``r = 8`` (scale 2); the paper sets alpha to the first r it tries (scale 1) and
+peft defaults to 8. The study's learning rates were measured at 16; pass ``alpha=r`` for the
+paper's scale. GPT-2 fuses query, key and value in one ``c_attn``: LoRA adapts that whole matrix
+there (the paper adapts query and value only).
+
 rsLoRA (Kalajdzievski, 2023) scales by ``alpha / sqrt(r)`` instead, which keeps the update's
-magnitude stable as ``r`` grows. Dropout, when set, is applied to ``x`` on the low-rank path only.
+magnitude stable as ``r`` grows. DoRA (``use_dora=True``) is a variant (:class:`DoRA`): a
+:class:`LoraVariant` changes how one adapter's update is formed and merged, and the fast paths
+below serve only plain adapters, falling back to the variant's own forward. Dropout, when set, is applied to ``x`` on the low-rank path only.
 Supports ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored in x out) and ``nn.Embedding``
 (``A``: r x vocab, looked up by token id). Merging adds ``(alpha/r) B A`` into ``W0``.
 
@@ -49,9 +59,11 @@ class LoraConfig(PeftConfig):
     alpha: float = 16
     dropout: float = 0.0
     rslora: bool = False
+    use_dora: bool = False
 
     def validate(self) -> None:
         self._require(isinstance(self.r, int) and self.r > 0, "r", "a positive integer rank such as 8")
+        self._require(isinstance(self.use_dora, bool), "use_dora", "True (DoRA) or False")
         self._require(self.alpha > 0, "alpha", "a positive number (often 2*r)")
         self._require(0.0 <= self.dropout < 1.0, "dropout", "a probability in [0, 1)")
 
@@ -61,17 +73,18 @@ class LoraConfig(PeftConfig):
 
     def peft_fields(self) -> dict[str, Any]:
         return {"peft_type": "LORA", "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-                "use_rslora": self.rslora, "target_modules": self.targets, "bias": "none",
+                "use_rslora": self.rslora, "use_dora": self.use_dora, "target_modules": self.targets, "bias": "none",
                 "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
                 "modules_to_save": list(self.modules_to_save) or None}
 
     @classmethod
     def from_peft(cls, data: dict[str, Any]) -> "LoraConfig":
-        if data.get("bias", "none") != "none" or data.get("use_dora") or data.get("rank_pattern") or data.get("alpha_pattern"):
-            raise PeftlabError("this peft LoRA checkpoint uses bias/DoRA/rank_pattern/alpha_pattern, which "
+        if data.get("bias", "none") != "none" or data.get("rank_pattern") or data.get("alpha_pattern"):
+            raise PeftlabError("this peft LoRA checkpoint uses bias/rank_pattern/alpha_pattern, which "
                              "peftlab's LoraConfig does not read; re-save it with plain LoRA settings")
         return cls(r=data["r"], alpha=data["lora_alpha"], dropout=data.get("lora_dropout", 0.0),
-                   rslora=bool(data.get("use_rslora", False)), targets=data["target_modules"],
+                   rslora=bool(data.get("use_rslora", False)), use_dora=bool(data.get("use_dora", False)),
+                   targets=data["target_modules"],
                    modules_to_save=tuple(data.get("modules_to_save") or ()))
 
 
@@ -82,7 +95,7 @@ _PLAIN: tuple[type, ...] = tuple(LINEAR_TYPES) + (nn.Embedding,)
 class LoraLayer(DeltaModule):
     """Wraps a Linear, Conv1D or Embedding with any number of named LoRA updates."""
 
-    adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout")
+    adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -92,6 +105,10 @@ class LoraLayer(DeltaModule):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, per output feature
+        # Adapters whose update is not scale * B A added to the output (DoRA): computed by their variant.
+        self.variants: dict[str, LoraVariant] = {}
+        self._merged: dict[str, torch.Tensor] = {}  # the exact delta each merge added, for unmerge
         self._share: _SharedInput | None = None  # siblings fed the same input (set by attach)
         base = base_of(base_layer)
         self.is_embedding = isinstance(base, nn.Embedding)
@@ -118,13 +135,22 @@ class LoraLayer(DeltaModule):
             if config.dropout > 0:
                 self.lora_dropout[name] = nn.Dropout(config.dropout)
         self.settings[name] = config.scaling
+        if config.use_dora:
+            self.variants[name] = DORA
+            DORA.add(self, name)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.variants.pop(name, None)
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         state = super().adapter_state(name)
         return {k: v for k, v in state.items() if not k.startswith("lora_dropout")}
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``(alpha/r) B A`` laid out like the base weight."""
+        """``(alpha/r) B A`` laid out like the base weight (a variant's own change of the weight)."""
+        if name in self.variants:
+            return self.variants[name].delta_weight(self, name)
         if self.is_embedding:
             delta = (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T  # vocab x dim
         else:
@@ -135,6 +161,8 @@ class LoraLayer(DeltaModule):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         live = self.live_adapters()
+        if any(name in self.variants for name in live):  # the fast paths below assume scale * B A
+            return self._variant_forward(x, live, *args, **kwargs)
         plain = not args and not kwargs and self._is_plain()
         if live and plain and self._fold_into_weight(x, live):
             return self._folded_forward(x, live)
@@ -171,11 +199,32 @@ class LoraLayer(DeltaModule):
                 out = torch.addmm(out.to(low.dtype), low, _scaled_bt(b, scale)).to(out.dtype)
         return out.view(*x.shape, self.out_features) if self.is_embedding else out.view(*x.shape[:-1], self.out_features)
 
+    def _variant_forward(self, x: torch.Tensor, live: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The general path: the base output, then each live adapter's update in turn."""
+        if self.mixed_batch is not None:
+            raise PeftlabError(f"adapters {[n for n in live if n in self.variants]} use a LoRA variant (DoRA), which "
+                               "does not serve mixed batches; run their examples in a separate call")
+        out = self.base_layer(x, *args, **kwargs)
+        for name in live:
+            if name in self.variants:
+                out = self.variants[name].forward(self, name, x, out)
+            else:
+                a, b, scale = self._factors(name)
+                h = self.lora_dropout[name](x) if name in self.lora_dropout else x
+                out = out + F.linear(F.linear(h.to(a.dtype), a), b).to(out.dtype) * scale
+        return out
+
+    def base_weight_out_in(self) -> torch.Tensor:
+        """The wrapped layer's weight as out x in (Conv1D keeps in x out)."""
+        weight = base_of(self.base_layer).weight
+        return weight.T if self.transposed else weight
+
     def _can_share(self, x: torch.Tensor) -> bool:
         """Whether this layer, called on ``x`` now, takes the plain low-rank path with one adapter
         and no dropout, so its ``x A^T`` can be computed together with its siblings'."""
         live = self.live_adapters()
-        return (len(live) == 1 and not self.is_embedding and self.mixed_batch is None and self._is_plain()
+        return (len(live) == 1 and live[0] not in self.variants and not self.is_embedding and self.mixed_batch is None
+                and self._is_plain()
                 and x.shape[-1] == self.in_features and self._dropout_p(live[0]) == 0
                 and self.lora_A[live[0]].weight.dtype == x.dtype and not self._fold_into_weight(x, live))
 
@@ -205,7 +254,7 @@ class LoraLayer(DeltaModule):
         true for any prompt-sized batch — and it touches no activation beyond the base GEMM.
         """
         base = self.base_layer
-        if self.mixed_batch is not None or self.is_embedding:
+        if self.mixed_batch is not None or self.is_embedding or any(n in self.variants for n in live):
             return False
         if torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad or self.lora_B[n].weight.requires_grad
                                            for n in live):
@@ -274,14 +323,84 @@ class LoraLayer(DeltaModule):
     def merge(self, name: str) -> None:
         weight = base_of(self.base_layer).weight
         with torch.no_grad():
-            weight.add_(self.delta_weight(name).to(weight.dtype))
+            delta = self.delta_weight(name).to(weight.dtype)
+            weight.add_(delta)
+        if name in self.variants:  # its delta depends on W0 itself: keep the one added
+            self._merged[name] = delta
         self.merged_adapters.append(name)
 
     def unmerge(self, name: str) -> None:
         weight = base_of(self.base_layer).weight
         with torch.no_grad():
-            weight.sub_(self.delta_weight(name).to(weight.dtype))
+            weight.sub_(self._merged.pop(name) if name in self._merged else self.delta_weight(name).to(weight.dtype))
         self.merged_adapters.remove(name)
+
+
+class LoraVariant:
+    """How one adapter's update is formed and merged when it is not ``scale * B A`` added to the
+    output. A variant keeps its extra tensors in containers the layer declares (``adapter_attrs``)
+    under peft's names; the layer's fast paths (joint down-projection, fold-into-weight, in-place
+    add, mixed batches) serve only plain adapters and fall back to ``forward`` for a variant."""
+
+    def add(self, layer: LoraLayer, name: str) -> None:
+        """Create the variant's tensors for adapter ``name`` (A and B already exist)."""
+
+    def forward(self, layer: LoraLayer, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, layer: LoraLayer, name: str) -> torch.Tensor:
+        """``W_merged - W0``, laid out like the base weight: what merging adds."""
+        raise NotImplementedError
+
+
+class DoRA(LoraVariant):
+    """DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"): the adapted weight is
+    split into a trained magnitude ``m`` (one per output feature) and a direction updated by LoRA::
+
+        W' = m * (W0 + s B A) / ||W0 + s B A||_row        m starts at ||W0||_row: identity at init
+
+    As the paper (section 4.3) and peft, the norm is treated as a constant in backward (detached),
+    and with dropout the base product is recomputed on the dropped input, as peft does. Merging
+    writes ``W'`` into the weight (exact); unmerging subtracts the very delta that merge added.
+    Linear and Conv1D layers (not embeddings)."""
+
+    def add(self, layer: LoraLayer, name: str) -> None:
+        if layer.is_embedding:
+            raise PeftlabError("DoRA (use_dora=True) applies to Linear/Conv1D layers; a target is an Embedding. "
+                               "Narrow the targets or use plain LoRA there")
+        with torch.no_grad():
+            norm = self._norm(layer, name)
+        layer.lora_magnitude_vector[name] = nn.Parameter(norm.clone())
+
+    def _direction(self, layer: LoraLayer, name: str) -> torch.Tensor:
+        a, b, scale = layer._factors(name)
+        return layer.base_weight_out_in() + (b @ a) * scale
+
+    def _norm(self, layer: LoraLayer, name: str) -> torch.Tensor:
+        return torch.linalg.vector_norm(self._direction(layer, name).detach(), dim=1)
+
+    def forward(self, layer: LoraLayer, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        a, b, scale = layer._factors(name)
+        weight = layer.base_weight_out_in()
+        mag_scale = layer.lora_magnitude_vector[name] / self._norm(layer, name)
+        h = layer.lora_dropout[name](x) if name in layer.lora_dropout else x
+        h = h.to(a.dtype)
+        if h is x and layer._is_plain():  # no dropout: the base product is the base output less its bias
+            bias = getattr(base_of(layer.base_layer), "bias", None)
+            base = out if bias is None else out - bias
+        else:
+            base = F.linear(h, weight)
+        update = (mag_scale - 1) * base + mag_scale * F.linear(F.linear(h, a), b) * scale
+        return out + update.to(out.dtype)
+
+    def delta_weight(self, layer: LoraLayer, name: str) -> torch.Tensor:
+        direction = self._direction(layer, name)
+        merged = (layer.lora_magnitude_vector[name] / torch.linalg.vector_norm(direction, dim=1))[:, None] * direction
+        delta = merged - layer.base_weight_out_in()
+        return delta.T if layer.transposed else delta
+
+
+DORA = DoRA()
 
 
 def _scaled_bt(b: torch.Tensor, scale: float) -> torch.Tensor:
