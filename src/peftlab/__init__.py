@@ -21,6 +21,7 @@ from .methods.partial.child_tuning import ChildTuningConfig
 from .methods.additive.prompt_tuning import PromptTuningConfig
 from .methods.additive.prefix_tuning import PrefixTuningConfig
 from .methods.hybrid.mam_adapter import MAMAdapterConfig
+from .methods.reparameterized.vera import VeraConfig
 
 __all__ = [
     "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
@@ -30,7 +31,7 @@ __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "ResidualAdapterConfig",
-    "SequentialAdapterConfig", "TaskType", "TrainingHookError", "TrainingHooks", "config_from_dict", "get_method",
+    "SequentialAdapterConfig", "TaskType", "TrainingHookError", "TrainingHooks", "VeraConfig", "config_from_dict", "get_method",
     "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "load_config",
     "register", "set_peft_model_state_dict",
 ]

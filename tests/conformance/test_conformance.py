@@ -94,8 +94,11 @@ class TestConformance:
             # A sparse delta keeps each changed entry once, with its index (the perturbation changed all).
             changed = sum(int((p != 0).sum()) for p in pm.adapter_parameters("default"))
             assert sum(t.numel() for k, t in state.items() if k.endswith(".values") and t.dtype != torch.bool) == changed
-        else:
-            assert sum(t.numel() for t in state.values()) < base_numel / 2
+        else:  # frozen state (shared random projections) may be larger than the trained part on tiny models
+            assert sum(p.numel() for p in pm.adapter_parameters("default")) < base_numel / 2
+        base_keys = {f"{root}{n}" for n, _ in TINY_MODELS[kind]().named_parameters()
+                     for root in ("base_model.model.", "base_model.", "")}
+        assert not base_keys & set(state), "the checkpoint holds a base model weight"
         save_method(spec, pm, tmp_path)
         assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["adapter_config.json", "adapter_model.safetensors"]
         loaded = load_method(spec, TINY_MODELS[kind](), tmp_path)

@@ -140,7 +140,8 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     def _input_adapters(self) -> list[DeltaModule]:
-        return [m for m in self.model_adapters.values() if m.live_adapters()]
+        # Model-level modules that rewrite the inputs (soft prompts); others only hold shared state.
+        return [m for m in self.model_adapters.values() if m.live_adapters() and hasattr(m, "transform_inputs")]
 
     def _forward_signature(self) -> inspect.Signature:
         cached = self.__dict__.get("_signature")
