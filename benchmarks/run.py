@@ -47,12 +47,15 @@ from benchmarks.models import DEFAULT_MODELS, MODELS, QUICK_MODELS, BenchModel, 
 from benchmarks.report import own_length, write_markdown
 
 from peftlab import get_peft_model
-from peftlab.core.registry import MethodSpec, all_methods
+from peftlab.core.registry import MethodSpec, all_methods, get_method
 from peftlab.core.state import atomic_write_bytes
 
 # Configurations measured per method (default: its config's defaults), and whether the variant
 # also gets inference rows (dropout does nothing at inference, so that variant would repeat them).
-VARIANTS: dict[str, list[tuple[dict[str, Any], bool]]] = {"lora": [({}, True), ({"dropout": 0.1}, False)]}
+VARIANTS: dict[str, list[tuple[dict[str, Any], bool]]] = {
+    "lora": [({}, True), ({"dropout": 0.1}, False), ({"use_dora": True}, True)],
+    "child_tuning": [({}, True), ({"mode": "F"}, False)],
+}
 MIXED_KS = (1, 2, 4, 8)
 MIXED_EXAMPLES = 32
 # (what, table, row label, column, limit): the speed targets the LoRA implementation must hold.
@@ -250,10 +253,12 @@ def build_train_cases(template: nn.Module, specs: list[MethodSpec], use_peft: bo
             if only is not None and not only.search(label):
                 continue
             try:
-                config = spec.config_cls(**variant)
-                model = get_peft_model(clone_model(template, share=True), config).train()
+                # A method that builds on other adapters has no default config of its own: its example's.
+                config = spec.example()[1].replace(**variant) if spec.example else spec.config_cls(**variant)
+                model = _apply(spec, clone_model(template, share=True), config).train()
                 if _writes_template(model, storages):
-                    model = get_peft_model(clone_model(template, share=False), config).train()
+                    model = _apply(spec, clone_model(template, share=False), config).train()
+                model.begin_training([batch], total_steps=10**6)  # data passes (Fisher) run once, here
             except Exception as err:  # a method that does not apply to this architecture
                 errors.append({"case": label, "error": f"{type(err).__name__}: {err}"})
                 continue
@@ -284,11 +289,28 @@ def build_train_cases(template: nn.Module, specs: list[MethodSpec], use_peft: bo
     return cases
 
 
+def _apply(spec: MethodSpec, model: nn.Module, config: Any) -> nn.Module:
+    """The method on ``model``; one that builds on other adapters (``spec.example``) gets them first,
+    frozen, as it would find them after their own training."""
+    if spec.example is None:
+        return get_peft_model(model, config)
+    prerequisites, _ = spec.example()
+    names = list(prerequisites)
+    peft_model = get_peft_model(model, prerequisites[names[0]], names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, prerequisites[name])
+    peft_model.add_adapter("default", config)
+    peft_model.set_adapter("default")
+    return peft_model
+
+
 def _train_step(case: TrainCase, batch: dict[str, torch.Tensor]) -> None:
     out = case.model(**batch)
     out.loss.backward()
     if case.optimizer is not None:
-        case.optimizer.step()
+        # A peftlab model runs its methods' step hooks (gradient masks, ...) around the step.
+        step = getattr(case.model, "optimizer_step", None) if case.impl == "peftlab" else None
+        step(case.optimizer) if step else case.optimizer.step()
         case.optimizer.zero_grad(set_to_none=True)
 
 
@@ -480,7 +502,11 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for r in rows.values():
         if r["impl"] != "peftlab":
             continue
-        if r["label"] not in own:
+        if r["label"] not in own and needs_weight_gradients(r.get("method")):
+            # Its delta is as large as the weights it targets: full fine-tuning's step is its floor.
+            out.append(_target(f"{r['label']} training step / full fine-tuning", OTHER_METHODS_FLOOR,
+                               r["x_full"], r.get("x_full_cpu")))
+        elif r["label"] not in own:
             length = own_length(r["own_floor"])
             where = f" ({length})" if length else ""
             out.append(_target(f"{r['label']} training step / floor at its own length{where}", OTHER_METHODS_FLOOR,
@@ -495,6 +521,13 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(_target(f"{r['label']} peak training memory / peft's", 1.0, r["peak_mb"] / peer["peak_mb"],
                                None, unlike))
     return out
+
+
+def needs_weight_gradients(method: str | None) -> bool:
+    try:
+        return bool(method) and get_method(method).needs_weight_gradients
+    except Exception:  # a row of a method this peftlab no longer has
+        return False
 
 
 def _target(what: str, limit: float, value: float | None, value_cpu: float | None = None,

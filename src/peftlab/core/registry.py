@@ -46,6 +46,9 @@ class MethodSpec:
     # Its delta modules read ``DeltaModule.mixed_batch`` (one adapter name per example), so
     # ``PeftModel.forward(..., adapter_names=[...])`` can serve several adapters in one batch.
     supports_mixed_batch: bool = False
+    # It trains a delta as large as the weights it targets (masked fine-tuning), so it needs their
+    # full gradients: its cheapest training step is full fine-tuning's, not the frozen floor.
+    needs_weight_gradients: bool = False
     # What the method does during training (data pass, loss term, step hooks, parameter groups).
     hooks: TrainingHooks = TrainingHooks()
     # Adapter arithmetic: ``combine(model, adapters, weights, new_name, combination_type, **options)``

@@ -202,6 +202,6 @@ SPEC = register(MethodSpec(
     trains="a masked subset of the pretrained weights (Fisher-chosen child network, or a fresh random one per step)",
     attach=attach, paper="Xu et al. 2021, Raise a Child in Large Language Model: Towards Effective and "
                          "Generalizable Fine-tuning",
-    mergeable=True, merge_tolerance=1e-5, default_lr=2.5e-5,
+    mergeable=True, merge_tolerance=1e-5, default_lr=2.5e-5, needs_weight_gradients=True,
     hooks=TrainingHooks(before_training=_choose_child, before_step=_mask_gradients),
 ))
