@@ -45,3 +45,18 @@ def test_options_from_the_command_line():
     assert config == LoraConfig(r=4, targets=("query", "value"), rslora=True)
     with pytest.raises(PeftlabError, match="has no option"):
         config_from_options("lora", {"rank": "4"})
+
+
+def test_peft_spellings_of_none_and_one_are_normalised_and_empty_targets_refused():
+    import pytest
+
+    from peftlab import IA3Config, LoraConfig, PeftlabError
+
+    assert LoraConfig(modules_to_save="classifier").modules_to_save == ("classifier",)
+    assert LoraConfig(modules_to_save=None).modules_to_save == ()
+    assert LoraConfig(targets=None).targets == LoraConfig().targets
+    assert IA3Config(targets=None).targets == IA3Config().targets
+    with pytest.raises(PeftlabError, match="targets=\\[\\]"):
+        LoraConfig(targets=[])
+    with pytest.raises(PeftlabError, match="modules_to_save"):
+        LoraConfig(modules_to_save=[3])

@@ -43,9 +43,22 @@ class PeftConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+        # peft's spellings of "none" and "one": modules_to_save=None, modules_to_save="classifier".
+        if self.modules_to_save is None:
+            object.__setattr__(self, "modules_to_save", ())
+        elif isinstance(self.modules_to_save, str):
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
+        if not isinstance(self.modules_to_save, tuple) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+            raise PeftlabError(f"{type(self).__name__}.modules_to_save={self.modules_to_save!r}: expected module "
+                               "names, e.g. ['classifier']")
+        if self.targets is None:  # documented as "the method's default"
+            object.__setattr__(self, "targets", type(self).__dataclass_fields__["targets"].default)
         if self.targets is not None and not isinstance(self.targets, (str, tuple)):
             raise PeftlabError(f"targets={self.targets!r}: expected a list of module names/patterns, "
                                "a regex string, 'all-linear' or None for the method's default")
+        if isinstance(self.targets, tuple) and (not self.targets or not all(isinstance(t, str) and t for t in self.targets)):
+            raise PeftlabError(f"{type(self).__name__}.targets={list(self.targets)!r}: expected at least one module "
+                               "name, pattern or '@' site (None for the method's default)")
         self.validate()
 
     def validate(self) -> None:

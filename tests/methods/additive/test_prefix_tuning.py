@@ -31,7 +31,7 @@ def direct(kind: str, p: int = P, scale: float = 1.0):
 
 @pytest.mark.parametrize("bad", [
     {"num_virtual_tokens": 0}, {"num_virtual_tokens": True}, {"num_virtual_tokens": 1.5},
-    {"projection_hidden": 0}, {"projection_hidden": False}, {"prefix_projection": "yes"}, {"targets": None},
+    {"projection_hidden": 0}, {"projection_hidden": False}, {"prefix_projection": "yes"}, {"targets": ()},
 ])
 def test_bad_config_is_refused_with_the_field_named(bad):
     with pytest.raises(PeftlabError, match=next(iter(bad))):
