@@ -62,14 +62,17 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
         if not config.modules_to_save:
             config = config.replace(modules_to_save=HEADS)
         model = get_peft_model(model, config)
-        report = model.trainable_parameters_report()
-        trainable, total = report.trainable, report.total
     else:
         trainable = total = sum(p.numel() for p in model.parameters())
     train_rows = encode_pairs(load_glue(task, run.data_dir, "train", run.train_limit), tokenizer, run.max_length)
     loader = make_loader(train_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed)
     started = time.perf_counter()
     result = train(model, loader, args, probe=probe)
+    if config is not None:
+        # Counted after training: a masked method's trainable entries are chosen by its data pass.
+        # The review's count: entries that can change; the total is the base model plus those.
+        report = model.trainable_parameters_report()
+        trainable, total = report.trainable_entries, report.base + report.trainable_entries
     metrics: dict[str, float] = {}
     for split in task.eval_splits:
         try:
