@@ -146,6 +146,12 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
     if "method" in data:
         cls = get_method(data["method"]).config_cls
         names = {f.name for f in dataclasses.fields(cls)}
+        # Keys peftlab itself writes beside the fields: the method, and peft's keys for its methods.
+        written = {"method"} | set(cls().peft_fields())
+        unknown = sorted(set(data) - names - written)
+        if unknown:
+            raise PeftlabError(f"{cls.__name__} has no field {unknown[0]!r}" + (f" (nor {unknown[1:]})" if len(unknown) > 1
+                               else "") + f"; its fields are {sorted(names)}")
         values = {k: v for k, v in data.items() if k in names}
         for key, value in values.items():
             if isinstance(value, dict) and "method" in value:  # a hybrid's part
@@ -160,6 +166,16 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
         return config.replace(task_type=data.get("task_type"), base_model_name_or_path=data.get("base_model_name_or_path"))
     raise PeftlabError(f"config {sorted(data)} names no method: expected a 'method' key "
                        "(peftlab) or a 'peft_type' key (HF peft)")
+
+
+def refuse_peft_features(data: dict[str, Any], plain: dict[str, Any], method: str) -> None:
+    """Refuse a peft config that turns on a feature peftlab's method does not implement, naming it:
+    ``plain`` maps each such peft field to the value meaning "off" (a missing field is off too)."""
+    for field, off in plain.items():
+        value = data.get(field)
+        if value is not None and value != off and not (not value and not off):  # [], {}, False: off too
+            raise PeftlabError(f"this peft {method} checkpoint sets {field}={value!r}, which peftlab's {method} does not "
+                               f"implement (loading it would compute something else); re-train without {field}")
 
 
 def config_from_options(method: str, options: dict[str, str]) -> PeftConfig:

@@ -10,7 +10,6 @@ import contextlib
 import enum
 import functools
 import inspect
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,12 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, config_from_dict
-from .errors import PeftlabError
+from .errors import CheckpointError, PeftlabError
 from .hooks import TrainingState, run_hook
 from .inject import delta_modules, remove_empty_wrappers, unwrap_all, wrap
 from .layer import DeltaModule, TrainableCopy
 from .registry import spec_for_config
-from .state import CONFIG_NAME, WEIGHTS_NAME, check_state, read_tensors, save_adapter
+from .state import CONFIG_NAME, WEIGHTS_NAME, check_state, read_config_dict, read_tensors, save_adapter
 from .targets import logical_name, resolve_modules_to_save
 
 _BASE = "base_model."
@@ -652,10 +651,15 @@ class PeftModel(nn.Module):
 
 
 def _read_config(path: str | Path) -> PeftConfig:
-    file = Path(path) / CONFIG_NAME
-    if not file.is_file():
-        raise PeftlabError(f"no {CONFIG_NAME} in {path}; expected a folder written by save_pretrained")
-    return config_from_dict(json.loads(file.read_text()))
+    data = read_config_dict(path)
+    try:
+        return config_from_dict(data)
+    except PeftlabError as err:
+        raise CheckpointError(f"{Path(path) / CONFIG_NAME}: {err}") from None
+    except (KeyError, TypeError, ValueError) as err:  # a field missing or of the wrong type in the file
+        what = f"required field {err.args[0]!r} is missing" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(f"{Path(path) / CONFIG_NAME}: {what}; the file is damaged or was not written "
+                              "by save_pretrained") from None
 
 
 def _task_type(model: nn.Module) -> str | None:

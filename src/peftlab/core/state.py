@@ -6,6 +6,7 @@ strict: every missing, unexpected or misshapen key is reported by name.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -60,17 +61,41 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         raise
 
 
+# Safetensors metadata key: the SHA-256 of the adapter_config.json written with these weights.
+CONFIG_HASH_KEY = "peftlab_config_sha256"
+
+
 def save_adapter(folder: str | Path, config_dict: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Write one adapter: weights first, then the config, each by atomic rename.
 
-    A crash while either file is being written leaves the previous file in place. (Between the two
-    renames — microseconds — a crash would pair new weights with the old config; the strict loader
-    then refuses the pair by key or shape instead of loading it silently.)
+    A crash while either file is being written leaves the previous file in place. The weights carry
+    the hash of the config they were saved with (safetensors metadata, which peft ignores), so a
+    crash between the two renames — new weights beside the old config — is refused on load instead
+    of loading silently. Temporaries left by an earlier interrupted save are removed first.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(folder / WEIGHTS_NAME, tensors)
-    atomic_write_bytes(folder / CONFIG_NAME, json.dumps(config_dict, indent=2, sort_keys=True).encode())
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for stale in folder.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    config_bytes = json.dumps(config_dict, indent=2, sort_keys=True).encode()
+    save_tensors(folder / WEIGHTS_NAME, tensors, {CONFIG_HASH_KEY: hashlib.sha256(config_bytes).hexdigest()})
+    atomic_write_bytes(folder / CONFIG_NAME, config_bytes)
+
+
+def read_config_dict(folder: str | Path) -> dict[str, Any]:
+    """The JSON of ``folder/adapter_config.json``; a missing or damaged file is a CheckpointError
+    naming it."""
+    file = Path(folder) / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {folder}; expected a folder written by save_pretrained")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}); the file is damaged: save the adapter again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, expected an object of config fields")
+    return data
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -79,8 +104,24 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         found = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
         raise CheckpointError(f"no adapter weights at {path}; the folder holds {found}. "
                               f"Expected {WEIGHTS_NAME} written by save_pretrained (peftlab or HF peft).")
-    with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            metadata = handle.metadata() or {}
+    except Exception as err:  # safetensors' own error types name neither the file nor the cause plainly
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); "
+                              "the file is damaged or truncated: save the adapter again") from None
+    config = path.parent / CONFIG_NAME
+    expected = metadata.get(CONFIG_HASH_KEY)
+    if expected and config.is_file() and hashlib.sha256(config.read_bytes()).hexdigest() != expected:
+        raise CheckpointError(f"{path} was saved with another {CONFIG_NAME} than the one beside it (a save was "
+                              "interrupted between the two files?): save the adapter again")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path}: tensor {bad[0]!r} holds NaN or Inf values" +
+                              (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") + "; the adapter diverged or "
+                              "the file is damaged")
+    return tensors
 
 
 def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str,

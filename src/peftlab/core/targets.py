@@ -160,7 +160,7 @@ def resolve_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]
     """Module names selected by ``targets``, in model order. Every entry must match something."""
     candidates = _candidates(model)
     if isinstance(targets, str) and targets != "all-linear":
-        pattern = re.compile(targets)
+        pattern = _compile(targets.removeprefix("re:"))  # one regex for the whole config, "re:" optional
         chosen = {n for n in candidates if pattern.fullmatch(logical_name(n))}
         if not chosen:
             raise PeftlabError(f"target regex {targets!r} matches no module. {_similar(targets, candidates)}")
@@ -196,9 +196,17 @@ def _match(model: nn.Module, entry: str, candidates: dict[str, nn.Module]) -> se
         pattern = re.compile(arch.sites[site])
         return {n for n in candidates if pattern.search(logical_name(n))}
     if entry.startswith("re:"):
-        pattern = re.compile(entry[3:])
+        pattern = _compile(entry[3:])
         return {n for n in candidates if pattern.fullmatch(logical_name(n))}
     return {n for n in candidates if logical_name(n) == entry or logical_name(n).endswith("." + entry)}
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise PeftlabError(f"target regex {pattern!r} is not a valid regular expression ({err}); "
+                           "fix it, or name modules without 're:'") from None
 
 
 def _similar(entry: str, candidates: dict[str, nn.Module]) -> str:

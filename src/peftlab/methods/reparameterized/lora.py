@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.config import PeftConfig, peft_names
+from ...core.config import PeftConfig, peft_names, refuse_peft_features
 from ...core.errors import PeftlabError
 from ...core.inject import wrap
 from ...core.layer import DeltaModule, base_of
@@ -79,14 +79,20 @@ class LoraConfig(PeftConfig):
 
     @classmethod
     def from_peft(cls, data: dict[str, Any]) -> "LoraConfig":
-        if data.get("bias", "none") != "none" or data.get("rank_pattern") or data.get("alpha_pattern"):
-            raise PeftlabError("this peft LoRA checkpoint uses bias/rank_pattern/alpha_pattern, which "
-                             "peftlab's LoraConfig does not read; re-save it with plain LoRA settings")
+        refuse_peft_features(data, _PEFT_FEATURES_NOT_READ, "LoRA")
         return cls(r=data["r"], alpha=data["lora_alpha"], dropout=data.get("lora_dropout", 0.0),
                    rslora=bool(data.get("use_rslora", False)), use_dora=bool(data.get("use_dora", False)),
                    targets=data["target_modules"],
                    modules_to_save=tuple(data.get("modules_to_save") or ()))
 
+
+# peft LoRA fields (with their "off" value) that change what the adapter computes and that
+# peftlab does not implement: a checkpoint that turns one on is refused by name.
+_PEFT_FEATURES_NOT_READ = {
+    "bias": "none", "rank_pattern": {}, "alpha_pattern": {}, "alora_invocation_tokens": None,
+    "layers_to_transform": None, "exclude_modules": None, "lora_bias": False, "trainable_token_indices": None,
+    "layer_replication": None, "target_parameters": None, "use_qalora": False,
+}
 
 # Base layers whose forward LoRA replays itself (they keep nothing of their output for backward).
 _PLAIN: tuple[type, ...] = tuple(LINEAR_TYPES) + (nn.Embedding,)
