@@ -4,7 +4,7 @@ import torch
 
 from peftlab import LoraConfig, PeftModel, get_peft_model
 
-from .conftest import MINILM, STORIES, require_shared
+from .conftest import MINILM, STORIES, require_shared, tiny_bert
 
 peft = pytest.importorskip("peft", reason="HF peft is a test extra: pip install -e .[test]")
 
@@ -61,3 +61,21 @@ def test_peft_trained_adapter_loads_strictly(tmp_path):
     ours = PeftModel.from_pretrained(_llama(), tmp_path)
     with torch.no_grad():
         assert torch.allclose(ours(**inputs).logits, expected, atol=1e-5)
+
+
+def test_a_classifier_adapter_saved_without_its_head_loads_in_peft(tmp_path):
+    """peft's SEQ_CLS class expects the head in the file; without modules_to_save peftlab writes no
+    task_type, so peft loads it with its generic class and keeps the base model's head, as peftlab does."""
+    import json
+
+    ours = get_peft_model(tiny_bert(), LoraConfig(r=4))
+    with torch.no_grad():
+        for p in ours.adapter_parameters("default"):
+            p.add_(0.2)
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] is None
+    theirs = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    ours.eval()
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)

@@ -601,10 +601,17 @@ class PeftModel(nn.Module):
             config = self.peft_configs[name].peft_fields() or self.peft_configs[name].to_dict()
             config["base_model_name_or_path"] = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
             config["task_type"] = self.peft_configs[name].task_type or config.get("task_type") or _task_type(self.base_model)
+            if "peft_type" in config and config["task_type"] in _HEAD_TASKS and not self._saves_a_head(name):
+                # peft's class for these tasks expects the head in the file; without one, peft's
+                # generic PeftModel loads the adapter and the head stays the base model's, as here.
+                config["task_type"] = None
             if "target_modules" in config:  # peft cannot read '@' sites: write the resolved names
                 config["target_modules"] = self._adapter_paths(name)
             config.update(self.peft_configs[name].peft_fields_for(self.base_model, name))
             save_adapter(folder, config, self.adapter_state_dict(name))
+
+    def _saves_a_head(self, name: str) -> bool:
+        return any(isinstance(m, TrainableCopy) and name in m.adapter_names() for _, m in self._delta_modules())
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, adapter_name: str = "default",
@@ -660,6 +667,10 @@ def _read_config(path: str | Path) -> PeftConfig:
         what = f"required field {err.args[0]!r} is missing" if isinstance(err, KeyError) else str(err)
         raise CheckpointError(f"{Path(path) / CONFIG_NAME}: {what}; the file is damaged or was not written "
                               "by save_pretrained") from None
+
+
+# Tasks whose peft model class adds the task head to modules_to_save and expects it in the file.
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 def _task_type(model: nn.Module) -> str | None:
