@@ -60,3 +60,29 @@ def test_peft_spellings_of_none_and_one_are_normalised_and_empty_targets_refused
         LoraConfig(targets=[])
     with pytest.raises(PeftlabError, match="modules_to_save"):
         LoraConfig(modules_to_save=[3])
+
+
+def test_field_types_are_checked_for_every_method():
+    import dataclasses
+    import math
+    import typing
+
+    import pytest
+
+    from peftlab import LoraConfig, PeftlabError
+    from peftlab.core.registry import all_methods
+
+    for bad in (dict(alpha="16"), dict(alpha=True), dict(rslora="yes"), dict(alpha=math.inf), dict(r=8.0)):
+        with pytest.raises(PeftlabError, match=next(iter(bad))):
+            LoraConfig(**bad)
+    wrong = {bool: "yes", int: True, float: "1.0", str: 3}
+    checked = 0
+    for spec in all_methods():
+        hints = typing.get_type_hints(spec.config_cls)
+        for f in dataclasses.fields(spec.config_cls):
+            kind = hints[f.name]
+            if kind in wrong:
+                with pytest.raises(PeftlabError, match=f.name):
+                    spec.config_cls(**{f.name: wrong[kind]})
+                checked += 1
+    assert checked >= 20

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,6 +54,7 @@ class PeftConfig:
         if not isinstance(self.modules_to_save, tuple) or not all(isinstance(m, str) and m for m in self.modules_to_save):
             raise PeftlabError(f"{type(self).__name__}.modules_to_save={self.modules_to_save!r}: expected module "
                                "names, e.g. ['classifier']")
+        _check_field_types(self)
         if self.targets is None:  # documented as "the method's default"
             object.__setattr__(self, "targets", type(self).__dataclass_fields__["targets"].default)
         if self.targets is not None and not isinstance(self.targets, (str, tuple)):
@@ -112,6 +116,31 @@ class PeftConfig:
         if cls is not PeftConfig and not isinstance(config, cls):
             raise PeftlabError(f"{file} holds a {type(config).__name__}, not a {cls.__name__}")
         return config
+
+
+def _check_field_types(config: PeftConfig) -> None:
+    """Every field against its annotation, for every method at once: a bool is not a number, a
+    number is not a flag, a string is not a number, numbers are finite. Ranges stay in validate()."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints.get(f.name)
+        allowed = [a for a in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType)
+                               else (hint,))]
+        if value is None and type(None) in allowed:
+            continue
+        simple = [a for a in allowed if a in (bool, int, float, str)]
+        if not simple or len(simple) != len([a for a in allowed if a is not type(None)]):
+            continue  # tuples, nested configs, dicts: checked by their own code
+        ok = any((a is bool and isinstance(value, bool))
+                 or (a is int and isinstance(value, int) and not isinstance(value, bool))
+                 or (a is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+                     and math.isfinite(value))
+                 or (a is str and isinstance(value, str)) for a in simple)
+        if not ok:
+            names = " or ".join(a.__name__ for a in allowed if a is not type(None))
+            none = " (or None)" if type(None) in allowed else ""
+            raise PeftlabError(f"{type(config).__name__}.{f.name}={value!r} ({type(value).__name__}): expected "
+                               f"{'a finite ' if float in simple else 'a '}{names}{none}")
 
 
 def peft_names(**aliases: str) -> Any:
