@@ -7,7 +7,8 @@ updates frozen weights after it. A method declares these as :class:`TrainingHook
 its trainable adapters. Three ways to drive them, all ending in the same calls:
 
 - peftlab's own loop (:func:`peftlab.train.loop.train`) calls them itself;
-- the HF ``Trainer``: add ``peftlab.train.hf.PeftlabCallback()`` to its callbacks;
+- the HF ``Trainer``: ``peftlab.train.hf.Trainer`` adds ``PeftlabCallback()`` (a plain ``Trainer``
+  takes it in its callbacks);
 - a plain PyTorch loop::
 
       model.begin_training(loader, total_steps)      # data passes (Fisher, ...), step schedule

@@ -610,6 +610,13 @@ class PeftModel(nn.Module):
             config.update(self.peft_configs[name].peft_fields_for(self.base_model, name))
             save_adapter(folder, config, self.adapter_state_dict(name))
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapters (what ``save_pretrained`` writes), not the base model, to the Hub repo
+        ``repo_id``; options as :func:`peftlab.core.hub.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     def _saves_a_head(self, name: str) -> bool:
         return any(isinstance(m, TrainableCopy) and name in m.adapter_names() for _, m in self._delta_modules())
 
