@@ -601,9 +601,11 @@ class PeftModel(nn.Module):
             config = self.peft_configs[name].peft_fields() or self.peft_configs[name].to_dict()
             config["base_model_name_or_path"] = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
             config["task_type"] = self.peft_configs[name].task_type or config.get("task_type") or _task_type(self.base_model)
-            if "peft_type" in config and config["task_type"] in _HEAD_TASKS and not self._saves_a_head(name):
+            if ("peft_type" in config and config["task_type"] in _HEAD_TASKS and not self._saves_a_head(name)
+                    and not self._rewrites_inputs(name)):
                 # peft's class for these tasks expects the head in the file; without one, peft's
                 # generic PeftModel loads the adapter and the head stays the base model's, as here.
+                # (peft's soft prompts need their task class: there the head must be saved.)
                 config["task_type"] = None
             if "target_modules" in config:  # peft cannot read '@' sites: write the resolved names
                 config["target_modules"] = self._adapter_paths(name)
@@ -616,6 +618,9 @@ class PeftModel(nn.Module):
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
+
+    def _rewrites_inputs(self, name: str) -> bool:
+        return any(name in m.adapter_names() and hasattr(m, "transform_inputs") for m in self.model_adapters.values())
 
     def _saves_a_head(self, name: str) -> bool:
         return any(isinstance(m, TrainableCopy) and name in m.adapter_names() for _, m in self._delta_modules())
