@@ -11,3 +11,4 @@ from .partial import child_tuning  # noqa: F401
 from .hybrid import mam_adapter  # noqa: F401
 from .additive import adapter_fusion  # noqa: F401
 from .reparameterized import vera  # noqa: F401
+from .reparameterized import adalora  # noqa: F401
