@@ -139,3 +139,24 @@ def test_bert_classifier_checkpoint_layout_and_outputs(make_config, tmp_path):
         a, b = ours(input_ids=ids, attention_mask=mask).logits, theirs(input_ids=ids, attention_mask=mask).logits
     # Token positions start after the prefix in both (BERT's absolute positions p, p+1, ...).
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_peft_prefix_mlp_width_carries_over_both_ways(tmp_path):
+    """A peft adapter trained with the paper's MLP width (512, not peft's default of the model's 64)
+    loads in peftlab with that width in its config, and peftlab's re-save loads back in peft: equal
+    outputs all the way (the checkpoint holds the MLP's output, so the width only matters for training)."""
+    trained = peft.get_peft_model(stories(), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=512))
+    perturb(trained, [p for p in trained.parameters() if p.requires_grad])
+    trained.save_pretrained(tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(stories(), tmp_path / "peft").eval()
+    ours = PeftModel.from_pretrained(stories(), tmp_path / "peft")
+    assert ours.peft_configs["default"].encoder_hidden_size == 512
+    ours.save_pretrained(tmp_path / "peftlab")
+    assert json.loads((tmp_path / "peftlab" / "adapter_config.json").read_text())["encoder_hidden_size"] == 512
+    back = peft.PeftModel.from_pretrained(stories(), tmp_path / "peftlab").eval()
+    assert back.peft_config["default"].encoder_hidden_size == 512
+    with torch.no_grad():
+        expected = theirs(input_ids=IDS, attention_mask=MASK).logits
+        torch.testing.assert_close(ours(input_ids=IDS, attention_mask=MASK).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(back(input_ids=IDS, attention_mask=MASK).logits, expected, atol=1e-5, rtol=0)

@@ -124,9 +124,15 @@ class PeftModel(nn.Module):
         # Hooks of the trainable adapters, gathered when the trainable set changes (not per forward).
         self._loss_hooks: list[tuple[str, str, Any]] = []
         self._needs_begin = False
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         for param in model.parameters():
             param.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
+        try:
+            self.add_adapter(adapter_name, config)  # cleans up its own wrappers if it fails
+        except BaseException:
+            for param, flag in flags:  # and the caller's model keeps its trainable flags
+                param.requires_grad_(flag)
+            raise
         self.set_adapter(adapter_name)
 
     # -- forwarding ----------------------------------------------------------------------

@@ -39,3 +39,28 @@ def bottleneck_by_hand(x: torch.Tensor, block, act=F.relu) -> torch.Tensor:
 def site_params(d_in: int, m: int, d_out: int | None = None) -> int:
     d_out = d_in if d_out is None else d_out
     return d_in * m + m + m * d_out + d_out
+
+
+def check_lifecycle(kind: str, config, tmp_path) -> None:
+    """What the conformance suite checks on default configs, for a non-default option: trained (perturbed)
+    adapter saves and loads to equal outputs, disabling gives the base model, deleting restores it."""
+    from peftlab import PeftModel, get_peft_model
+    from peftlab.core.layer import DeltaModule
+
+    base_model = BUILDERS[kind]()
+    base, n_base = run(base_model, kind), sum(p.numel() for p in base_model.parameters())
+    pm = get_peft_model(BUILDERS[kind](), config)
+    perturb(pm)
+    adapted = run(pm, kind)
+    assert not torch.allclose(adapted, base, atol=1e-4)
+    with pm.disable_adapter():
+        assert torch.allclose(run(pm, kind), base, atol=1e-6)
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(BUILDERS[kind](), tmp_path)
+    assert torch.allclose(run(loaded, kind), adapted, atol=1e-6)
+    pm.add_adapter("other", config)
+    pm.delete_adapter("default")
+    pm.delete_adapter("other")
+    assert not any(isinstance(m, DeltaModule) for m in pm.base_model.modules())
+    assert sum(p.numel() for p in pm.parameters()) == n_base
+    assert torch.allclose(run(pm, kind), base, atol=1e-6)

@@ -1,5 +1,6 @@
-"""Parallel adapter: FFN(x) + s * W_up f(W_down x) beside each FFN block, x being the FFN input; on
-post-LN BERT the scaled adapter output enters through BertOutput's residual argument."""
+"""Parallel adapter: SUB(x) + s * W_up f(W_down x) beside each FFN block (or, with placement="attention",
+each attention sublayer), x being the sublayer's input; on post-LN BERT the scaled adapter output enters
+through BertOutput's / BertSelfOutput's residual argument."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from peftlab import ParallelAdapterConfig, PeftlabError, get_peft_model
 from peftlab.methods.additive.parallel_adapter import ParallelAdapterLayer
 
 from ...conftest import MINILM, require_shared
-from ._adapters import BUILDERS, D, bottleneck_by_hand, perturb, run, site_params, wrapped
+from ._adapters import BUILDERS, D, check_lifecycle, bottleneck_by_hand, perturb, run, site_params, wrapped
 
 EXPECTED_SITES = {
     "bert": [f"bert.encoder.layer.{i}.output" for i in range(2)],
@@ -20,6 +21,13 @@ EXPECTED_SITES = {
     "llama": [f"model.layers.{i}.mlp" for i in range(2)],
     "t5": [f"encoder.block.{i}.layer.1.DenseReluDense" for i in range(2)]
     + [f"decoder.block.{i}.layer.2.DenseReluDense" for i in range(2)],
+}
+ATTENTION_SITES = {
+    "bert": [f"bert.encoder.layer.{i}.attention.output" for i in range(2)],
+    "gpt2": [f"transformer.h.{i}.attn" for i in range(2)],
+    "llama": [f"model.layers.{i}.self_attn" for i in range(2)],
+    "t5": [f"encoder.block.{i}.layer.0.SelfAttention" for i in range(2)]
+    + [f"decoder.block.{i}.layer.{s}" for i in range(2) for s in ("0.SelfAttention", "1.EncDecAttention")],
 }
 
 
@@ -34,6 +42,63 @@ def test_placement_identity_and_count(kind):
     assert pm.trainable_parameters_report().trainable == len(EXPECTED_SITES[kind]) * site_params(D, 8)
     perturb(pm)
     assert not torch.allclose(run(pm, kind), base, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_attention_placement_identity_and_count(kind):
+    base = run(BUILDERS[kind](), kind)
+    pm = get_peft_model(BUILDERS[kind](), ParallelAdapterConfig(bottleneck=8, placement="attention"))
+    assert wrapped(pm, ParallelAdapterLayer) == ATTENTION_SITES[kind]
+    layers = [m for m in pm.modules() if isinstance(m, ParallelAdapterLayer)]
+    assert {m.input_arg for m in layers} == ({1} if kind == "bert" else {None})
+    assert torch.equal(run(pm, kind), base)
+    assert pm.trainable_parameters_report().trainable == len(ATTENTION_SITES[kind]) * site_params(D, 8)
+    perturb(pm)
+    assert not torch.allclose(run(pm, kind), base, atol=1e-3)
+
+
+def test_gpt2_block_with_attention_adapter_by_hand():
+    """He et al.'s parallel adapter at the attention: it reads the attention input ln_1(x) and its scaled
+    output joins the attention output before the residual add; the FFN sublayer is unchanged."""
+    s = 4.0
+    pm = get_peft_model(BUILDERS["gpt2"](), ParallelAdapterConfig(bottleneck=8, placement="attention", scaling=s))
+    perturb(pm)
+    block = pm.base_model.transformer.h[1]
+    attn = block.attn.base_layer
+    adapter = block.attn.bottleneck["default"]
+    x = torch.randn(2, 4, D, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        a = block.ln_1(x)
+        h = x + attn(a)[0] + s * bottleneck_by_hand(a, adapter)
+        expected = h + block.mlp(block.ln_2(h))
+        assert torch.allclose(block(x), expected, atol=1e-5)
+        assert isinstance(block.attn(a), tuple)  # the attention's other outputs are passed on
+
+
+def test_bert_attention_adapter_enters_through_the_residual_argument():
+    s = 2.0
+    pm = get_peft_model(BUILDERS["bert"](), ParallelAdapterConfig(bottleneck=8, placement="attention", scaling=s))
+    perturb(pm)
+    wrapper = pm.base_model.bert.encoder.layer[0].attention.output  # BertSelfOutput: LN(dense(ctx) + x)
+    inner, block = wrapper.base_layer, wrapper.bottleneck["default"]
+    g = torch.Generator().manual_seed(8)
+    ctx, x = torch.randn(2, 5, D, generator=g), torch.randn(2, 5, D, generator=g)  # attention context, input
+    expected = F.layer_norm(ctx @ inner.dense.weight.T + inner.dense.bias + s * bottleneck_by_hand(x, block) + x, (D,),
+                            inner.LayerNorm.weight, inner.LayerNorm.bias, inner.LayerNorm.eps)
+    with torch.no_grad():
+        assert torch.allclose(wrapper(ctx, x), expected, atol=1e-5)
+
+
+def test_llama_attention_called_by_keyword():
+    pm = get_peft_model(BUILDERS["llama"](), ParallelAdapterConfig(bottleneck=8, placement="attention", scaling=3.0))
+    perturb(pm)
+    wrapper = pm.base_model.model.layers[0].self_attn
+    x = torch.randn(1, 4, D)
+    position_embeddings = pm.base_model.model.rotary_emb(x, torch.arange(4).unsqueeze(0))
+    with torch.no_grad():
+        out = wrapper(hidden_states=x, position_embeddings=position_embeddings, attention_mask=None)
+        plain = wrapper.base_layer(hidden_states=x, position_embeddings=position_embeddings, attention_mask=None)
+        assert torch.allclose(out[0], plain[0] + 3.0 * bottleneck_by_hand(x, wrapper.bottleneck["default"]), atol=1e-5)
 
 
 def test_bert_adapter_enters_through_the_residual_argument():
@@ -96,7 +161,8 @@ def test_named_module_outside_the_ffn_site_reads_its_first_argument():
 @pytest.mark.parametrize("kwargs,field", [
     ({"scaling": 0.0}, "scaling"), ({"scaling": -4.0}, "scaling"), ({"scaling": math.nan}, "scaling"),
     ({"scaling": True}, "scaling"), ({"bottleneck": -1}, "bottleneck"), ({"activation": "RELU"}, "activation"),
-    ({"bottleneck": 16, "reduction_factor": 4}, "reduction_factor"),
+    ({"bottleneck": 16, "reduction_factor": 4}, "reduction_factor"), ({"placement": "mlp"}, "placement"),
+    ({"placement": "attention", "targets": ("@attention",)}, "targets"),
 ])
 def test_bad_config_is_refused(kwargs, field):
     with pytest.raises(PeftlabError, match=field):
@@ -125,3 +191,8 @@ def test_minilm_report():
         assert torch.equal(pm(input_ids=ids).logits, base)
         perturb(pm, std=0.05)
         assert not torch.allclose(pm(input_ids=ids).logits, base, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_option_saves_loads_disables_and_deletes(kind, tmp_path):
+    check_lifecycle(kind, ParallelAdapterConfig(bottleneck=4, placement="attention"), tmp_path)

@@ -1,14 +1,20 @@
 """Prefix tuning: p key/value vectors in front of every self-attention layer's keys and values."""
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
-from transformers import DynamicCache
+from torch import nn
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from peftlab import PeftlabError, PeftModel, PrefixTuningConfig, config_from_dict, get_peft_model
-from peftlab.methods.additive.prefix_tuning import _SITE_ATTR, PrefixKV
+from peftlab.methods.additive import prefix_tuning
+from peftlab.methods.additive.prefix_tuning import _SITE_ATTR, PAPER_HIDDEN, PrefixKV, _model_configs
 
 from ...conftest import STORIES, model_inputs, require_shared, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
@@ -31,7 +37,8 @@ def direct(kind: str, p: int = P, scale: float = 1.0):
 
 @pytest.mark.parametrize("bad", [
     {"num_virtual_tokens": 0}, {"num_virtual_tokens": True}, {"num_virtual_tokens": 1.5},
-    {"projection_hidden": 0}, {"projection_hidden": False}, {"prefix_projection": "yes"}, {"targets": ()},
+    {"encoder_hidden_size": 0}, {"encoder_hidden_size": False}, {"prefix_projection": "yes"}, {"targets": ()},
+    {"cross_attention": "yes"},
 ])
 def test_bad_config_is_refused_with_the_field_named(bad):
     with pytest.raises(PeftlabError, match=next(iter(bad))):
@@ -158,14 +165,24 @@ def test_generate_on_a_pretrained_llama_gives_text():
     assert not torch.equal(out, plain)
 
 
-def test_encoder_decoder_prefixes_encoder_and_decoder_self_attention_only():
+T5_SELF = ["encoder.block.0.layer.0.SelfAttention", "encoder.block.1.layer.0.SelfAttention",
+           "decoder.block.0.layer.0.SelfAttention", "decoder.block.1.layer.0.SelfAttention"]
+T5_CROSS = ["decoder.block.0.layer.1.EncDecAttention", "decoder.block.1.layer.1.EncDecAttention"]
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_encoder_decoder_prefixes_encoder_decoder_and_cross_attention(cross):
+    """The paper (BART): encoder, decoder self-attention and cross-attention; cross_attention=False
+    leaves the cross-attention without a prefix. Layers are numbered in model order."""
     torch.manual_seed(0)
-    base, pm = tiny_t5(), get_peft_model(tiny_t5(), PrefixTuningConfig(num_virtual_tokens=P))
+    base = tiny_t5()
+    pm = get_peft_model(tiny_t5(), PrefixTuningConfig(num_virtual_tokens=P, cross_attention=cross))
     owner = owner_of(pm)
-    assert owner.num_layers == 4  # 2 encoder + 2 decoder self-attention layers
-    sites = [n for n, m in pm.base_model.named_modules() if _SITE_ATTR in vars(m)]
-    assert len(sites) == 4 and all(n.endswith("SelfAttention") for n in sites)
-    assert [n.split(".")[0] for n in sites] == ["encoder", "encoder", "decoder", "decoder"]
+    expected_sites = sorted(T5_SELF + T5_CROSS if cross else T5_SELF,
+                            key=[n for n, _ in base.named_modules()].index)
+    assert owner.targets == expected_sites and owner.num_layers == len(expected_sites)
+    assert [n for n, m in pm.base_model.named_modules() if _SITE_ATTR in vars(m)] == expected_sites
+    assert pm.peft_configs["default"].peft_fields_for(pm.base_model, "default")["num_layers"] == len(expected_sites)
     inputs = model_inputs("t5")
     labels = inputs["input_ids"][:, :4].contiguous()
     out = pm(**inputs, labels=labels)
@@ -181,6 +198,39 @@ def test_encoder_decoder_prefixes_encoder_and_decoder_self_attention_only():
             logits = pm(**inputs, decoder_input_ids=decoded, use_cache=False).logits[:, -1]
             decoded = torch.cat([decoded, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, decoded)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_cross_attention_keys_and_values_carry_the_prefix_computed_by_hand(implementation):
+    """Decoder block 1's cross-attention (prefix layer 5 of 6): softmax(q [P_k; K_enc]^T + mask) [P_v; V_enc],
+    T5 unscaled, P_k, P_v at rows 10 and 11 of the checkpoint layout, the encoder's padding masked."""
+    model = tiny_t5()
+    model.set_attn_implementation(implementation)
+    torch.manual_seed(1)
+    pm = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=False))
+    attn = pm.base_model.decoder.block[1].layer[1].EncDecAttention
+    assert owner_of(pm).targets.index("decoder.block.1.layer.1.EncDecAttention") == 5
+    seen = {}
+
+    def grab(module, args, kwargs, out):
+        seen["x"], seen["enc"], seen["out"] = args[0], kwargs["key_value_states"], out[0]
+
+    handle = attn.register_forward_hook(grab, with_kwargs=True)
+    inputs = model_inputs("t5")
+    with torch.no_grad():
+        pm(**inputs, decoder_input_ids=inputs["input_ids"][:, :4])
+    handle.remove()
+    heads, d = 4, 8
+    split = lambda t: t.view(*t.shape[:2], heads, d).transpose(1, 2)  # noqa: E731
+    q, k, v = split(attn.q(seen["x"])), split(attn.k(seen["enc"])), split(attn.v(seen["enc"]))
+    rows = owner_of(pm).prompt_embeddings["default"].detach().view(P, 2 * 6, heads, d)
+    pk, pv = rows[:, 10].permute(1, 0, 2), rows[:, 11].permute(1, 0, 2)
+    keys = torch.cat([pk.expand(2, -1, -1, -1), k], dim=2)
+    values = torch.cat([pv.expand(2, -1, -1, -1), v], dim=2)
+    visible = torch.cat([torch.ones(2, P, dtype=torch.bool), inputs["attention_mask"].bool()], dim=1)
+    scores = (q @ keys.transpose(-1, -2)).masked_fill(~visible[:, None, None, :], float("-inf"))
+    expected = attn.o((scores.softmax(-1) @ values).transpose(1, 2).reshape(2, -1, heads * d))
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=0)
 
 
 def test_mlp_runs_once_per_forward_and_fold_keeps_outputs():
@@ -256,12 +306,126 @@ def test_release_restores_attention_and_refusals():
 def test_peft_config_round_trip_and_refusals():
     cfg = PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=False, modules_to_save=("classifier",))
     assert config_from_dict(cfg.peft_fields()) == cfg
-    custom = PrefixTuningConfig(targets=("model.layers.0.self_attn",), projection_hidden=16)
+    custom = PrefixTuningConfig(targets=("model.layers.0.self_attn",), encoder_hidden_size=16, cross_attention=False)
     assert config_from_dict(custom.peft_fields()) == custom
+    assert config_from_dict(custom.to_dict()) == custom
+    # peft's own width, written in its file, is kept; peft's "no width" means the model's, as here.
+    peft_file = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "prefix_projection": True}
+    assert config_from_dict({**peft_file, "encoder_hidden_size": 768}).encoder_hidden_size == 768
+    assert config_from_dict(peft_file).encoder_hidden_size is None
     fields = PrefixTuningConfig().peft_fields_for(tiny_llama(), "default")
     assert fields == {"num_layers": 2, "token_dim": 16, "num_attention_heads": 2}
     with pytest.raises(PeftlabError, match="encoder-decoder"):
         config_from_dict({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "num_transformer_submodules": 2})
+
+
+def test_mlp_width_defaults_to_the_model_width_and_takes_the_papers_512():
+    owner = owner_of(get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=P)))
+    assert owner.prefix_mlp["default"][0].out_features == 32  # tiny Llama's hidden size
+    owner = owner_of(get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=P,
+                                                                      encoder_hidden_size=PAPER_HIDDEN)))
+    first, act, second = owner.prefix_mlp["default"]
+    widths = (first.in_features, first.out_features, second.in_features, second.out_features)
+    assert widths == (32, 512, 512, 2 * 2 * 2 * 8)  # d, h, h, L*2*kv_heads*d_h
+    assert isinstance(act, nn.Tanh)
+
+
+def test_prefix_is_the_tanh_mlp_computed_by_hand(monkeypatch):
+    """[P_k^0, P_v^0, ...] = W2 tanh(W1 P' + b1) + b2, as received by the attention function of every
+    layer (keys/values before the real tokens'); the same MLP with ReLU gives something else."""
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=P, encoder_hidden_size=16))
+    owner = owner_of(pm)
+    first, second = owner.prefix_mlp["default"][0], owner.prefix_mlp["default"][2]
+    embedding = owner.prefix_embedding["default"].detach()
+
+    def by_hand(activation):
+        hidden = activation(embedding @ first.weight.detach().T + first.bias.detach())
+        flat = hidden @ second.weight.detach().T + second.bias.detach()
+        return flat.view(P, 2 * 2, 2, 8)  # (p, L*2, kv_heads, d_h)
+
+    rows = by_hand(torch.tanh)
+    assert not torch.allclose(rows, by_hand(torch.relu), atol=1e-3)
+    real_sdpa, seen = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def spy(module, query, key, value, *args, **kwargs):
+        seen.append((module.__dict__[_SITE_ATTR][1], key, value))
+        return real_sdpa(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", spy)
+    with torch.no_grad():
+        pm(**model_inputs("llama"))
+    assert sorted(layer for layer, _, _ in seen) == [0, 1]
+    for layer, key, value in seen:
+        for got, row in ((key, 2 * layer), (value, 2 * layer + 1)):
+            expected = rows[:, row].permute(1, 0, 2).expand(2, -1, -1, -1)  # (batch, kv_heads, p, d_h)
+            torch.testing.assert_close(got[:, :, :P], expected, atol=1e-6, rtol=0)
+
+
+def _state_outside(model):
+    """What prefix tuning may touch outside its own modules: each config's attention implementation
+    (and the rest of it), and transformers' global attention/mask registries."""
+    configs = _model_configs(model)
+    return ([c._attn_implementation_internal for c in configs], [c.to_dict() for c in configs],
+            sorted(ALL_ATTENTION_FUNCTIONS.keys()), sorted(ALL_MASK_ATTENTION_FUNCTIONS.keys()))
+
+
+def _outputs(model, kind):
+    inputs = model_inputs(kind)
+    if kind == "t5":
+        inputs["decoder_input_ids"] = inputs["input_ids"][:, :4]
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture
+def clean_registries(monkeypatch):
+    """transformers' registries without peftlab's names, and no other installed prefix in this
+    process (other tests' models may still hold theirs), restored afterwards."""
+    gc.collect()
+    for cls in (AttentionInterface, AttentionMaskInterface):
+        monkeypatch.setattr(cls, "_global_mapping",
+                            {k: v for k, v in cls._global_mapping.items() if not k.startswith("peftlab_prefix_")})
+    monkeypatch.setattr(prefix_tuning, "_INSTALLED", weakref.WeakSet(), raising=False)
+
+
+@pytest.mark.parametrize("undo", ["delete_adapter", "unload", "merge_and_unload"])
+@pytest.mark.parametrize("kind,implementation", [("llama", "sdpa"), ("t5", "eager")])
+def test_removing_the_adapter_leaves_the_base_model_and_transformers_as_before(kind, implementation, undo,
+                                                                               clean_registries):
+    model = {"llama": tiny_llama, "t5": tiny_t5}[kind]()
+    model.set_attn_implementation(implementation)
+    before, base_out = _state_outside(model), _outputs(model, kind)
+    pm = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=P))
+    assert _state_outside(model) != before  # attached: the configs name peftlab's attention function
+    if undo == "delete_adapter":
+        pm.add_adapter("other", PrefixTuningConfig(num_virtual_tokens=2))
+        pm.delete_adapter("default")
+        assert _state_outside(model) != before  # "other" still needs the hook
+        pm.delete_adapter("other")
+    elif undo == "unload":
+        assert pm.unload() is model
+    else:  # a prefix is not mergeable: refused (the adapter stays), then unloaded
+        with pytest.raises(PeftlabError, match="cannot be merged"):
+            pm.merge_and_unload()
+        pm.unload()
+    assert _state_outside(model) == before
+    assert not any(_SITE_ATTR in vars(m) for m in model.modules())
+    assert torch.equal(_outputs(model, kind), base_out)
+
+
+def test_a_registered_attention_function_stays_while_another_model_uses_it(clean_registries):
+    first, second = tiny_llama(), tiny_llama()
+    before = _state_outside(first)
+    a = get_peft_model(first, PrefixTuningConfig(num_virtual_tokens=P))
+    b = get_peft_model(second, PrefixTuningConfig(num_virtual_tokens=P))
+    expected = _outputs(b, "llama")
+    a.unload()
+    assert _state_outside(first)[:2] == before[:2]  # its configs are restored
+    assert "peftlab_prefix_sdpa" in ALL_ATTENTION_FUNCTIONS.keys()
+    assert torch.equal(_outputs(b, "llama"), expected)
+    b.unload()
+    assert _state_outside(second) == before
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -275,3 +439,15 @@ def test_a_training_step_returns_no_cache_unless_asked(kind):
     pm.eval()
     with torch.no_grad():
         assert pm(**inputs).past_key_values is not None  # inference keeps the model's default
+
+
+def test_a_copy_keeps_working_after_the_original_is_unloaded(clean_registries):
+    import copy
+
+    pm = get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=P))
+    expected = _outputs(pm, "llama")
+    twin = copy.deepcopy(pm)
+    pm.unload()
+    torch.testing.assert_close(_outputs(twin, "llama"), expected, atol=0, rtol=0)
+    twin.unload()
+    assert not any(k.startswith("peftlab_prefix_") for k in ALL_ATTENTION_FUNCTIONS.keys())

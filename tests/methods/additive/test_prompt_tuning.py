@@ -1,10 +1,13 @@
 """Prompt tuning: p trainable embeddings in front of the input embeddings, nothing else."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
 from peftlab import PeftlabError, PeftModel, PromptTuningConfig, config_from_dict, get_peft_model
+from peftlab.core.layer import DeltaModule
 from peftlab.methods.additive.prompt_tuning import SoftPrompt
 
 from ...conftest import STORIES, model_inputs, require_shared, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
@@ -17,6 +20,20 @@ def prompt_of(pm, name: str = "default") -> torch.Tensor:
     return pm.model_adapters["prompt_tuning"].prompt_embeddings[name]
 
 
+def row_ids(prompt: torch.Tensor, table: torch.Tensor) -> list[int]:
+    """The token id whose embedding each prompt row is (every row must be one)."""
+    hits = (table.unsqueeze(0) == prompt.detach().unsqueeze(1)).all(dim=-1)  # (p, vocab)
+    assert hits.any(dim=1).all(), "a prompt row is not a token embedding"
+    return hits.float().argmax(dim=1).tolist()
+
+
+def stories():
+    path = require_shared(STORIES)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return path, AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
 @pytest.mark.parametrize("bad", [
     {"num_virtual_tokens": 0}, {"num_virtual_tokens": -2}, {"num_virtual_tokens": True},
     {"num_virtual_tokens": 2.5}, {"init": "zeros"}, {"init": "random", "init_text": "hello"},
@@ -24,6 +41,19 @@ def prompt_of(pm, name: str = "default") -> torch.Tensor:
 ])
 def test_bad_config_is_refused_with_the_field_named(bad):
     field = next(iter(bad)) if len(bad) == 1 else "init_text"
+    with pytest.raises(PeftlabError, match=field):
+        PromptTuningConfig(**bad)
+
+
+@pytest.mark.parametrize("bad,field", [
+    ({"vocab_top_k": 0}, "vocab_top_k"), ({"vocab_top_k": True}, "vocab_top_k"), ({"vocab_top_k": 2.0}, "vocab_top_k"),
+    ({"frequency_file": ""}, "frequency_file"), ({"frequency_file": "f.txt", "init": "random"}, "frequency_file"),
+    ({"frequency_file": "f.txt", "init_text": "hi"}, "frequency_file"),
+    ({"init_labels": ("yes", "")}, "init_labels"),
+    ({"init_labels": ("a", "b", "c"), "num_virtual_tokens": 2}, "init_labels"),
+    ({"init_labels": "positive"}, "init_labels"),
+])
+def test_bad_init_options_are_refused_with_the_field_named(bad, field):
     with pytest.raises(PeftlabError, match=field):
         PromptTuningConfig(**bad)
 
@@ -99,10 +129,96 @@ def test_text_initialisation_repeats_the_text_tokens():
     torch.testing.assert_close(prompt_of(pm), model.get_input_embeddings().weight[expected])
 
 
+def test_vocab_initialisation_samples_the_top_k_token_ids():
+    """Lester et al.: prompts start from tokens sampled among the 5,000 most common; without counts the
+    token id is the rank, so the pool is ids 0..k-1 (distinct tokens while there are enough)."""
+    assert PromptTuningConfig().vocab_top_k == 5000
+    model = tiny_llama()
+    table = model.get_input_embeddings().weight
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=8, vocab_top_k=10))
+    ids = row_ids(prompt_of(pm), table)
+    assert all(i < 10 for i in ids) and len(set(ids)) == 8
+    pm = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=40, vocab_top_k=5))
+    ids = row_ids(prompt_of(pm), table)
+    assert set(ids) == set(range(5))  # more rows than the pool: drawn again, never outside it
+    # vocab_top_k=None: the whole vocabulary (HF peft's SAMPLE_VOCAB).
+    ids = row_ids(prompt_of(get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=40, vocab_top_k=None))),
+                  table)
+    assert max(ids) >= 10
+
+
+def test_frequency_file_ranks_the_vocabulary_by_counted_tokens(tmp_path):
+    path, model, tokenizer = stories()
+    lines = ["Once upon a time"] * 6 + ["the cat sat on a mat"] * 2 + ["zebra"]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
+    counts = Counter(i for line in lines for i in tokenizer(line, add_special_tokens=False)["input_ids"])
+    top = {i for i, c in counts.items() if c >= 6}  # the first line's tokens, 6 or more times each
+    assert max(c for i, c in counts.items() if i not in top) < 6
+    config = PromptTuningConfig(num_virtual_tokens=len(top), vocab_top_k=len(top),
+                                frequency_file=str(tmp_path / "corpus.txt"), tokenizer_path=str(path))
+    torch.manual_seed(0)
+    ids = row_ids(prompt_of(get_peft_model(model, config)), model.get_input_embeddings().weight)
+    assert set(ids) == top  # exactly the most frequent tokens, each once
+    # A pool larger than the text's distinct tokens holds only tokens the text has.
+    config = config.replace(num_virtual_tokens=30, vocab_top_k=5000)
+    ids = row_ids(prompt_of(get_peft_model(stories()[1], config)), model.get_input_embeddings().weight)
+    assert set(ids) <= set(counts)
+    with pytest.raises(PeftlabError, match="frequency_file"):
+        get_peft_model(stories()[1], config.replace(frequency_file=str(tmp_path / "missing.txt")))
+
+
+def test_class_label_initialisation_averages_each_label_then_follows_init():
+    """Lester et al.'s class-label init: the first positions hold the (averaged) embeddings of the label
+    words; the rest is the chosen init (here the text's tokens, then U(-0.5, 0.5))."""
+    path, model, tokenizer = stories()
+    table = model.get_input_embeddings().weight
+    labels = ("negative", "positive")
+    label_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in labels]
+    assert all(len(ids) > 1 for ids in label_ids)  # multi-token labels: averaged
+    pm = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=5, init_labels=labels, init_text="Once upon",
+                                                  tokenizer_path=str(path)))
+    prompt = prompt_of(pm)
+    for row, ids in enumerate(label_ids):
+        torch.testing.assert_close(prompt[row], table[ids].mean(dim=0))
+    text = tokenizer("Once upon", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(prompt[2:], table[(text * 3)[:3]])
+    _, model, _ = stories()
+    pm = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=4, init="random", init_labels=labels,
+                                                  tokenizer_path=str(path)))
+    torch.testing.assert_close(prompt_of(pm)[:2], prompt[:2])
+    assert prompt_of(pm)[2:].abs().max() <= 0.5
+    assert prompt_of(pm).shape == (4, table.shape[1])
+
+
+def _snapshot(model):
+    return ([n for n, _ in model.named_modules()], {n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: p.requires_grad for n, p in model.named_parameters()}, model.training)
+
+
 def test_text_initialisation_without_a_tokenizer_is_refused_and_leaves_no_trace():
     model = tiny_llama()
+    modules, params, _, training = _snapshot(model)
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        before = model(**inputs).logits
     with pytest.raises(PeftlabError, match="tokenizer"):
         get_peft_model(model, PromptTuningConfig(init_text="hello", tokenizer_path="/nonexistent/tokenizer"))
+    after_modules, after_params, _, after_training = _snapshot(model)
+    assert after_modules == modules  # no wrapper, no new module
+    assert not any(isinstance(m, DeltaModule) for m in model.modules())
+    assert after_params.keys() == params.keys() and all(torch.equal(after_params[n], params[n]) for n in params)
+    assert after_training == training
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+
+
+def test_a_refused_prompt_init_leaves_requires_grad_as_it_was():
+    model = tiny_llama()
+    flags = _snapshot(model)[2]
+    with pytest.raises(PeftlabError, match="tokenizer"):
+        get_peft_model(model, PromptTuningConfig(init_labels=("yes",), tokenizer_path="/nonexistent/tokenizer"))
+    assert _snapshot(model)[2] == flags
 
 
 def test_generate_returns_ids_then_new_tokens_and_matches_decoding_without_cache():
@@ -194,6 +310,13 @@ def test_peft_config_round_trip_and_refusals():
     assert config_from_dict(fields) == PromptTuningConfig(num_virtual_tokens=5)
     with pytest.raises(PeftlabError, match="encoder only"):
         config_from_dict({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4, "num_transformer_submodules": 2})
+    # peft's SAMPLE_VOCAB samples the whole vocabulary; the top-k and label inits are peftlab's own fields.
+    peft_sample = config_from_dict({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4,
+                                    "prompt_tuning_init": "SAMPLE_VOCAB", "inference_mode": False})
+    assert peft_sample.init == "vocab" and peft_sample.vocab_top_k is None
+    cfg = PromptTuningConfig(num_virtual_tokens=5, init_labels=("no", "yes"), vocab_top_k=100, frequency_file="f.txt")
+    assert cfg.peft_fields()["prompt_tuning_init"] == "SAMPLE_VOCAB"
+    assert config_from_dict(cfg.to_dict()) == cfg
 
 
 def test_prompt_tuning_without_input_is_refused():

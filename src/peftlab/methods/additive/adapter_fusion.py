@@ -15,8 +15,10 @@ noise"), so at init the fusion averages the adapters' outputs with nearly equal 
 The paper's regulariser keeps ``W_V`` near the identity: ``lambda * sum ||I - W_V||^2`` is added to
 the training loss (``value_reg``; 0.01 as in AdapterHub's implementation of the paper).
 
-Sites: every sequential/residual-adapter site that holds all fused adapters (Pfeiffer et al. fuse
-adapters after the FFN; fusing adapters of the Houlsby placement fuses at both of their sites).
+Sites: every site of a sequential adapter (or a residual adapter with ``placement="ffn_out"``)
+that holds all fused adapters (Pfeiffer et al. fuse adapters after the FFN; fusing adapters of the
+Houlsby placement fuses at both of their sites). Residual adapters on the block output (Lin et al.'s
+placement) are another module type and are refused by name.
 Deviations: the softmax temperature ``T`` is a fixed setting (1.0), not annealed; the query reads
 the adapters' input ``h`` (the paper's query is the FFN sublayer output, which is that input).
 """

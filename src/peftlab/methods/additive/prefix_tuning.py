@@ -1,7 +1,8 @@
 """Prefix tuning (Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation").
 
-Every self-attention layer ``i`` attends over ``p`` trainable key/value vectors in front of the keys
-and values of the real tokens; the model's weights stay frozen::
+Every self-attention layer ``i`` (and, in an encoder-decoder model, every cross-attention) attends
+over ``p`` trainable key/value vectors in front of the keys and values of the real tokens; the model's
+weights stay frozen::
 
     head = softmax(q [P_k^i; K]^T / sqrt(d_h) + mask) [P_v^i; V]      P_k^i, P_v^i: (kv_heads, p, d_h)
 
@@ -15,13 +16,26 @@ and is folded away afterwards: the checkpoint holds the MLP's output only, ``pro
 holds the keys of layer i, 2i+1 its values). Loading a checkpoint, or :meth:`PrefixKV.fold`, puts an
 adapter in direct mode: one parameter holding that tensor, no MLP.
 
+MLP width (``encoder_hidden_size``, peft's field): W1 is (d, h). The paper's code uses h = 512
+(``PAPER_HIDDEN``) for every model; peft defaults to h = d. peftlab's default is peft's (``None``: h = d)
+because the MLP then scales with the model (an absolute 512 makes it larger than a small model: 83k
+parameters at p = 20 on the 24k-parameter test BERT; on MiniLM, d = 384, 2.6M instead of 1.9M),
+because ``default_lr`` was measured with it, and because a peft script's ``PrefixTuningConfig`` then
+builds the same MLP in both libraries. ``encoder_hidden_size=512`` gives the paper's. Checkpoints hold
+the folded prefix, so the width never changes what loads: a peft adapter keeps the width its file
+names, and peftlab writes its own back for peft.
+
 Mechanism: transformers routes attention through ``ALL_ATTENTION_FUNCTIONS`` with keys/values of shape
 (batch, kv_heads, kv_len, d_h) after RoPE and after the KV cache. Attaching registers an attention
 function ``peftlab_prefix_<original>`` (with the original's mask function) and switches every config
-of the model to it; it prepends the prefix to the keys/values of the chosen self-attention modules,
+of the model to it; it prepends the prefix to the keys/values of the chosen attention modules,
 pads the mask (True / 0 for the prefix columns; T5's position bias with 0; a causal module without a
 mask gets an explicit bottom-right-aligned one) and calls the original. The KV cache holds the real
-tokens only and the prefix is added at every step, so the cache needs nothing special.
+tokens only and the prefix is added at every step, so the cache needs nothing special. Deleting the
+last prefix adapter or ``unload()`` gives every config back its attention implementation exactly,
+and the last model using a registered name takes it out of transformers' registries again
+(``merge_and_unload()`` is refused: nothing to merge). A model dropped without unloading keeps its
+name registered until it is garbage-collected and another prefix model is released.
 
 Positions: as in the paper (the prefix activations occupy positions 0..p-1, GPT-2 run with ``past``)
 and in peft, the real tokens sit at positions p, p+1, ...: ``forward`` and ``generate`` pass
@@ -31,9 +45,16 @@ its absolute position. With the shift, peftlab and peft give the same outputs fr
 checkpoint (Llama, BERT: checked to 1e-5). Models with learned absolute positions then take at most
 ``max_position_embeddings - p`` tokens, as in peft; calling ``base_model`` directly skips the shift.
 Encoder-decoder models (T5: relative position bias) keep their positions, and the prefix columns
-get no position bias. They get a prefix in every encoder and decoder self-attention (layers numbered
-in model order, encoder first); peft instead prefixes decoder self- and cross-attention, so such
-checkpoints do not carry over.
+get no position bias. As in the paper (BART: encoder, decoder and cross-attention prefixes), they get
+a prefix in every encoder self-attention, decoder self-attention and decoder cross-attention (layers
+numbered in model order: T5's encoder blocks, then per decoder block its self- then cross-attention);
+``cross_attention=False`` leaves the cross-attention out (peftlab's layout before this option).
+T5 checkpoints do not carry over to or from peft either way: peft (0.21.2, SEQ_2_SEQ_LM) writes
+``num_transformer_submodules=2`` and ``num_layers`` = the encoder's depth, prefixes no encoder layer,
+gives decoder block j's self-attention rows (4j, 4j+1) mod 2L (every block the same rows when L = 2),
+replaces the cross-attention cache by an empty one so its cross rows are never used, and puts the
+prefix in the self-attention cache, where T5's relative position bias covers it. peftlab refuses such
+files rather than compute something else; peft cannot run peftlab's T5 layout.
 
 Supports the ``eager`` and ``sdpa`` attention implementations. Not identity at init (the prefix is
 attended to from the first step) and not mergeable (it adds attention positions, not weights).
@@ -44,6 +65,7 @@ import dataclasses
 import functools
 import inspect
 import sys
+import weakref
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -61,20 +83,25 @@ _PREFIX = "peftlab_prefix_"     # attention implementation name = _PREFIX + orig
 _SITE_ATTR = "_peftlab_prefix_site"  # (owner, layer index), kept in the attention module's __dict__
 SUPPORTED = ("eager", "sdpa")
 _DEFAULT_TARGETS = ("@self_attention",)
+PAPER_HIDDEN = 512  # the reparameterisation MLP's hidden width in Li & Liang's code (mid_dim)
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefixTuningConfig(PeftConfig):
     """num_virtual_tokens: prefix length ``p`` per layer; prefix_projection: train through the MLP
-    reparameterisation (folded away in checkpoints); projection_hidden: the MLP's hidden width
-    (default: the model's hidden size). targets default to every self-attention module."""
+    reparameterisation (folded away in checkpoints); encoder_hidden_size: the MLP's hidden width
+    (HF peft's name; default ``None``: the model's hidden size, as peft; the paper's is
+    ``PAPER_HIDDEN`` = 512, see the module docstring);
+    cross_attention: on encoder-decoder models, also prefix every decoder cross-attention (the paper's
+    BART setup); no effect on other models. targets default to every self-attention module."""
 
     checkpoint_model_prefix: ClassVar[str] = "base_model."
 
     targets: tuple[str, ...] | str | None = _DEFAULT_TARGETS
     num_virtual_tokens: int = 20
     prefix_projection: bool = True
-    projection_hidden: int | None = None
+    encoder_hidden_size: int | None = None
+    cross_attention: bool = True
 
     def validate(self) -> None:
         self._require(self.targets is not None, "targets",
@@ -82,35 +109,66 @@ class PrefixTuningConfig(PeftConfig):
         self._require(isinstance(self.num_virtual_tokens, int) and not isinstance(self.num_virtual_tokens, bool)
                       and self.num_virtual_tokens > 0, "num_virtual_tokens", "a positive integer such as 20")
         self._require(isinstance(self.prefix_projection, bool), "prefix_projection", "True or False")
-        self._require(self.projection_hidden is None or (isinstance(self.projection_hidden, int)
-                      and not isinstance(self.projection_hidden, bool) and self.projection_hidden > 0),
-                      "projection_hidden", "None (the model's hidden size) or a positive integer such as 512")
+        self._require(self.encoder_hidden_size is None or (isinstance(self.encoder_hidden_size, int)
+                      and not isinstance(self.encoder_hidden_size, bool) and self.encoder_hidden_size > 0),
+                      "encoder_hidden_size", f"None (the model's hidden size) or a positive integer such as "
+                      f"{PAPER_HIDDEN} (the paper's)")
+        self._require(isinstance(self.cross_attention, bool), "cross_attention", "True or False")
 
     def peft_fields(self) -> dict[str, Any]:
         fields = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": self.num_virtual_tokens,
-                  "prefix_projection": self.prefix_projection, "encoder_hidden_size": self.projection_hidden,
+                  "prefix_projection": self.prefix_projection, "encoder_hidden_size": self.encoder_hidden_size,
                   "num_transformer_submodules": 1, "inference_mode": True,
                   "modules_to_save": list(self.modules_to_save) or None}
         if self.targets != _DEFAULT_TARGETS:  # peft has no such choice; keep it for peftlab's reader
             fields["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
+        if not self.cross_attention:
+            fields["cross_attention"] = False
         return fields
 
     def peft_fields_for(self, model: Any, adapter_name: str) -> dict[str, Any]:
         # peft sizes its prefix from these; write the numbers peftlab used.
         kv_heads, head_dim = _kv_shape(model)
-        return {"num_layers": len(resolve_targets(model, self.targets)), "token_dim": kv_heads * head_dim,
+        return {"num_layers": len(prefixed_modules(model, self)), "token_dim": kv_heads * head_dim,
                 "num_attention_heads": kv_heads}
 
     @classmethod
     def from_peft(cls, data: dict[str, Any]) -> "PrefixTuningConfig":
         if (data.get("num_transformer_submodules") or 1) != 1:
             raise PeftlabError("this peft prefix-tuning checkpoint is laid out for an encoder-decoder model "
-                               "(prefix shared by decoder self- and cross-attention); peftlab cannot read it")
+                               "(num_transformer_submodules=2: peft prefixes only the decoder's self-attention, "
+                               "rows repeated across layers, with T5's position bias on the prefix); peftlab "
+                               "cannot read it. Train the adapter with peftlab, or keep it in peft.")
+        # peft's own default width is the model's (None here); a number it wrote stays that number.
         return cls(num_virtual_tokens=int(data["num_virtual_tokens"]),
                    prefix_projection=bool(data.get("prefix_projection", False)),
-                   projection_hidden=data.get("encoder_hidden_size"),
+                   encoder_hidden_size=data.get("encoder_hidden_size"),
+                   cross_attention=bool(data.get("cross_attention", True)),
                    targets=data.get("targets") or _DEFAULT_TARGETS,
                    modules_to_save=tuple(data.get("modules_to_save") or ()))
+
+
+def prefixed_modules(model: nn.Module, config: PrefixTuningConfig) -> list[str]:
+    """The attention modules that get a prefix, in model order (T5: encoder self-attention, then per
+    decoder block its self- and, with ``cross_attention``, its cross-attention); prefix layer i is
+    entry i of this list."""
+    chosen = set(resolve_targets(model, config.targets))
+    if config.cross_attention and getattr(model.config, "is_encoder_decoder", False):
+        try:
+            every = resolve_targets(model, ("@attention",))
+            own = set(resolve_targets(model, ("@self_attention",)))
+        except PeftlabError as err:
+            raise PeftlabError(f"cross_attention=True: cannot find the cross-attention modules of this model "
+                               f"({err}). Pass cross_attention=False, and name the modules to prefix in "
+                               "targets.") from None
+        cross = [n for n in every if n not in own]
+        if not cross:
+            raise PeftlabError(f"cross_attention=True, but peftlab's attach-point map for model_type "
+                               f"{model.config.model_type!r} names no cross-attention modules; pass "
+                               "cross_attention=False, and name the modules to prefix in targets.")
+        chosen.update(cross)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(chosen, key=order.__getitem__)
 
 
 class PrefixKV(DeltaModule):
@@ -131,6 +189,15 @@ class PrefixKV(DeltaModule):
         # layer) and causal masks; emptied at every PeftModel forward/generate.
         self._cache: dict[Any, Any] = {}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy (deepcopy, pickle) of an installed model uses the attention name too, maybe in a
+        # process where it was never registered.
+        super().__setstate__(state)
+        for _, original in self._configs:
+            _register(original or "eager")
+        if self._configs:
+            _INSTALLED.add(self)
+
     @property
     def width(self) -> int:
         return self.num_layers * 2 * self.kv_heads * self.head_dim
@@ -139,7 +206,7 @@ class PrefixKV(DeltaModule):
         kw = {"device": like.device, "dtype": like.dtype if like.is_floating_point() else torch.float32}
         p = config.num_virtual_tokens
         if config.prefix_projection:
-            inner = config.projection_hidden or self.hidden
+            inner = self.hidden if config.encoder_hidden_size is None else config.encoder_hidden_size
             self.prefix_embedding[name] = nn.Parameter(torch.randn(p, self.hidden, **kw))
             self.prefix_mlp[name] = nn.Sequential(nn.Linear(self.hidden, inner, **kw), nn.Tanh(),
                                                   nn.Linear(inner, self.width, **kw))
@@ -304,9 +371,9 @@ class PrefixKV(DeltaModule):
             module.__dict__[_SITE_ATTR] = (self, layer)
         for config in configs:
             original = config._attn_implementation
-            _register(original or "eager")
             self._configs.append((config, original))
-            config._attn_implementation_internal = _PREFIX + (original or "eager")
+            config._attn_implementation_internal = _register(original or "eager")
+        _INSTALLED.add(self)
         self.targets = targets
 
     def release(self, model: nn.Module) -> None:
@@ -316,19 +383,41 @@ class PrefixKV(DeltaModule):
                 del module.__dict__[_SITE_ATTR]
         for config, original in self._configs:
             config._attn_implementation_internal = original
+        names = {_PREFIX + (original or "eager") for _, original in self._configs}
         self._configs.clear()
+        _INSTALLED.discard(self)
+        for name in names:  # the last model using a name takes it out of transformers' registries
+            if not any(name == _PREFIX + (o or "eager") for owner in _INSTALLED for _, o in owner._configs):
+                _unregister(name)
         self._cache.clear()
 
 
 # -- the attention function ----------------------------------------------------------------------
-def _register(original: str) -> None:
+# Installed PrefixKV modules (weakly: a model dropped without unload does not keep a name registered
+# once it is collected). A registered name is removed when the last installed one using it is released.
+_INSTALLED: "weakref.WeakSet[PrefixKV]" = weakref.WeakSet()
+
+
+def _register(original: str) -> str:
+    """Register ``peftlab_prefix_<original>`` in transformers' attention and mask registries."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     name = _PREFIX + original
     if name not in AttentionInterface._global_mapping:
         AttentionInterface.register(name, _make_attention(original))
+    if name not in AttentionMaskInterface._global_mapping:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
+
+
+def _unregister(name: str) -> None:
+    # transformers has register() but no unregister(): both registries are class-level dicts.
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
 
 
 _EAGER: dict[type, Callable[..., Any]] = {}
@@ -428,7 +517,7 @@ def _kv_shape(model: nn.Module) -> tuple[int, int]:
 def attach(model: nn.Module, name: str, config: PrefixTuningConfig, host: Any) -> None:
     if host is None:
         raise PeftlabError("prefix tuning keeps its prefix on the PeftModel; use get_peft_model(model, config)")
-    targets = resolve_targets(model, config.targets)
+    targets = prefixed_modules(model, config)
     owner = host.model_adapters[_KEY] if _KEY in host.model_adapters else None
     if owner is None:
         kv_heads, head_dim = _kv_shape(model)
@@ -437,7 +526,8 @@ def attach(model: nn.Module, name: str, config: PrefixTuningConfig, host: Any) -
         host.model_adapters[_KEY] = owner
     elif targets != owner.targets:
         raise PeftlabError(f"prefix tuning adapters on one model share their attention modules; adapter {name!r} "
-                           f"targets {targets[:3]}..., the existing ones {owner.targets[:3]}... Use the same targets.")
+                           f"targets {targets[:3]}..., the existing ones {owner.targets[:3]}... Use the same targets "
+                           "and cross_attention.")
     like = next((w for w in model.parameters() if w.is_floating_point()), torch.empty(0))
     owner.add(name, config, like)
 

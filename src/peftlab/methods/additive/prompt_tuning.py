@@ -6,9 +6,27 @@ inside the model changes::
     X = E[input_ids]                    (n x d, the frozen input embedding)
     h = f([P; X])                       (the frozen model on p + n positions)
 
-Only ``P`` trains. Initialisation (Lester et al. section 3.2): ``init="vocab"`` copies the embeddings
-of ``p`` vocabulary tokens (sampled uniformly, or the tokens of ``init_text`` repeated/truncated to
-``p``); ``init="random"`` draws from U(-0.5, 0.5).
+Only ``P`` trains. Initialisation (Lester et al. section 3.2):
+
+- ``init="vocab"``: copies the embeddings of ``p`` tokens sampled (distinct while there are enough)
+  from the ``vocab_top_k`` (5,000) most frequent tokens, as the paper; ``vocab_top_k=None`` samples
+  the whole vocabulary (HF peft's ``SAMPLE_VOCAB``). Where the frequencies come from: with
+  ``frequency_file`` (a UTF-8 text file), the model's tokenizer counts the tokens of that text and
+  the most frequent ``vocab_top_k`` that occur in it are the pool. Without it the token id is taken
+  as the frequency rank, i.e. the pool is ids ``0 .. vocab_top_k-1``. That is an assumption, not a
+  measurement: it holds roughly for SentencePiece vocabularies (T5's, the paper's, are sorted by
+  piece score; Llama's by merge order) and byte-level BPE (GPT-2: merge order, after the 256 byte
+  tokens), and it does not hold for WordPiece (BERT's first ~2,000 ids are ``[unused]`` slots and
+  single characters): give ``frequency_file`` there.
+- ``init_text``: the tokens of this text, repeated/truncated to ``p`` (a kind of ``init="vocab"``).
+- ``init="random"``: U(-0.5, 0.5).
+- ``init_labels`` (class-label init, combined with any of the above): the first ``len(init_labels)``
+  rows are the embeddings of the class label words, a label of several tokens averaged, as the
+  paper; the remaining rows follow ``init``/``init_text``. Labels are tokenized as given, without
+  special tokens (for byte-level BPE, write ``" positive"`` to get the word-initial token).
+
+``init_text``, ``init_labels`` and ``frequency_file`` use the model's tokenizer (``tokenizer_path``,
+else the base model's ``name_or_path``).
 
 How the inputs change (:meth:`SoftPrompt.transform_inputs`): ``attention_mask`` gets ``p`` ones in
 front, ``token_type_ids`` ``p`` zeros, ``position_ids`` ``0..p-1`` followed by the given ids shifted
@@ -27,6 +45,10 @@ positions, not weights); it changes the sequence length of token-level outputs.
 Checkpoints hold one tensor, ``prompt_embeddings`` (p x d), at the top level as peft writes it; peft
 reads peftlab's file and peftlab reads peft's (encoder-decoder: peft also prompts the decoder and
 saves 2p rows; peftlab writes ``num_transformer_submodules=1`` so peft prompts the encoder only).
+The initialisation only matters before training: peft has no top-k or class-label init, so the
+config tells peft ``SAMPLE_VOCAB``/``TEXT``/``RANDOM`` for the rows after the labels (saved configs
+are in inference mode, where peft does not initialise), and a peft ``SAMPLE_VOCAB`` config reads
+back as ``vocab_top_k=None`` (peft samples the whole vocabulary).
 """
 from __future__ import annotations
 
@@ -34,6 +56,7 @@ import dataclasses
 import functools
 import inspect
 import math
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -45,15 +68,20 @@ from ...core.layer import DeltaModule, base_of
 from ...core.registry import MethodSpec, register
 
 INITS = ("vocab", "random")
+TOP_K = 5000  # Lester et al.: "the 5,000 most common tokens"
 _KEY = "prompt_tuning"  # this method's entry in PeftModel.model_adapters
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptTuningConfig(PeftConfig):
-    """num_virtual_tokens: prompt length ``p``; init: ``"vocab"`` (embeddings of vocabulary tokens)
-    or ``"random"`` (U(-0.5, 0.5)); init_text: with ``init="vocab"``, start from the tokens of this
-    text instead of random ones (needs a tokenizer: ``tokenizer_path``, else the base model's own
-    ``name_or_path``). Soft prompts touch no module, so ``targets`` must stay ``None``."""
+    """num_virtual_tokens: prompt length ``p``; init: ``"vocab"`` (embeddings of tokens sampled from the
+    ``vocab_top_k`` most frequent; ``None``: the whole vocabulary) or ``"random"`` (U(-0.5, 0.5));
+    frequency_file: a text file whose token counts rank the vocabulary for ``init="vocab"`` (without
+    it the token id is the rank, see the module docstring); init_text: with ``init="vocab"``, start
+    from the tokens of this text instead of sampled ones; init_labels: class label words whose
+    (averaged) token embeddings fill the first positions. The tokenizer is ``tokenizer_path``, else
+    the base model's own ``name_or_path``. Soft prompts touch no module, so ``targets`` must stay
+    ``None``."""
 
     checkpoint_model_prefix: ClassVar[str] = "base_model."
 
@@ -61,6 +89,9 @@ class PromptTuningConfig(PeftConfig):
     init: str = "vocab"
     init_text: str | None = None
     tokenizer_path: str | None = None
+    vocab_top_k: int | None = TOP_K
+    frequency_file: str | None = None
+    init_labels: tuple[str, ...] = ()
 
     def validate(self) -> None:
         self._require(self.targets is None, "targets",
@@ -73,7 +104,26 @@ class PromptTuningConfig(PeftConfig):
         self._require(self.init_text is None or self.init == "vocab", "init_text",
                       "None when init='random' (text initialisation is a kind of init='vocab')")
         self._require(self.tokenizer_path is None or isinstance(self.tokenizer_path, str), "tokenizer_path",
-                      "None or a tokenizer folder/name for init_text")
+                      "None or a tokenizer folder/name for init_text, init_labels or frequency_file")
+        k = self.vocab_top_k
+        self._require(k is None or (isinstance(k, int) and not isinstance(k, bool) and k > 0), "vocab_top_k",
+                      f"a positive integer such as {TOP_K} (sample among that many most frequent tokens), or None "
+                      "(the whole vocabulary)")
+        path = self.frequency_file
+        self._require(path is None or (isinstance(path, str) and path != ""), "frequency_file",
+                      "None or the path of a text file whose token counts rank the vocabulary")
+        # Ranking the vocabulary only matters when tokens are sampled: refuse it where it would be ignored.
+        self._require(self.frequency_file is None or (self.init == "vocab" and self.init_text is None),
+                      "frequency_file", "None unless init='vocab' without init_text (it ranks the tokens to sample)")
+        labels = self.init_labels
+        self._require(isinstance(labels, tuple) and all(isinstance(w, str) and w.strip() for w in labels)
+                      and len(labels) <= self.num_virtual_tokens, "init_labels",
+                      "a tuple of non-empty label words such as ('negative', 'positive'), at most "
+                      "num_virtual_tokens of them (one prompt position each)")
+
+    @property
+    def needs_tokenizer(self) -> bool:
+        return bool(self.init_text or self.init_labels or self.frequency_file)
 
     def peft_fields(self) -> dict[str, Any]:
         init = "RANDOM" if self.init == "random" else ("TEXT" if self.init_text else "SAMPLE_VOCAB")
@@ -88,13 +138,15 @@ class PromptTuningConfig(PeftConfig):
             raise PeftlabError("this peft prompt-tuning checkpoint prompts both encoder and decoder "
                                f"(num_transformer_submodules={data['num_transformer_submodules']}); peftlab "
                                "prompts the encoder only. Retrain it with num_transformer_submodules=1.")
-        init = {"RANDOM": "random"}.get(str(data.get("prompt_tuning_init", "RANDOM")).upper(), "vocab")
-        text = data.get("prompt_tuning_init_text") if str(data.get("prompt_tuning_init")).upper() == "TEXT" else None
+        peft_init = str(data.get("prompt_tuning_init", "RANDOM")).upper()
+        init = {"RANDOM": "random"}.get(peft_init, "vocab")
+        text = data.get("prompt_tuning_init_text") if peft_init == "TEXT" else None
         if data.get("inference_mode", True):
             # A saved prompt is loaded over the initial one; do not ask for the tokenizer just to initialise.
             text = None
         return cls(num_virtual_tokens=int(data["num_virtual_tokens"]), init=init, init_text=text,
                    tokenizer_path=data.get("tokenizer_name_or_path") if text else None,
+                   vocab_top_k=None if peft_init == "SAMPLE_VOCAB" else TOP_K,  # peft samples the whole vocabulary
                    modules_to_save=tuple(data.get("modules_to_save") or ()))
 
 
@@ -111,14 +163,21 @@ class SoftPrompt(DeltaModule):
 
     def add(self, name: str, config: PromptTuningConfig, model: nn.Module) -> None:
         weight = _input_embedding_weight(model)
-        p, (vocab, _) = config.num_virtual_tokens, weight.shape
+        tokenizer = _load_tokenizer(config, model) if config.needs_tokenizer else None
         with torch.no_grad():
+            labels = [weight[_token_ids(tokenizer, word, "init_labels").to(weight.device)].mean(dim=0)
+                      for word in config.init_labels]  # a multi-token label is averaged, as the paper
+            rest = config.num_virtual_tokens - len(labels)
             if config.init == "random":
-                prompt = torch.empty(p, weight.shape[1], device=weight.device, dtype=weight.dtype).uniform_(-0.5, 0.5)
+                rows = torch.empty(rest, weight.shape[1], device=weight.device, dtype=weight.dtype).uniform_(-0.5, 0.5)
+            elif config.init_text:
+                ids = _token_ids(tokenizer, config.init_text, "init_text")
+                # Repeat the text's tokens until there are enough of them (a shorter prompt truncates it).
+                rows = weight[(ids.repeat(math.ceil(rest / len(ids)))[:rest]).to(weight.device)]
             else:
-                ids = (_text_ids(config, model, p) if config.init_text else torch.randint(0, vocab, (p,))).to(weight.device)
-                prompt = weight[ids].detach().clone()
-        self.prompt_embeddings[name] = nn.Parameter(prompt)
+                rows = weight[_sampled_ids(config, tokenizer, weight.shape[0], rest).to(weight.device)]
+            prompt = torch.cat([torch.stack(labels), rows]) if labels else rows
+        self.prompt_embeddings[name] = nn.Parameter(prompt.detach().clone())
 
     def prompt(self) -> torch.Tensor:
         """The live prompt (p x d); several live adapters are concatenated in order."""
@@ -226,22 +285,49 @@ def _input_embedding_weight(model: nn.Module) -> torch.Tensor:
     return weight
 
 
-def _text_ids(config: PromptTuningConfig, model: nn.Module, p: int) -> torch.Tensor:
+def _load_tokenizer(config: PromptTuningConfig, model: nn.Module) -> Any:
     from transformers import AutoTokenizer
 
     path = config.tokenizer_path or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not path:
-        raise PeftlabError("init_text needs a tokenizer: set tokenizer_path (the base model has no name_or_path)")
+        raise PeftlabError("init_text, init_labels and frequency_file need a tokenizer: set tokenizer_path (the "
+                           "base model has no name_or_path)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - any loading failure means the same thing to the user
-        raise PeftlabError(f"init_text: could not load a tokenizer from {path!r} ({err}); set tokenizer_path "
-                           "to a local tokenizer folder") from err
-    ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        raise PeftlabError(f"prompt tuning init: could not load a tokenizer from {path!r} ({err}); set "
+                           "tokenizer_path to a local tokenizer folder") from err
+
+
+def _token_ids(tokenizer: Any, text: str, field: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise PeftlabError(f"init_text={config.init_text!r} tokenizes to nothing; give a longer text")
-    # Repeat the text's tokens until there are p of them (a shorter prompt than the text truncates it).
-    return torch.tensor((ids * math.ceil(p / len(ids)))[:p], dtype=torch.long)
+        raise PeftlabError(f"{field}: {text!r} tokenizes to nothing; give a longer text")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _sampled_ids(config: PromptTuningConfig, tokenizer: Any, vocab: int, n: int) -> torch.Tensor:
+    """``n`` ids sampled from the ``vocab_top_k`` most frequent tokens, distinct while there are enough."""
+    if config.frequency_file is None:
+        ranked = torch.arange(vocab)  # the id is taken as the frequency rank (see the module docstring)
+    else:
+        try:
+            lines = Path(config.frequency_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise PeftlabError(f"frequency_file={config.frequency_file!r} cannot be read ({err}); give a UTF-8 "
+                               "text file in the model's language") from err
+        encoded = tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []
+        ids = [i for line in encoded for i in line if i < vocab]
+        counts = torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)
+        if not counts.any():
+            raise PeftlabError(f"frequency_file={config.frequency_file!r} holds no tokens of this vocabulary; "
+                               "give a text file in the model's language")
+        order = torch.sort(counts, descending=True, stable=True).indices  # ties: lower id first
+        ranked = order[:int((counts > 0).sum())]  # only tokens the text has
+    pool = ranked[:config.vocab_top_k] if config.vocab_top_k is not None else ranked
+    if n <= len(pool):
+        return pool[torch.randperm(len(pool))[:n]]
+    return pool[torch.randint(0, len(pool), (n,))]
 
 
 def attach(model: nn.Module, name: str, config: PromptTuningConfig, host: Any) -> None:
