@@ -202,9 +202,16 @@ class PeftModel(nn.Module):
                 module.mixed_batch = None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        for module in self._input_adapters():
-            return module.generate(self.base_model, args, kwargs)
-        return self.base_model.generate(*args, **kwargs)
+        """The base model's ``generate`` with every live input-level adapter (soft prompts, prefixes):
+        each rewrites the call and hands it to the next, the last to the base model."""
+        modules = self._input_adapters()
+
+        def through(i: int) -> Any:
+            if i == len(modules):
+                return self.base_model.generate
+            return lambda *a, **k: modules[i].generate(self.base_model, a, k, through(i + 1))
+
+        return through(0)(*args, **kwargs)
 
     # -- adapters ------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:

@@ -322,10 +322,11 @@ class PrefixKV(DeltaModule):
         kwargs["position_ids"] = positions + self.live_length()
         return (), kwargs
 
-    def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], call: Any) -> Any:
+        """``call`` (the next input-level adapter's generate, or the model's) with positions after the prefix."""
         self._cache.clear()
         if not _takes_positions(model):
-            return model.generate(*args, **kwargs)
+            return call(*args, **kwargs)
         kwargs = bind_arguments(model, "generate", args, kwargs)
         if kwargs.get("position_ids") is None:
             tokens = kwargs.get("input_ids")
@@ -341,7 +342,7 @@ class PrefixKV(DeltaModule):
             kwargs["position_ids"] = positions
         # generate extends position_ids by one per new token; the shift carries over.
         kwargs["position_ids"] = kwargs["position_ids"] + self.live_length()
-        return model.generate(**kwargs)
+        return call(**kwargs)
 
     def live_length(self) -> int:
         """Number of prefix positions in front of the real tokens (p of the live adapter)."""

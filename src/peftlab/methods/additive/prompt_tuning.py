@@ -200,7 +200,8 @@ class SoftPrompt(DeltaModule):
             return (), kwargs
         return (), self._prepend(model, prompt, kwargs, labels=not self.encoder_decoder)
 
-    def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], call: Any) -> Any:
+        """``call`` (the next input-level adapter's generate, or the model's) with the prompt in front."""
         kwargs = bind_arguments(model, "generate", args, kwargs)
         ids = kwargs.pop("input_ids", None)
         inputs = kwargs.pop("inputs", None)
@@ -209,7 +210,7 @@ class SoftPrompt(DeltaModule):
             raise PeftlabError("generate(inputs=...) got a float tensor; pass input_ids=... or inputs_embeds=...")
         kwargs["input_ids"] = ids
         kwargs = self._prepend(model, self.prompt(), kwargs, labels=False)
-        out = model.generate(**kwargs)
+        out = call(**kwargs)
         if self.encoder_decoder or ids is None:
             return out  # decoder tokens only / only new tokens, as the base model returns them
         # A decoder-only model given inputs_embeds returns the new tokens only; put the ids back in front.
