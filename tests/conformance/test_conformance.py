@@ -1,8 +1,8 @@
 """Every registered method, checked for the promises the core makes about all of them.
 
 Each method is used with its config's defaults (targets default to architecture attach points),
-on tiny BERT and GPT-2 models (strict) and a tiny Llama (skipped, with the method's own error
-shown, when the method cannot apply to a model without biases).
+on tiny BERT and GPT-2 models (strict) and a tiny Llama and T5 (skipped, with the method's own
+error shown, when the method cannot apply to a model without biases).
 """
 from __future__ import annotations
 
@@ -13,15 +13,26 @@ from peftlab import PeftModel, PeftlabError, config_from_dict, get_peft_model
 from peftlab.core.layer import DeltaModule
 from peftlab.core.registry import all_methods
 
-from ..conftest import TINY_MODELS, apply_method, begin_training, load_method, main_output, model_inputs, save_method
+from ..conftest import (TINY_MODELS, apply_method, begin_training, load_method, main_output, model_inputs,
+                        save_method, tiny_t5)
+
+# T5 too: an encoder-decoder model (cross-attention, relative positions, decoder inputs).
+MODELS = {**TINY_MODELS, "t5": tiny_t5}
 
 SPECS = all_methods()
-CASES = [(spec, kind) for spec in SPECS for kind in TINY_MODELS]
+CASES = [(spec, kind) for spec in SPECS for kind in MODELS]
+
+
+def _inputs(kind):
+    inputs = model_inputs(kind)
+    if kind == "t5":
+        inputs["decoder_input_ids"] = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
+    return inputs
 
 
 def _run(model, kind):
     with torch.no_grad():
-        return main_output(model(**model_inputs(kind)))
+        return main_output(model(**_inputs(kind)))
 
 
 def _perturb(peft_model, name, seed):
@@ -33,10 +44,10 @@ def _perturb(peft_model, name, seed):
 
 def _build(spec, kind, adapter="default"):
     try:
-        return apply_method(spec, TINY_MODELS[kind](), adapter)
+        return apply_method(spec, MODELS[kind](), adapter)
     except PeftlabError as err:
-        if kind == "llama":
-            pytest.skip(f"{spec.name} does not apply to Llama: {err}")
+        if kind in ("llama", "t5"):
+            pytest.skip(f"{spec.name} does not apply to {kind}: {err}")  # models without biases
         raise
 
 
@@ -52,7 +63,7 @@ def _differs(a, b):
 @pytest.mark.parametrize("spec,kind", CASES, ids=[f"{s.name}-{k}" for s, k in CASES])
 class TestConformance:
     def test_identity_at_init_and_effect(self, spec, kind):
-        base = _run(TINY_MODELS[kind](), kind)
+        base = _run(MODELS[kind](), kind)
         pm, _ = _build(spec, kind)
         if spec.identity_at_init:
             assert _close(_run(pm, kind), base, 1e-5), "declared identity at init, but the output changed"
@@ -68,7 +79,7 @@ class TestConformance:
         pm.train()
         begin_training(pm, kind)
         _perturb(pm, "default", 0)
-        out = main_output(pm(**model_inputs(kind)))
+        out = main_output(pm(**_inputs(kind)))
         out.float().pow(2).mean().backward()
         for name, p in pm.named_parameters():
             if id(p) in declared:
@@ -88,7 +99,7 @@ class TestConformance:
         _perturb(pm, "default", 0)
         expected = _run(pm, kind)
         state = pm.adapter_state_dict()
-        base_numel = sum(p.numel() for p in TINY_MODELS[kind]().parameters())
+        base_numel = sum(p.numel() for p in MODELS[kind]().parameters())
         assert state
         if any(m.sparse_attrs for _, m in pm._delta_modules()):
             # A sparse delta keeps each changed entry once, with its index (the perturbation changed all).
@@ -96,12 +107,12 @@ class TestConformance:
             assert sum(t.numel() for k, t in state.items() if k.endswith(".values") and t.dtype != torch.bool) == changed
         else:  # frozen state (shared random projections) may be larger than the trained part on tiny models
             assert sum(p.numel() for p in pm.adapter_parameters("default")) < base_numel / 2
-        base_keys = {f"{root}{n}" for n, _ in TINY_MODELS[kind]().named_parameters()
+        base_keys = {f"{root}{n}" for n, _ in MODELS[kind]().named_parameters()
                      for root in ("base_model.model.", "base_model.", "")}
         assert not base_keys & set(state), "the checkpoint holds a base model weight"
         save_method(spec, pm, tmp_path)
         assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["adapter_config.json", "adapter_model.safetensors"]
-        loaded = load_method(spec, TINY_MODELS[kind](), tmp_path)
+        loaded = load_method(spec, MODELS[kind](), tmp_path)
         assert _close(_run(loaded, kind), expected, 1e-5)
         assert not any(p.requires_grad for p in loaded.parameters())
 
@@ -122,7 +133,7 @@ class TestConformance:
         assert _close(_run(plain, kind), expected, spec.merge_tolerance)
 
     def test_disable_gives_base(self, spec, kind):
-        base = _run(TINY_MODELS[kind](), kind)
+        base = _run(MODELS[kind](), kind)
         pm, _ = _build(spec, kind)
         _perturb(pm, "default", 0)
         with pm.disable_adapter():
@@ -130,7 +141,7 @@ class TestConformance:
         assert _differs(_run(pm, kind), base)
 
     def test_two_adapters_do_not_leak_and_delete_restores(self, spec, kind):
-        base_model = TINY_MODELS[kind]()
+        base_model = MODELS[kind]()
         base = _run(base_model, kind)
         n_base = sum(p.numel() for p in base_model.parameters())
         pm, config = _build(spec, kind)
