@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .core.config import config_from_options
 from .core.errors import PeftlabError
 from .core.registry import all_methods, get_method
+from .tasks.errors import TaskDataError, describe_folder
+
+# --help shows this as typed: plain text, no reStructuredText markup (the module docstring has some).
+DESCRIPTION = "peftlab: list PEFT methods, train one on a GLUE task, score an adapter, run the side-by-side study."
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
@@ -22,11 +28,51 @@ def _options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _guess_glue_task(name: str) -> str:
+    """The GLUE task a folder's name starts with ('SST-2-small' -> 'sst2'), else a placeholder."""
+    from .tasks.glue import GLUE_TASKS
+
+    key = "".join(ch for ch in name.lower() if ch.isalnum())
+    return next((t for t in GLUE_TASKS if key.startswith(t)), "<task>")
+
+
 def _task_and_root(task: str, data_dir: str | None) -> tuple[str, str | None]:
+    """(task name, data folder) from --task and --data-dir. --task is a task folder, whose own
+    name picks the task, or a task name; a missing folder and a folder whose name is not a
+    task get different messages, since they have different fixes."""
+    from .tasks.glue import GLUE_TASKS, get_glue_task
+
+    known = ", ".join(t.dir_name for t in GLUE_TASKS.values())
     path = Path(task)
     if path.is_dir():  # a task folder such as ../shared/data/glue/SST-2
+        try:
+            get_glue_task(path.name)
+        except TaskDataError:
+            raise TaskDataError(
+                f"--task {task}: the folder exists, but its name {path.name!r} is not a GLUE task, and a task "
+                f"folder's name picks the task (known: {known}). Rename the folder to its task's name, or name "
+                f"the task and pass the folder as --data-dir: --task {_guess_glue_task(path.name)} --data-dir {task}"
+            ) from None
         return path.name, str(path)
+    if path.exists():
+        raise TaskDataError(f"--task {task} is a file; expected a GLUE task folder (holding train.tsv and "
+                            "dev.tsv, e.g. ../shared/data/glue/SST-2) or a task name with --data-dir")
+    if len(path.parts) > 1 or task.startswith("."):  # written as a path: a folder was meant
+        raise TaskDataError(f"--task {task}: the folder does not exist ({describe_folder(path.parent)}); pass a "
+                            "GLUE task folder such as ../shared/data/glue/SST-2, or a task name with --data-dir")
+    try:
+        get_glue_task(task)
+    except TaskDataError:
+        raise TaskDataError(f"--task {task!r} is neither a folder nor a GLUE task name (known: {known}); pass a "
+                            "task folder such as ../shared/data/glue/SST-2, or a task name with --data-dir") from None
     return task, data_dir
+
+
+def _check_out(out: str) -> None:
+    """Refuse an --out that is a file now, not when saving after training."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise PeftlabError(f"--out {out} is a file; expected a folder (new or existing) for the adapter and "
+                           "metrics.json")
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -40,16 +86,21 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .assess.jobs import check_model
+    from .tasks.glue import get_glue_task
     from .train.glue_job import GlueRun, run_glue
     from .train.loop import TrainArgs
 
+    # Cheap checks first (arguments, model folder); run_glue then reads all data before training.
     task, root = _task_and_root(args.task, args.data_dir)
+    _check_out(args.out)
     config = None
     if args.method != "full":
         options = _options(args.opt)
         if args.targets:
             options["targets"] = args.targets
         config = config_from_options(args.method, options)
+    check_model(args.model, "sequence classification", f"GLUE {get_glue_task(task).dir_name}")
     lr = args.lr or (get_method(args.method).default_lr if config else 5e-5)
     run = GlueRun(model=args.model, task=task, data_dir=root, train_limit=args.train_limit,
                   eval_limit=args.eval_limit, batch_size=args.batch_size, max_length=args.max_length)
@@ -62,23 +113,47 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .assess.jobs import check_model
+    from .core.config import PeftConfig
     from .core.model import PeftModel
-    from .tasks.glue import get_glue_task, glue_metrics, load_glue
+    from .tasks.glue import get_glue_task, glue_metrics
     from .train.data import encode_pairs, make_loader
-    from .train.glue_job import load_classifier
+    from .train.glue_job import load_classifier, load_eval_splits
     from .train.loop import predict
 
     task_name, root = _task_and_root(args.task, args.data_dir)
     task = get_glue_task(task_name)
+    check_model(args.model, "sequence classification", f"GLUE {task.dir_name}")
+    PeftConfig.from_pretrained(args.adapter)  # a wrong --adapter folder fails before the model loads
+    splits = load_eval_splits(task, root, args.eval_limit)  # every row checked before the model loads
     model, tokenizer = load_classifier(args.model, task.num_labels)
     model = PeftModel.from_pretrained(model, args.adapter)
     metrics = {}
-    for split in task.eval_splits:
-        rows = encode_pairs(load_glue(task, root, split, args.eval_limit), tokenizer, args.max_length)
+    for split, examples in splits.items():
+        rows = encode_pairs(examples, tokenizer, args.max_length)
         logits, labels = predict(model, make_loader(rows, tokenizer, 128, shuffle=False), progress=True)
         metrics[split] = glue_metrics(task, logits, labels)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _positive(kind: type[int] | type[float], fix: str = "") -> Callable[[str], int | float]:
+    """An argparse type: a number above zero, refused at parsing (0 used to fail deep inside
+    tokenizing or batching). ``fix`` says what to do instead, e.g. omit the flag."""
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{value!r}: expected a positive {what}{fix}")
+        return number
+
+    return parse
+
+
+_LIMIT = _positive(int, " (omit the flag to use the whole split)")
 
 
 def _limit(value: str) -> int | str:
@@ -142,33 +217,37 @@ def cmd_assess(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftlab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="peftlab", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list the registered PEFT methods").set_defaults(func=cmd_methods)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True, help="model folder or hub id")
-        p.add_argument("--task", required=True, help="GLUE task folder (…/glue/SST-2) or task name with --data-dir")
-        p.add_argument("--data-dir", default=None, help="GLUE root folder (omit to read the hub's 'glue' dataset)")
-        p.add_argument("--max-length", type=int, default=64)
-        p.add_argument("--eval-limit", type=int, default=None)
+        p.add_argument("--task", required=True,
+                       help="GLUE task folder, e.g. ../shared/data/glue/SST-2 (its name picks the task), "
+                            "or a task name such as sst2 with --data-dir")
+        p.add_argument("--data-dir", default=None,
+                       help="folder holding the task folders, or the task's own folder (omit to read the "
+                            "hub's glue dataset)")
+        p.add_argument("--max-length", type=_positive(int), default=64, help="maximum sequence length (tokens)")
+        p.add_argument("--eval-limit", type=_LIMIT, default=None, help="score the first N dev examples")
 
     train = sub.add_parser("train", help="fine-tune with a PEFT method on a GLUE task")
     common(train)
-    train.add_argument("--method", default="lora", help="a name from `peftlab methods`, or 'full'")
+    train.add_argument("--method", default="lora", help="a name listed by 'peftlab methods', or 'full'")
     train.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     train.add_argument("--targets", default=None, help="comma-separated targets, e.g. query,value or @ffn_out")
-    train.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--lr", type=float, default=None, help="default: the method's own default_lr")
+    train.add_argument("--train-limit", type=_LIMIT, default=None, help="use the first N training examples")
+    train.add_argument("--epochs", type=_positive(float), default=1.0)
+    train.add_argument("--batch-size", type=_positive(int), default=32)
+    train.add_argument("--lr", type=_positive(float), default=None, help="default: the method's own default_lr")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default="runs/train", help="folder for the adapter and metrics.json")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="score a saved adapter on a GLUE dev split")
     common(evaluate)
-    evaluate.add_argument("--adapter", required=True, help="folder written by `peftlab train`")
+    evaluate.add_argument("--adapter", required=True, help="folder written by 'peftlab train'")
     evaluate.set_defaults(func=cmd_eval)
 
     assess = sub.add_parser("assess", help="the side-by-side study: methods x tasks, scores, memory, speed",
@@ -183,17 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
     assess.add_argument("--train-limit", type=_limit, default=None, help="training examples per task, or 'all'")
     assess.add_argument("--eval-limit", type=_limit, default=None, help="evaluation examples per task, or 'all'")
-    assess.add_argument("--max-length", type=int, default=None, help="maximum sequence length (tokens)")
-    assess.add_argument("--epochs", type=float, default=None)
-    assess.add_argument("--max-steps", type=int, default=None, help="training steps per run (overrides --epochs)")
-    assess.add_argument("--batch-size", type=int, default=None)
-    assess.add_argument("--lr-scale", type=float, default=None, help="every method trains at default_lr x this")
-    assess.add_argument("--full-lr", type=float, default=None, help="learning rate of full fine-tuning")
-    assess.add_argument("--max-params", type=int, default=None, help="efficiency: largest model run on CPU")
+    assess.add_argument("--max-length", type=_positive(int), default=None, help="maximum sequence length (tokens)")
+    assess.add_argument("--epochs", type=_positive(float), default=None)
+    assess.add_argument("--max-steps", type=_positive(int), default=None,
+                        help="training steps per run (overrides --epochs)")
+    assess.add_argument("--batch-size", type=_positive(int), default=None)
+    assess.add_argument("--lr-scale", type=_positive(float), default=None,
+                        help="every method trains at default_lr x this")
+    assess.add_argument("--full-lr", type=_positive(float), default=None, help="learning rate of full fine-tuning")
+    assess.add_argument("--max-params", type=_positive(int), default=None, help="efficiency: largest model run on CPU")
     assess.add_argument("--device", default=None, help="efficiency: cpu or cuda (default: cuda when available)")
-    assess.add_argument("--threads", type=int, default=None,
+    assess.add_argument("--threads", type=_positive(int), default=None,
                         help="CPU threads for torch (default: torch's choice); 1 avoids stalls on a busy shared machine")
-    assess.add_argument("--workers", type=int, default=None,
+    assess.add_argument("--workers", type=_positive(int), default=None,
                         help="runs at a time, each in its own process with cores/workers threads (default: 2 "
                              "for a training suite on a CPU-only machine with 2+ cores, else 1)")
     assess.add_argument("--out", default=None, help="output folder (default runs/assess/<suite>)")
@@ -206,10 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # bad flags: argparse prints usage and exits with 2
     try:
         return args.func(args)
-    except (PeftlabError, ValueError, FileNotFoundError) as err:
+    except (PeftlabError, TaskDataError, FileNotFoundError) as err:
+        # The user's to fix (an option, a path, a data row): one line, no traceback. Any other
+        # exception is a bug in peftlab and keeps its traceback.
         print(f"peftlab: error: {err}", file=sys.stderr)
         return 2
 

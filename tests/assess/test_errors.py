@@ -83,3 +83,25 @@ def test_bad_limit_is_an_argparse_error(flag, capsys):
     with pytest.raises(SystemExit):
         main(["assess", flag, "-3"])
     assert "positive number" in capsys.readouterr().err
+
+
+def test_typo_in_method_options_names_option_method_and_file(tmp_path, capsys):
+    config = tmp_path / "suite.yaml"
+    config.write_text("suite: quick\nmethods: [lora]\nmethod_options:\n  lora: {rr: 8}\n")
+    err = _run(capsys, tmp_path, "--config", str(config))
+    assert str(config) in err and "method_options.lora" in err and "'rr'" in err  # the file, method, option
+    assert "LoraConfig" in err and "'r'" in err and "'alpha'" in err  # and the options there are
+    assert "unexpected keyword" not in err
+
+
+@pytest.mark.parametrize("options,expected", [
+    ("{lroa: {r: 8}}", "unknown method 'lroa'"),
+    ("{lora: {r: -1}}", "LoraConfig.r=-1"),
+    ("{lora: 8}", "method_options.lora=8: expected a mapping"),
+    ("[lora]", "expected a mapping of method names"),
+])
+def test_bad_method_options_name_the_file(options, expected, tmp_path, capsys):
+    config = tmp_path / "suite.yaml"
+    config.write_text(f"suite: quick\nmethods: [lora]\nmethod_options: {options}\n")
+    err = _run(capsys, tmp_path, "--config", str(config))
+    assert str(config) in err and expected in err

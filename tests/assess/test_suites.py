@@ -112,3 +112,12 @@ def test_baseline_notes_say_why():
     text = summary_text(rows)
     assert len(text.splitlines()) == 2 + 4 and max(map(len, text.splitlines())) <= 100
     assert text.splitlines()[2].startswith("full fine-tuning")
+
+
+def test_method_options_are_checked_like_opt_and_take_peft_names(tmp_path):
+    config = tmp_path / "s.yaml"
+    config.write_text("suite: quick\nmethod_options: {lora: {r: 4, lora_alpha: 8, targets: [query, value]}}\n")
+    lora = load_suite_file(config).method_config("lora")  # HF peft's name lora_alpha is the config's too
+    assert (lora.r, lora.alpha, lora.targets) == (4, 8, ("query", "value"))
+    with pytest.raises(PeftlabError, match=r"suite 'quick': method_options.lora: LoraConfig has no option \['rr'\]"):
+        get_suite("quick").replace(method_options={"lora": {"rr": 8}})  # the API is checked too

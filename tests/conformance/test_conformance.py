@@ -90,6 +90,22 @@ class TestConformance:
         assert report.trainable == sum(p.numel() for p in pm.adapter_parameters("default"))
         assert 0 < report.percent < 100
 
+    def test_changes_sequence_length_is_declared_truly(self, spec, kind):
+        pm, _ = _build(spec, kind)
+        seen = []
+
+        def hook(module, args, kwargs):
+            x = kwargs.get("inputs_embeds")
+            seen.append((kwargs["input_ids"] if x is None else x).shape[1])
+
+        handle = pm.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            _run(pm, kind)
+        finally:
+            handle.remove()
+        longer = seen[0] != _inputs(kind)["input_ids"].shape[1]
+        assert longer == spec.changes_sequence_length, f"the base model saw {seen[0]} tokens"
+
     def test_config_json_round_trip(self, spec, kind):
         config = spec.config_cls()
         assert config_from_dict(config.to_dict()) == config

@@ -70,3 +70,10 @@ def test_methods_stack_inside_a_wrapped_block():
     assert paths == [f"model.layers.{i}.mlp.base_layer.down_proj" for i in range(2)]
     # Adapter weights are never targets, even for "all-linear".
     assert not any("lora_A" in n or "adapter" in n.split(".")[-1] for n in resolve_targets(pm.base_model, "all-linear"))
+
+
+@pytest.mark.parametrize("targets", ["re:(", ("query", "re:(")])
+def test_bad_regex_target_is_a_peftlab_error_naming_the_pattern(targets):
+    # A whole-config regex string and a 're:' entry of a list alike: never a bare re.error.
+    with pytest.raises(PeftlabError, match=r"target regex '\(' is not a valid regular expression"):
+        resolve_targets(tiny_bert(), targets)

@@ -178,6 +178,22 @@ def test_root_may_be_the_task_folder_and_limit_stops_early(glue_root: Path) -> N
     assert load_glue("cola", glue_root, "train", limit=0) == []
 
 
+def test_task_named_explicitly_reads_a_folder_of_any_name(glue_root: Path) -> None:
+    # `--task sst2 --data-dir SST-2-small`: the folder's name need not be the task's.
+    copy = (glue_root / "SST-2").rename(glue_root / "SST-2-small")
+    assert len(load_glue("sst2", copy, "train")) == 2
+    with pytest.raises(TaskDataError, match="header has no column 'sentence1' needed for RTE"):
+        load_glue("rte", copy, "train")  # another task's files: refused by their header
+
+
+def test_unknown_task_and_split_are_task_data_errors() -> None:
+    # TaskDataError (a ValueError): the CLI prints it as one line.
+    with pytest.raises(TaskDataError, match="unknown GLUE task 'squad'"):
+        get_glue_task("squad")
+    with pytest.raises(TaskDataError, match="unknown split 'test'"):
+        load_glue("rte", None, "test")
+
+
 def test_blank_trailing_line_is_tolerated(glue_root: Path) -> None:
     path = glue_root / "RTE" / "dev.tsv"
     path.write_text(path.read_text() + "\n")

@@ -60,11 +60,13 @@ def check_model(model: str, head: str, task_label: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto import modeling_auto
 
+    from ..train.glue_job import model_source_hint
+
     path = Path(model)
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_local:
         if not path.is_dir():
-            raise PeftlabError(f"model folder {path} not found ({describe_folder(path.parent)}); pass a folder "
+            raise PeftlabError(f"model {model!r} not found: {model_source_hint(model)}; pass a folder "
                                "holding config.json and the weights, or a hub id")
         if not (path / "config.json").is_file():
             raise PeftlabError(f"{path / 'config.json'} not found ({describe_folder(path)}); a model folder needs "
@@ -72,8 +74,9 @@ def check_model(model: str, head: str, task_label: str) -> None:
     try:
         config = AutoConfig.from_pretrained(model)
     except Exception as err:  # noqa: BLE001 - any loading failure gets the same advice
-        raise PeftlabError(f"cannot read the configuration of model {model!r} ({type(err).__name__}: {err}); "
-                           "pass a local model folder (the hub may be unreachable)") from err
+        raise PeftlabError(f"cannot read the configuration of model {model!r}: {model_source_hint(model)} "
+                           f"({type(err).__name__}: {' '.join(str(err).split())}); pass a local model folder "
+                           "(the hub may be unreachable)") from err
     mapping = getattr(modeling_auto, _HEADS[head])
     if config.model_type not in mapping:
         where = path / "config.json" if looks_local else model

@@ -19,11 +19,13 @@ full fine-tuning, which has no spec, uses ``full_lr``. No per-method numbers liv
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.config import config_from_options
 from ..core.errors import PeftlabError
 from ..core.registry import all_methods, get_method
 
@@ -94,6 +96,7 @@ class Suite:
         if self.lr_scale <= 0 or self.full_lr <= 0:
             raise PeftlabError(f"suite {self.name!r}: lr_scale={self.lr_scale} and full_lr={self.full_lr} "
                                "must be positive")
+        check_method_options(self.method_options, f"suite {self.name!r}")
 
     def replace(self, **changes: Any) -> "Suite":
         return dataclasses.replace(self, **changes)
@@ -234,12 +237,37 @@ def suite_from_mapping(data: dict[str, Any], source: str, base: Suite | None = N
             value = [value] if isinstance(value, str) else list(value)
             changes[key] = tuple(str(v) for v in value)
             changes["explicit_methods"] = True
+        elif key == "method_options":
+            check_method_options(value, source)  # here, so the message names the file
+            changes[key] = value
         elif key == "seeds":
             value = [value] if isinstance(value, int) else list(value)
             changes[key] = tuple(int(v) for v in value)
         else:
             changes[key] = value
     return base.replace(**changes)
+
+
+def check_method_options(options: Any, source: str) -> None:
+    """Refuse an unknown method, an unknown option or a bad value in ``method_options`` before
+    anything runs, with the check ``--opt`` gets (:func:`~peftlab.core.config.config_from_options`:
+    it names the option and lists the method's options); ``source`` (the YAML file) leads the message."""
+    if not isinstance(options, dict):
+        raise PeftlabError(f"{source}: method_options={options!r}: expected a mapping of method names to "
+                           "their options, e.g. method_options: {lora: {r: 16}}")
+    for method, values in options.items():
+        if not isinstance(values, dict):
+            raise PeftlabError(f"{source}: method_options.{method}={values!r}: expected a mapping of option "
+                               f"names to values, e.g. method_options: {{{method}: {{r: 16}}}}")
+        try:
+            # The config takes HF peft's names too (lora_alpha), so those are checked under peftlab's.
+            aliases = getattr(get_method(str(method)).config_cls, "peft_aliases", {})
+            # config_from_options reads each value as JSON (as --opt KEY=VALUE); written as JSON, a
+            # YAML value reads back unchanged. The config built is only a check: method_config builds the real one.
+            config_from_options(str(method), {aliases.get(str(k), str(k)): json.dumps(v, default=str)
+                                              for k, v in values.items()})
+        except PeftlabError as err:
+            raise PeftlabError(f"{source}: method_options.{method}: {err}") from None
 
 
 def load_suite_file(path: str | Path, base: Suite | None = None) -> Suite:

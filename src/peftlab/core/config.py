@@ -213,6 +213,8 @@ def config_from_options(method: str, options: dict[str, str]) -> PeftConfig:
 
     cls = get_method(method).config_cls
     names = {f.name for f in dataclasses.fields(cls)}
+    aliases = getattr(cls, "peft_aliases", {})  # HF peft's names for the same fields
+    options = {aliases.get(k, k): v for k, v in options.items()}
     unknown = sorted(set(options) - names)
     if unknown:
         raise PeftlabError(f"{cls.__name__} has no option {unknown}; its options are {sorted(names)}")

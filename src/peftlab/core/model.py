@@ -218,6 +218,9 @@ class PeftModel(nn.Module):
         """Add an adapter (inactive unless it is the first); a name in use is refused."""
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise PeftlabError(f"adapter name {adapter_name!r}: expected a non-empty string without '.'")
+        if hasattr(nn.ModuleDict, adapter_name) or hasattr(nn.ParameterDict, adapter_name):
+            raise PeftlabError(f"adapter name {adapter_name!r} is a name torch's module containers use for "
+                               "themselves (keys, copy, update, ...); pick another")
         if adapter_name in self.peft_configs:
             raise PeftlabError(f"an adapter named {adapter_name!r} already exists (adapters: "
                                f"{sorted(self.peft_configs)}); pick another name or delete_adapter() first")
@@ -306,9 +309,10 @@ class PeftModel(nn.Module):
 
     # -- arithmetic ----------------------------------------------------------------------
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "linear", **options: Any) -> None:
+                             combination_type: str | None = None, **options: Any) -> None:
         """Add ``adapter_name``: a weighted combination of trained adapters of one method (HF peft's
-        call). ``combination_type`` is one the method's spec lists in ``combination_types``."""
+        call). ``combination_type`` is one the method's spec lists in ``combination_types`` (default:
+        the first it lists; LoRA's is "svd", as peft's)."""
         adapters, weights = list(adapters), [float(w) for w in weights]
         for name in adapters:
             self._check_known(name)
@@ -320,6 +324,7 @@ class PeftModel(nn.Module):
             raise PeftlabError(f"add_weighted_adapter combines adapters of one method; got "
                                f"{ {n: spec_for_config(self.peft_configs[n]).name for n in adapters} }")
         spec = next(iter(specs.values()))
+        combination_type = combination_type or next(iter(spec.combination_types), None)
         if spec.combine is None or combination_type not in spec.combination_types:
             offered = list(spec.combination_types) or "none"
             raise PeftlabError(f"{spec.name} adapters cannot be combined by {combination_type!r}; "

@@ -12,3 +12,4 @@ from .hybrid import mam_adapter  # noqa: F401
 from .additive import adapter_fusion  # noqa: F401
 from .reparameterized import vera  # noqa: F401
 from .reparameterized import adalora  # noqa: F401
+from .reparameterized import lorahub  # noqa: F401

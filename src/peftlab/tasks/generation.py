@@ -41,7 +41,7 @@ def load_e2e(root: str | Path, split: str = "dev", limit: int | None = None) -> 
     path = Path(root)
     if path.is_dir():
         if split not in E2E_SPLITS:
-            raise ValueError(f"unknown E2E split {split!r}; use one of {sorted(E2E_SPLITS)}")
+            raise TaskDataError(f"unknown E2E split {split!r}; use one of {sorted(E2E_SPLITS)}")
         path = path / E2E_SPLITS[split]
     if not path.is_file():
         raise TaskDataError(

@@ -185,7 +185,8 @@ def get_glue_task(name: str | GlueTask) -> GlueTask:
     key = _norm(name)
     if key in GLUE_TASKS:
         return GLUE_TASKS[key]
-    raise ValueError(
+    # TaskDataError (a ValueError): a wrong task name is the user's to fix, like a wrong folder.
+    raise TaskDataError(
         f"unknown GLUE task {name!r}; known tasks: "
         + ", ".join(t.dir_name for t in GLUE_TASKS.values())
     )
@@ -198,7 +199,7 @@ def _canonical_split(task: GlueTask, split: str) -> str:
     if canon is None:
         allowed = "train, dev" + (", dev_mismatched" if task.name == "mnli" else "")
         test_note = " (GLUE test files are unlabelled, so no 'test' split)" if "test" in split else ""
-        raise ValueError(f"unknown split {split!r} for {task.dir_name}; use one of: {allowed}{test_note}")
+        raise TaskDataError(f"unknown split {split!r} for {task.dir_name}; use one of: {allowed}{test_note}")
     return canon
 
 
@@ -236,7 +237,7 @@ def load_glue(
     spec = get_glue_task(task)
     canon = _canonical_split(spec, split)
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise TaskDataError(f"limit must be >= 0, got {limit}")
     if root is None:
         return _load_from_hub(spec, canon, limit)
 
@@ -266,6 +267,10 @@ def _find_task_dir(spec: GlueTask, root: Path) -> Path:
     # Why: let callers point straight at a task folder or a variant inside one
     # (e.g. MNLI/kshot-16-42, which keeps the standard MNLI columns).
     if _norm(root.name) == spec.name or _norm(root.parent.name) == spec.name:
+        return root
+    # Why: the task was named explicitly, so a folder of any name that holds its files is its
+    # folder (e.g. a copy named SST-2-small, passed as `--task sst2 --data-dir SST-2-small`).
+    if any((root / _split_file(spec, split)).is_file() for split in ("train", "dev")):
         return root
     raise TaskDataError(
         f"GLUE task folder for {spec.dir_name} not found: expected {root / spec.dir_name} "

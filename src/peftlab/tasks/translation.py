@@ -95,7 +95,7 @@ def load_wmt16_en_ro(
         limit: keep only the first ``limit`` pairs.
     """
     if direction not in ("en-ro", "ro-en"):
-        raise ValueError(f"direction must be 'en-ro' or 'ro-en', got {direction!r}")
+        raise TaskDataError(f"direction must be 'en-ro' or 'ro-en', got {direction!r}")
     src_lang, tgt_lang = direction.split("-")
     if root is None:
         return _load_from_hub(split, src_lang, tgt_lang, limit)
@@ -128,7 +128,7 @@ def _load_from_hub(split: str, src_lang: str, tgt_lang: str, limit: int | None) 
         ) from exc
     hub_split = _HUB_SPLITS.get(split)
     if hub_split is None:
-        raise ValueError(f"unknown hub split {split!r} for wmt16 ro-en; use one of {sorted(_HUB_SPLITS)}")
+        raise TaskDataError(f"unknown hub split {split!r} for wmt16 ro-en; use one of {sorted(_HUB_SPLITS)}")
     try:
         ds: Any = datasets.load_dataset("wmt16", "ro-en", split=hub_split)
     except Exception as exc:  # noqa: BLE001 - any hub/network failure gets the same advice

@@ -9,6 +9,8 @@ from torch.utils.data import DataLoader
 
 def encode_pairs(examples: Sequence[Any], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
     """Tokenize (text_a, text_b, label) examples once; padding happens per batch."""
+    if not examples:  # tokenizers fail on an empty batch (IndexError); there is nothing to encode
+        return []
     firsts = [e.text_a for e in examples]
     seconds = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
     enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)

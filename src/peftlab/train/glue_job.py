@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from ..core.config import PeftConfig
+from ..core.errors import PeftlabError
 from ..core.model import get_peft_model
-from ..tasks.errors import TaskDataError
-from ..tasks.glue import get_glue_task, glue_metrics, load_glue
+from ..tasks.errors import TaskDataError, describe_folder
+from ..tasks.glue import Example, GlueTask, get_glue_task, glue_metrics, load_glue
 from .data import encode_pairs, make_loader
 from .loop import StepProbe, TrainArgs, predict, train
 
@@ -34,19 +35,82 @@ class GlueRun:
     batch_size: int = 32
     max_length: int = 64
 
+    def __post_init__(self) -> None:
+        # Refused here: a limit of 0 used to surface as an IndexError deep inside the tokenizer.
+        for name in ("train_limit", "eval_limit", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if value is None and name.endswith("_limit"):
+                continue  # None: the whole split
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                whole = " (or None for the whole split)" if name.endswith("_limit") else ""
+                raise PeftlabError(f"GlueRun.{name}={value!r}: expected a positive whole number{whole}")
+
+
+def model_source_hint(model: str) -> str:
+    """Why ``model`` could not be found, for error messages: transformers speaks of repo ids
+    even when a local folder was meant, so say whether a folder exists and whether it is a hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(model)
+    if path.is_dir():
+        return f"the folder {path} exists ({describe_folder(path)})"
+    local = (f"{path} is a file, not a model folder" if path.exists()
+             else f"the folder {path} does not exist ({describe_folder(path.parent)})")
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return f"{local}, and {model!r} is not a valid hub id either ('name' or 'namespace/name')"
+    return f"{local}, so it was looked up as a hub id"
+
 
 def load_classifier(model_path: str, num_labels: int) -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "head is newly initialised" notice is expected here
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=num_labels, problem_type="regression" if num_labels == 1 else None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=num_labels, problem_type="regression" if num_labels == 1 else None)
+    except (OSError, ValueError) as err:  # a wrong path or hub id: the user's to fix, not a bug
+        detail = " ".join(str(err).split())[:300]
+        raise PeftlabError(f"cannot load model {model_path!r}: {model_source_hint(model_path)} ({detail}). "
+                           "Pass a folder holding config.json, the weights and the tokenizer, or a hub id "
+                           "that exists") from err
     if tokenizer.pad_token is None:  # decoders classify from the last non-pad token
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_eval_splits(task: GlueTask, data_dir: str | None, limit: int | None) -> dict[str, list[Example]]:
+    """Each scored split's examples, every row checked (TaskDataError names the file and line).
+    A missing extra split (MNLI's mismatched dev set) is warned about and skipped; an empty split
+    is refused, since it cannot be scored."""
+    evals: dict[str, list[Example]] = {}
+    for split in task.eval_splits:
+        try:
+            examples = load_glue(task, data_dir, split, limit)
+        except TaskDataError as err:
+            if split == task.eval_splits[0]:
+                raise
+            # e.g. MNLI's pcp_subset variant has no mismatched dev set: score the splits there are
+            warnings.warn(f"{err}; {task.dir_name} is scored without its {split} split", stacklevel=3)
+            continue
+        if not examples:
+            raise TaskDataError(f"GLUE {task.dir_name} {split} split in {data_dir or 'the hub glue dataset'} has "
+                                "no examples; expected rows below the header")
+        evals[split] = examples
+    return evals
+
+
+def load_splits(task: GlueTask, run: GlueRun) -> tuple[list[Example], dict[str, list[Example]]]:
+    """The training examples and the scored splits' examples (see :func:`load_eval_splits`)."""
+    train_examples = load_glue(task, run.data_dir, "train", run.train_limit)
+    if not train_examples:
+        raise TaskDataError(f"GLUE {task.dir_name} train split in {run.data_dir or 'the hub glue dataset'} has "
+                            "no examples; expected rows below the header")
+    return train_examples, load_eval_splits(task, run.data_dir, run.eval_limit)
 
 
 def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str | Path | None = None,
@@ -56,6 +120,9 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     ``probe`` goes to :func:`~peftlab.train.loop.train` (the assessment measures memory with it).
     """
     task = get_glue_task(run.task)
+    # Every split is read and checked before the model loads: a bad dev row fails in seconds,
+    # not after training.
+    train_examples, eval_examples = load_splits(task, run)
     torch.manual_seed(args.seed)
     model, tokenizer = load_classifier(run.model, task.num_labels)
     if config is not None:
@@ -64,7 +131,7 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
         model = get_peft_model(model, config)
     else:
         trainable = total = sum(p.numel() for p in model.parameters())
-    train_rows = encode_pairs(load_glue(task, run.data_dir, "train", run.train_limit), tokenizer, run.max_length)
+    train_rows = encode_pairs(train_examples, tokenizer, run.max_length)
     loader = make_loader(train_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed)
     started = time.perf_counter()
     result = train(model, loader, args, probe=probe)
@@ -74,15 +141,7 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
         report = model.trainable_parameters_report()
         trainable, total = report.trainable_entries, report.base + report.trainable_entries
     metrics: dict[str, float] = {}
-    for split in task.eval_splits:
-        try:
-            examples = load_glue(task, run.data_dir, split, run.eval_limit)
-        except TaskDataError as err:
-            if split == task.eval_splits[0]:
-                raise
-            # e.g. MNLI's pcp_subset variant has no mismatched dev set: score the splits there are
-            warnings.warn(f"{err}; {task.dir_name} is scored without its {split} split", stacklevel=2)
-            continue
+    for split, examples in eval_examples.items():
         rows = encode_pairs(examples, tokenizer, run.max_length)
         logits, labels = predict(model, make_loader(rows, tokenizer, 128, shuffle=False))
         scores = glue_metrics(task, logits, labels)

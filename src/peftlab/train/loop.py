@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..core.errors import PeftlabError
 from ..core.model import PeftModel
 
 # ``probe(step, model, optimizer)`` may return a context manager to run one training step inside
@@ -85,7 +86,7 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
     accelerator = accelerator or _accelerator()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters: nothing to train. "
+        raise PeftlabError("the model has no trainable parameters: nothing to train. "
                          "Wrap it with peftlab.get_peft_model(model, config) first, or unfreeze it.")
     # A PeftModel runs its methods' training hooks (data pass, step hooks, parameter groups).
     peft = model if isinstance(model, PeftModel) else None

@@ -42,10 +42,10 @@ from torch import nn
 
 from ...core.config import PeftConfig, peft_names, refuse_peft_features
 from ...core.errors import PeftlabError
-from ...core.inject import wrap
+from ...core.inject import delta_modules, wrap
 from ...core.layer import DeltaModule, base_of
 from ...core.registry import MethodSpec, register
-from ...core.targets import LINEAR_TYPES, resolve_targets
+from ...core.targets import LINEAR_TYPES, logical_name, resolve_targets
 
 
 @peft_names(lora_alpha="alpha", target_modules="targets", lora_dropout="dropout", use_rslora="rslora")
@@ -516,9 +516,249 @@ def attach(model: nn.Module, name: str, config: LoraConfig, host: Any = None) ->
     _group_siblings(model)
 
 
+# -- adapter arithmetic ---------------------------------------------------------------------------
+# ``PeftModel.add_weighted_adapter`` (HF peft's call) validates the request and delegates here.
+
+# peft's names for the same computations ("svd" first: peft's default).
+_PEFT_NAMES = {"ties_svd": "ties", "dare_linear_svd": "dare_linear", "dare_ties_svd": "dare_ties"}
+COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "dare_linear", "dare_ties", *_PEFT_NAMES)
+# The options each combination type reads; any other option given is refused rather than ignored.
+# (``None`` counts as not given, so a peft script's ``svd_rank=None, density=None`` passes.)
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "linear": (), "cat": (), "svd": ("svd_rank",),
+    "ties": ("svd_rank", "density", "majority_sign_method"),
+    "dare_linear": ("svd_rank", "density", "seed"),
+    "dare_ties": ("svd_rank", "density", "seed", "majority_sign_method"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a combination writes: the new adapter's config, the layers that hold it, the options."""
+
+    kind: str
+    config: LoraConfig
+    layers: list[LoraLayer]
+    options: dict[str, Any]
+
+
+def combine(model: Any, adapters: list[str], weights: list[float], new_name: str, combination_type: str,
+            **options: Any) -> None:
+    """Add LoRA adapter ``new_name`` to ``model`` (a PeftModel) as a weighted combination of the LoRA
+    ``adapters``, with ``w_i = weights[i]``, ``s_i`` adapter i's scale and ``dW_i = s_i B_i A_i``:
+
+    - ``"linear"``: ``A = sum_i w_i A_i``, ``B = sum_i w_i (s_i / s) B_i`` with ``s`` the first adapter's
+      scale (the new adapter keeps its r, alpha, rslora; equal scales: plain weighted sums of A and B,
+      the form LoRAHub searches over). Needs equal ranks. The new update ``s B A`` is NOT
+      ``sum_i w_i dW_i``: it has cross terms ``w_i w_j B_i A_j`` and one adapter with weight ``w``
+      gives ``w^2 dW``. (Deviation from peft, whose "linear" puts ``sign(w) sqrt(|w| s_i)`` on A and
+      ``sqrt(|w| s_i)`` on B; the two agree when every weight is 1 and the scales are equal.)
+    - ``"cat"``: the ranks side by side, ``A = [w_1 s_1 A_1; w_2 s_2 A_2; ...]``, ``B = [B_1, B_2, ...]``,
+      rank ``sum r_i``, scale 1: exactly ``sum_i w_i dW_i``.
+    - ``"svd"``: ``sum_i w_i dW_i`` re-factorised by ``torch.linalg.svd`` into rank ``svd_rank``
+      (default: the largest rank): ``B = U_k S_k``, ``A = V_k^T``, scale 1. Exact when ``svd_rank``
+      reaches the rank of the sum (``sum r_i`` always does), the best rank-k approximation otherwise.
+    - ``"ties"`` (Yadav et al., 2023, "TIES-Merging"): each task vector ``t_i = w_i dW_i`` keeps its
+      top ``density`` fraction of entries by magnitude (trim); each entry's sign is elected as the
+      sign of ``sum_i t_i`` (``majority_sign_method="total"``) or of the count of signs
+      (``"frequency"``); each entry is the mean of the kept ``t_i`` that agree with it (disjoint
+      mean). Then re-factorised as "svd".
+    - ``"dare_linear"`` / ``"dare_ties"`` (Yu et al., 2024, "Language Models are Super Mario", DARE):
+      each entry of ``t_i`` is dropped with probability ``1 - density`` and the kept ones are
+      rescaled by ``1 / density``; then summed ("dare_linear") or elected and disjoint-averaged as
+      TIES ("dare_ties"); then re-factorised as "svd". ``seed`` fixes the drops: one CPU generator
+      draws ``rand(shape) < density`` per layer (model order), per adapter (the order given).
+
+    ties/dare work on the full ``dW`` as peft's ``*_svd`` types do, and take those names too
+    ("ties_svd" is "ties" here; peft's plain "ties"/"dare_*" trim A and B separately). Deviation
+    from peft: signs are elected on the weighted task vectors, so a negative weight (task negation)
+    flips its vote; with equal positive weights this is peft's election. DoRA adapters combine by "svd"/"ties"/"dare_*" (their whole change of the weight).
+    The new adapter is plain LoRA, added inactive; dropout, task_type and inference_mode are the
+    first adapter's.
+
+    Raises PeftlabError, before anything is added, when the adapters adapt different layers, ranks
+    differ for "linear", an option does not apply or is out of range, or an adapter carries trained
+    module copies (``modules_to_save``), which LoRA arithmetic cannot combine.
+    """
+    plan = _plan(model, adapters, combination_type, options)
+    model.add_adapter(new_name, plan.config)
+    _write(plan, adapters, [float(w) for w in weights], new_name)
+
+
+def write_combination(model: Any, adapters: list[str], weights: list[float], name: str,
+                      combination_type: str = "linear", **options: Any) -> None:
+    """Overwrite, in place, the A and B of adapter ``name`` — made earlier by ``combine`` from the same
+    ``adapters`` and ``combination_type`` — with another weighting. A weight search (LoRAHub) calls
+    this for every candidate instead of adding and deleting an adapter each time."""
+    if len(weights) != len(adapters):
+        raise PeftlabError(f"{len(adapters)} adapters and {len(weights)} weights; give one weight per adapter")
+    plan = _plan(model, adapters, combination_type, options)
+    config = model.peft_configs.get(name)
+    if not isinstance(config, LoraConfig) or config.r != plan.config.r or config.scaling != plan.config.scaling:
+        raise PeftlabError(f"adapter {name!r} was not made by combining {adapters} by {combination_type!r} "
+                           f"(expected a LoRA adapter of rank {plan.config.r}); create it with add_weighted_adapter")
+    _write(plan, adapters, [float(w) for w in weights], name)
+
+
+def _plan(model: Any, adapters: list[str], combination_type: str, options: dict[str, Any]) -> _Plan:
+    """Check that ``adapters`` can be combined by ``combination_type``; the new adapter's config."""
+    if combination_type not in COMBINATION_TYPES:
+        raise PeftlabError(f"unknown combination_type {combination_type!r}; LoRA offers {list(COMBINATION_TYPES)}")
+    combination_type = _PEFT_NAMES.get(combination_type, combination_type)
+    configs = [model.peft_configs[n] for n in adapters]
+    if not adapters or not all(isinstance(c, LoraConfig) for c in configs):
+        raise PeftlabError(f"LoRA combines LoRA adapters; got {[type(c).__name__ for c in configs] or 'none'}")
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - set(_OPTIONS[combination_type]))
+    if unknown:
+        raise PeftlabError(f"option(s) {unknown} do not apply to combination_type {combination_type!r}, which reads "
+                           f"{list(_OPTIONS[combination_type]) or 'no options'}; remove them")
+    heads = {n: list(c.modules_to_save) for n, c in zip(adapters, configs) if c.modules_to_save}
+    if heads:
+        raise PeftlabError(f"adapters {heads} train full copies of modules (modules_to_save), which LoRA arithmetic "
+                           "cannot combine; combine adapters without them (target the head with LoRA instead)")
+    dora = [n for n, c in zip(adapters, configs) if c.use_dora]
+    if dora and combination_type in ("linear", "cat"):
+        raise PeftlabError(f"adapters {dora} are DoRA, whose update is not s B A; combine them by 'svd', 'ties' "
+                           f"or 'dare_*' (their full weight change), not {combination_type!r}")
+    layers = _same_layers(model, adapters)
+    ranks = {n: c.r for n, c in zip(adapters, configs)}
+    if combination_type == "linear" and len(set(ranks.values())) > 1:
+        raise PeftlabError(f"combination_type 'linear' sums A and B, so it needs equal ranks; got r={ranks}. "
+                           "Use 'cat' (exact, rank = sum) or 'svd' (rank = svd_rank)")
+    svd_rank = options.get("svd_rank", max(ranks.values()))
+    if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1:
+        raise PeftlabError(f"svd_rank={svd_rank!r}: expected a positive integer rank (default: the largest rank, "
+                           f"{max(ranks.values())})")
+    if combination_type in ("ties", "dare_linear", "dare_ties"):
+        density = options.get("density")
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise PeftlabError(f"{combination_type!r} needs density, the fraction of entries each adapter keeps, "
+                               f"in (0, 1] (e.g. density=0.5); got {density!r}")
+    if options.get("majority_sign_method", "total") not in ("total", "frequency"):
+        raise PeftlabError(f"majority_sign_method={options['majority_sign_method']!r}: expected 'total' or 'frequency'")
+    if "seed" in options and (isinstance(options["seed"], bool) or not isinstance(options["seed"], int)):
+        raise PeftlabError(f"seed={options['seed']!r}: expected an integer")
+    first = configs[0]
+    if combination_type == "linear":
+        config = dataclasses.replace(first, use_dora=False)
+    else:  # the scales are folded into the factors: scale 1
+        rank = sum(ranks.values()) if combination_type == "cat" else svd_rank
+        config = dataclasses.replace(first, r=rank, alpha=rank, rslora=False, use_dora=False)
+    return _Plan(combination_type, config, layers, options)
+
+
+def _same_layers(model: Any, adapters: list[str]) -> list[LoraLayer]:
+    """The LoRA layers of the first adapter; every other adapter must adapt exactly those layers."""
+    sites: dict[str, dict[str, LoraLayer]] = {name: {} for name in adapters}
+    for path, module in delta_modules(model):
+        if isinstance(module, LoraLayer):
+            for name in adapters:
+                if name in module.settings:
+                    sites[name][logical_name(path).removeprefix("base_model.")] = module
+    first = adapters[0]
+    for name in adapters[1:]:
+        extra, missing = sorted(set(sites[name]) - set(sites[first])), sorted(set(sites[first]) - set(sites[name]))
+        if extra or missing:
+            raise PeftlabError(f"adapters {first!r} and {name!r} adapt different layers ({name!r} has "
+                               f"{extra[:4] or 'no others'} in addition, lacks {missing[:4] or 'none'}); only "
+                               "adapters with the same targets can be combined")
+    return list(sites[first].values())
+
+
+def _factor_tensors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A: r x in, B: out x r) of adapter ``name``, the tensors themselves (embeddings: in = vocab)."""
+    if layer.is_embedding:
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def _update(layer: LoraLayer, name: str) -> torch.Tensor:
+    """``dW = s B A`` as out x in (embeddings: dim x vocab), float32, whatever the base layout."""
+    delta = layer.delta_weight(name).float()
+    return delta.T if layer.transposed or layer.is_embedding else delta
+
+
+def _write(plan: _Plan, adapters: list[str], weights: list[float], new_name: str) -> None:
+    seed = plan.options.get("seed")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for layer in plan.layers:
+            a, b = _combined_factors(layer, adapters, weights, plan, generator)
+            new_a, new_b = _factor_tensors(layer, new_name)
+            new_a.copy_(a)
+            new_b.copy_(b)
+
+
+def _combined_factors(layer: LoraLayer, adapters: list[str], weights: list[float], plan: _Plan,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new (A: r x in, B: out x r) of one layer."""
+    combination_type = plan.kind
+    factors = [[t.float() for t in _factor_tensors(layer, n)] for n in adapters]
+    scales = [layer.settings[n] for n in adapters]
+    if combination_type == "linear":
+        s = plan.config.scaling
+        a = sum(w * fa for w, (fa, _) in zip(weights, factors))
+        b = sum(w * (si / s) * fb for w, si, (_, fb) in zip(weights, scales, factors))
+        return a, b
+    if combination_type == "cat":
+        a = torch.cat([w * si * fa for w, si, (fa, _) in zip(weights, scales, factors)])
+        return a, torch.cat([fb for _, fb in factors], dim=1)
+    tasks = [w * _update(layer, n) for w, n in zip(weights, adapters)]
+    density = plan.options.get("density", 1.0)
+    sign_method = plan.options.get("majority_sign_method", "total")
+    if combination_type == "ties":
+        merged = _disjoint_merge([_trim(t, density) for t in tasks], sign_method)
+    elif combination_type == "dare_linear":
+        merged = torch.stack([_drop_and_rescale(t, density, generator) for t in tasks]).sum(0)
+    elif combination_type == "dare_ties":
+        merged = _disjoint_merge([_drop_and_rescale(t, density, generator) for t in tasks], sign_method)
+    else:  # svd
+        merged = torch.stack(tasks).sum(0)
+    return _low_rank(merged, plan.config.r)
+
+
+def _trim(task: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES's trim: keep the ``int(density * numel)`` largest-magnitude entries, zero the rest."""
+    k = int(density * task.numel())
+    keep = torch.zeros(task.numel(), dtype=torch.bool, device=task.device)
+    keep[task.abs().reshape(-1).topk(k).indices] = True
+    return task * keep.view_as(task)
+
+
+def _drop_and_rescale(task: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` and rescale the kept ones by 1/density, so
+    the expected task vector is unchanged."""
+    keep = torch.rand(task.shape, generator=generator) < density  # drawn on CPU: one generator, any device
+    return task * keep.to(task.device) / density
+
+
+def _disjoint_merge(tasks: list[torch.Tensor], sign_method: str) -> torch.Tensor:
+    """TIES's elect + disjoint mean: per entry, the mean of the task values whose sign is the elected
+    one (zeros never vote or count; an entry no task keeps stays 0)."""
+    stacked = torch.stack(tasks)  # (n_tasks, out, in)
+    votes = stacked.sum(0) if sign_method == "total" else stacked.sign().sum(0)
+    elected = torch.where(votes >= 0, 1.0, -1.0)
+    agree = stacked.sign() == elected
+    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def _low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``delta`` (out x in) as ``B A`` with B: out x rank, A: rank x in: the top singular triplets,
+    ``B = U S``, ``A = V^T`` (as peft); zero-padded where ``rank`` exceeds ``min(out, in)``."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, s.numel())
+    b = delta.new_zeros(delta.shape[0], rank)
+    a = delta.new_zeros(rank, delta.shape[1])
+    b[:, :k] = u[:, :k] * s[:k]
+    a[:k] = vh[:k]
+    return a, b
+
+
 SPEC = register(MethodSpec(
     name="lora", family="reparameterized", subcategory="LoRA", config_cls=LoraConfig,
     trains="low-rank update B A of chosen weight matrices", attach=attach,
     paper="Hu et al. 2022, LoRA: Low-Rank Adaptation of Large Language Models",
     mergeable=True, merge_tolerance=1e-4, peft_type="LORA", default_lr=5e-4, supports_mixed_batch=True,
+    combine=combine, combination_types=COMBINATION_TYPES,
 ))
