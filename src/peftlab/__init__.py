@@ -5,10 +5,10 @@ from .core.auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelFo
 from .core.config import PeftConfig, config_from_dict, load_config
 from .core.errors import CheckpointError, PeftlabError
 from .core.hooks import TrainingHookError, TrainingHooks
+from .core.compat import TaskType, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .core.model import (ParameterReport, PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
                          PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
-                         PeftModelForTokenClassification, TaskType, get_peft_model, get_peft_model_state_dict,
-                         inject_adapter_in_model, set_peft_model_state_dict)
+                         PeftModelForTokenClassification, get_peft_model)
 from .core.registry import MethodSpec, get_method, list_methods, register
 from .methods.reparameterized.lora import LoraConfig
 from .methods.additive.parallel_adapter import ParallelAdapterConfig
