@@ -96,3 +96,18 @@ def test_a_single_re_string_target_is_a_regex_and_a_bad_regex_is_named():
     with pytest.raises(PeftlabError, match="target regex '\\(' is not a valid regular expression"):
         get_peft_model(tiny_bert(), LoraConfig(r=2, targets=("re:(",)))
     assert state.CONFIG_HASH_KEY
+
+
+def test_an_adapter_for_a_shallower_model_of_the_same_width_is_refused(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def bert(layers):
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers,
+                                                        num_attention_heads=4, intermediate_size=64))
+
+    pm = get_peft_model(bert(2), LoraConfig(r=2))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="saved for .*num_hidden_layers=2.*this model has num_hidden_layers=3"):
+        PeftModel.from_pretrained(bert(3), tmp_path)
+    PeftModel.from_pretrained(bert(2), tmp_path)  # its own shape loads

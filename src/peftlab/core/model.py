@@ -7,6 +7,7 @@ merge, save and load. Everything method-specific sits in the methods' delta modu
 from __future__ import annotations
 
 import contextlib
+import json
 import functools
 import inspect
 import warnings
@@ -23,7 +24,7 @@ from .hooks import TrainingState, run_hook
 from .inject import delta_modules, remove_empty_wrappers, unwrap_all, wrap
 from .layer import DeltaModule, TrainableCopy
 from .registry import spec_for_config
-from .state import CONFIG_NAME, WEIGHTS_NAME, check_state, read_config_dict, read_tensors, save_adapter
+from .state import CONFIG_NAME, WEIGHTS_NAME, check_state, read_config_dict, read_metadata, read_tensors, save_adapter
 from .targets import logical_name, resolve_modules_to_save
 
 _BASE = "base_model."
@@ -627,7 +628,8 @@ class PeftModel(nn.Module):
             if "target_modules" in config:  # peft cannot read '@' sites: write the resolved names
                 config["target_modules"] = self._adapter_paths(name)
             config.update(self.peft_configs[name].peft_fields_for(self.base_model, name))
-            save_adapter(folder, config, self.adapter_state_dict(name))
+            save_adapter(folder, config, self.adapter_state_dict(name),
+                         {SHAPE_KEY: json.dumps(_model_shape(self.base_model))})
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Upload the adapters (what ``save_pretrained`` writes), not the base model, to the Hub repo
@@ -683,7 +685,36 @@ class PeftModel(nn.Module):
     def _load_into(self, adapter_name: str, path: str | Path, is_trainable: bool) -> None:
         if not is_trainable:
             self.inference_adapters.add(adapter_name)
-        self.load_adapter_state_dict(adapter_name, read_tensors(Path(path) / WEIGHTS_NAME), str(path))
+        weights = Path(path) / WEIGHTS_NAME
+        base = self.peft_configs[adapter_name].base_model_name_or_path or "an unnamed base model"
+        saved = json.loads(read_metadata(weights).get(SHAPE_KEY, "{}"))
+        here = _model_shape(self.base_model)
+        differ = {k: (saved[k], here.get(k)) for k in saved if saved[k] != here.get(k)}
+        if differ:  # the same width passes the key check, so a 6-layer adapter would load into 8 layers
+            raise CheckpointError(f"the adapter in {path} was saved for {base} "
+                                  + ", ".join(f"{k}={a!r}" for k, (a, _) in differ.items()) + "; this model has "
+                                  + ", ".join(f"{k}={b!r}" for k, (_, b) in differ.items())
+                                  + ". Load it onto the base model it was trained on")
+        try:
+            self.load_adapter_state_dict(adapter_name, read_tensors(weights), str(path))
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}\nThe adapter was saved from {base}.") from None
+
+
+# Safetensors metadata key: the base model's shape the adapter was made for (peftlab files only).
+SHAPE_KEY = "peftlab_base_model"
+
+
+def _model_shape(model: nn.Module) -> dict[str, Any]:
+    """What an adapter must match beyond its tensors' shapes: the model type and its depth and width."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    shape = {"model_type": getattr(config, "model_type", None)}
+    for key in ("num_hidden_layers", "hidden_size", "num_layers", "num_decoder_layers", "n_layer", "d_model"):
+        value = getattr(text, key, None)
+        if isinstance(value, int):
+            shape[key] = value
+    return shape
 
 
 def _read_config(path: str | Path) -> PeftConfig:

@@ -65,7 +65,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 CONFIG_HASH_KEY = "peftlab_config_sha256"
 
 
-def save_adapter(folder: str | Path, config_dict: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def save_adapter(folder: str | Path, config_dict: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
     """Write one adapter: weights first, then the config, each by atomic rename.
 
     A crash while either file is being written leaves the previous file in place. The weights carry
@@ -79,7 +80,8 @@ def save_adapter(folder: str | Path, config_dict: dict[str, Any], tensors: dict[
         for stale in folder.glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
     config_bytes = json.dumps(config_dict, indent=2, sort_keys=True).encode()
-    save_tensors(folder / WEIGHTS_NAME, tensors, {CONFIG_HASH_KEY: hashlib.sha256(config_bytes).hexdigest()})
+    save_tensors(folder / WEIGHTS_NAME, tensors,
+                 {**(metadata or {}), CONFIG_HASH_KEY: hashlib.sha256(config_bytes).hexdigest()})
     atomic_write_bytes(folder / CONFIG_NAME, config_bytes)
 
 
@@ -96,6 +98,15 @@ def read_config_dict(folder: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, expected an object of config fields")
     return data
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of a weights file (empty when unreadable: read_tensors says why)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:
+        return {}
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
