@@ -125,12 +125,23 @@ class DeltaModule(nn.Module):
     def release(self, model: nn.Module) -> None:
         """Undo anything this module hooked outside its own tree (model-level modules override)."""
 
-    # -- merging (mergeable methods override) ----------------------------------------------
+    # -- merging: a wrapper whose update is a change of the wrapped weight defines
+    # ``delta_weight(name)`` (laid out like that weight) and merges by adding it ------------
     def merge(self, name: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+        self._add_delta(name, 1)
+        self.merged_adapters.append(name)
 
     def unmerge(self, name: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
+        self._add_delta(name, -1)
+        self.merged_adapters.remove(name)
+
+    def _add_delta(self, name: str, sign: int) -> None:
+        delta_weight = getattr(self, "delta_weight", None)
+        if delta_weight is None or "base_layer" not in self._modules:
+            raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+        weight = base_of(self.base_layer).weight
+        with torch.no_grad():
+            weight.add_(delta_weight(name).to(weight.dtype), alpha=sign)
 
 
 class TrainableCopy(DeltaModule):
@@ -217,6 +228,16 @@ def _scatter(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, a
                               f"{tuple(dense.shape)}; was it saved for another model?")
     dense.zero_()
     dense.view(-1)[indices.to(dense.device, torch.long)] = values.to(dense.dtype)
+
+
+def linear_io(module: nn.Module) -> tuple[int, int, bool]:
+    """(in, out, transposed) of the ``nn.Linear`` or GPT-2 ``Conv1D`` under any wrappers; Conv1D
+    keeps its weight as in x out (``transposed``), Linear as out x in."""
+    base = base_of(module)
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, False
+    in_features, out_features = base.weight.shape
+    return int(in_features), int(out_features), True
 
 
 def base_of(module: nn.Module) -> nn.Module:

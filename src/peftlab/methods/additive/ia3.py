@@ -36,7 +36,7 @@ from torch import nn
 from ...core.config import PeftConfig, peft_names
 from ...core.errors import PeftlabError
 from ...core.inject import wrap
-from ...core.layer import DeltaModule, base_of
+from ...core.layer import DeltaModule, base_of, linear_io
 from ...core.registry import MethodSpec, register
 from ...core.targets import LINEAR_TYPES, architecture_of, resolve_targets
 
@@ -122,12 +122,7 @@ class IA3Layer(DeltaModule):
         super().__init__()
         self.base_layer = base_layer
         self.ia3_l = nn.ParameterDict()
-        base = base_of(base_layer)
-        self.transposed = not isinstance(base, nn.Linear)  # Conv1D keeps W as in x out
-        if self.transposed:
-            self.in_features, self.out_features = base.weight.shape
-        else:
-            self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features, self.transposed = linear_io(base_layer)
 
     def add(self, name: str, role: _Role) -> None:
         weight = base_of(self.base_layer).weight

@@ -41,7 +41,7 @@ from torch import nn
 from ...core.config import PeftConfig
 from ...core.errors import PeftlabError
 from ...core.inject import wrap
-from ...core.layer import DeltaModule, base_of
+from ...core.layer import DeltaModule, base_of, linear_io
 from ...core.registry import MethodSpec, register
 from ...core.targets import LINEAR_TYPES, resolve_targets
 
@@ -91,12 +91,8 @@ def bottleneck_width(config: Any, hidden: int) -> int:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of an ``nn.Linear`` or GPT-2 ``Conv1D`` (which stores its weight as in x out)."""
-    module = base_of(module)
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    in_features, out_features = module.weight.shape
-    return int(in_features), int(out_features)
+    """(in, out) of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
+    return linear_io(module)[:2]
 
 
 def factory_kwargs(module: nn.Module) -> dict[str, Any]:

@@ -67,7 +67,7 @@ from ...core.config import PeftConfig, peft_names, refuse_peft_features
 from ...core.errors import PeftlabError
 from ...core.hooks import TrainingHooks, TrainingState
 from ...core.inject import wrap
-from ...core.layer import DeltaModule, base_of
+from ...core.layer import DeltaModule, base_of, linear_io
 from ...core.registry import MethodSpec, register
 from ...core.targets import LINEAR_TYPES, logical_name, resolve_targets
 
@@ -207,12 +207,7 @@ class AdaLoraLayer(DeltaModule):
         self.lora_A = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        base = base_of(base_layer)
-        self.transposed = not isinstance(base, nn.Linear)  # Conv1D keeps W as in x out
-        if self.transposed:
-            self.in_features, self.out_features = base.weight.shape
-        else:
-            self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features, self.transposed = linear_io(base_layer)
 
     def add(self, name: str, config: AdaLoraConfig, rank: int) -> None:
         weight = base_of(self.base_layer).weight
@@ -242,17 +237,6 @@ class AdaLoraLayer(DeltaModule):
         delta = self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]) * self.settings[name].scale
         return delta.T if self.transposed else delta
 
-    def merge(self, name: str) -> None:
-        weight = base_of(self.base_layer).weight
-        with torch.no_grad():
-            weight.add_(self.delta_weight(name).to(weight.dtype))
-        self.merged_adapters.append(name)
-
-    def unmerge(self, name: str) -> None:
-        weight = base_of(self.base_layer).weight
-        with torch.no_grad():
-            weight.sub_(self.delta_weight(name).to(weight.dtype))
-        self.merged_adapters.remove(name)
 
     # -- checkpoint form: only the kept triplets once the final allocation chose them ---------
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from torch import nn
 from ...core.config import PeftConfig, peft_names
 from ...core.errors import PeftlabError
 from ...core.inject import wrap
-from ...core.layer import BufferDict, DeltaModule, base_of
+from ...core.layer import BufferDict, DeltaModule, base_of, linear_io
 from ...core.registry import MethodSpec, register
 from ...core.targets import LINEAR_TYPES, resolve_targets
 
@@ -139,10 +139,7 @@ class VeraLayer(DeltaModule):
         self.base_layer = base_layer
         self.vera_lambda_b, self.vera_lambda_d = nn.ParameterDict(), nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()
-        base = base_of(base_layer)
-        self.transposed = not isinstance(base, nn.Linear)  # Conv1D keeps W as in x out
-        self.in_features, self.out_features = (base.weight.shape if self.transposed
-                                               else (base.in_features, base.out_features))
+        self.in_features, self.out_features, self.transposed = linear_io(base_layer)
         self.shared: list[VeraProjections] = []  # a list: the model-level module is not our child
 
     def add(self, name: str, config: VeraConfig, shared: VeraProjections) -> None:
@@ -177,17 +174,6 @@ class VeraLayer(DeltaModule):
         delta = (self.vera_lambda_b[name][:, None] * b) @ (self.vera_lambda_d[name][:, None] * a)
         return delta.T if self.transposed else delta
 
-    def merge(self, name: str) -> None:
-        weight = base_of(self.base_layer).weight
-        with torch.no_grad():
-            weight.add_(self.delta_weight(name).to(weight.dtype))
-        self.merged_adapters.append(name)
-
-    def unmerge(self, name: str) -> None:
-        weight = base_of(self.base_layer).weight
-        with torch.no_grad():
-            weight.sub_(self.delta_weight(name).to(weight.dtype))
-        self.merged_adapters.remove(name)
 
 
 def attach(model: nn.Module, name: str, config: VeraConfig, host: Any = None) -> None:
