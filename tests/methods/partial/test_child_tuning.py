@@ -146,3 +146,14 @@ def test_merge_writes_the_delta_into_the_weights():
         expected = pm(**batch).logits
         plain = pm.merge_and_unload()
         torch.testing.assert_close(plain(**batch).logits, expected)
+
+
+def test_optimizer_groups_spare_biases_and_norms_from_weight_decay():
+    pm = get_peft_model(tiny_bert(), ChildTuningConfig(modules_to_save=("classifier",)))
+    groups = pm.param_groups(lr=1e-3, weight_decay=0.01)
+    by_id = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert len(by_id) == sum(1 for p in pm.parameters() if p.requires_grad)  # every trainable tensor, once
+    for layer in _layers(pm).values():
+        norm = type(layer.inner[0]).__name__ == "LayerNorm"
+        for part, (delta, _) in zip(layer.paths, layer.deltas("default")):
+            assert by_id[id(delta)] == (0.0 if norm or part == "bias" else 0.01), part

@@ -28,7 +28,8 @@ Defaults and deviations:
   as in the reference). Word embeddings are not targeted: a dense delta of the vocabulary matrix
   would cost more memory than the child network saves.
 - As in the reference, the mask multiplies the gradient before AdamW's moment updates, so in mode F
-  an entry that was kept at an earlier step keeps moving on its momentum.
+  an entry that was kept at an earlier step keeps moving on its momentum; and as its optimizer
+  groups, biases and normalisation weights take no weight decay (the ``param_groups`` hook).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from ...core.hooks import TrainingHooks, TrainingState
 from ...core.inject import wrap
 from ...core.layer import BufferDict, DeltaModule
 from ...core.registry import MethodSpec, register
-from ...core.targets import resolve_targets
+from ...core.targets import LINEAR_TYPES, resolve_targets
 
 PARTS = ("weight", "bias")
 
@@ -190,6 +191,17 @@ def _mask_gradients(model: Any, name: str, state: TrainingState) -> None:
                 delta.grad.mul_(torch.empty_like(delta.grad).bernoulli_(p)).div_(p)
 
 
+def _param_groups(model: Any, name: str, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """The reference code's optimizer groups: no weight decay on biases and normalisation weights."""
+    decayed, plain = [], []
+    for layer in _layers(model, name):
+        is_norm = not isinstance(layer.inner[0], LINEAR_TYPES)
+        for part, (delta, _) in zip(layer.paths, layer.deltas(name)):
+            (plain if part == "bias" or is_norm else decayed).append(delta)
+    return [{"params": decayed, "lr": lr, "weight_decay": weight_decay},
+            {"params": plain, "lr": lr, "weight_decay": 0.0}]
+
+
 def attach(model: nn.Module, name: str, config: ChildTuningConfig, host: Any = None) -> None:
     for path in resolve_targets(model, config.targets):
         if not isinstance(getattr(model.get_submodule(path), "weight", None), (nn.Parameter, torch.Tensor)):
@@ -203,5 +215,5 @@ SPEC = register(MethodSpec(
     attach=attach, paper="Xu et al. 2021, Raise a Child in Large Language Model: Towards Effective and "
                          "Generalizable Fine-tuning",
     mergeable=True, merge_tolerance=1e-5, default_lr=2.5e-5, needs_weight_gradients=True,
-    hooks=TrainingHooks(before_training=_choose_child, before_step=_mask_gradients),
+    hooks=TrainingHooks(before_training=_choose_child, before_step=_mask_gradients, param_groups=_param_groups),
 ))
