@@ -118,10 +118,15 @@ class PeftConfig:
         return config
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:  # resolving annotations is slow; a class's never change
+    return typing.get_type_hints(cls)
+
+
 def _check_field_types(config: PeftConfig) -> None:
     """Every field against its annotation, for every method at once: a bool is not a number, a
     number is not a flag, a string is not a number, numbers are finite. Ranges stay in validate()."""
-    hints = typing.get_type_hints(type(config))
+    hints = _type_hints(type(config))
     for f in dataclasses.fields(config):
         value, hint = getattr(config, f.name), hints.get(f.name)
         allowed = [a for a in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType)

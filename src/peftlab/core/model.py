@@ -187,9 +187,7 @@ class PeftModel(nn.Module):
             if not spec.supports_mixed_batch:
                 raise PeftlabError(f"adapter {name!r} is {spec.name}, which does not support mixed batches "
                                    "(its spec has supports_mixed_batch=False); run its examples in a separate call")
-        modules = [m for _, m in self._delta_modules()]
-        if any(m.merged_adapters for m in modules):
-            raise PeftlabError("an adapter is merged into the base weights; unmerge_adapter() before adapter_names=")
+        modules = self._unmerged_modules("adapter_names=")
         previous = [m.active_adapters for m in modules]
         for module in modules:
             module.set_active(wanted)
@@ -273,9 +271,7 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as the base model."""
-        modules = [m for _, m in self._delta_modules()]
-        if any(m.merged_adapters for m in modules):
-            raise PeftlabError("an adapter is merged into the base weights; unmerge_adapter() before disabling")
+        modules = self._unmerged_modules("disabling")
         previous = [m.disabled for m in modules]
         for module in modules:
             module.disabled = True
@@ -393,9 +389,7 @@ class PeftModel(nn.Module):
     def disable_adapter_layers(self) -> None:
         """Compute as the base model until :meth:`enable_adapter_layers` (``disable_adapter()`` is the
         block form)."""
-        if any(m.merged_adapters for _, m in self._delta_modules()):
-            raise PeftlabError("an adapter is merged into the base weights; unmerge_adapter() before disabling")
-        for _, module in self._delta_modules():
+        for module in self._unmerged_modules("disabling"):
             module.disabled = True
 
     def enable_adapter_layers(self) -> None:
@@ -517,6 +511,13 @@ class PeftModel(nn.Module):
     # -- parameters ----------------------------------------------------------------------
     def _delta_modules(self) -> Iterator[tuple[str, DeltaModule]]:
         return delta_modules(self)
+
+    def _unmerged_modules(self, before: str) -> list[DeltaModule]:
+        """Every delta module; refused while an adapter is merged (its delta is in the base weights)."""
+        modules = [m for _, m in self._delta_modules()]
+        if any(m.merged_adapters for m in modules):
+            raise PeftlabError(f"an adapter is merged into the base weights; unmerge_adapter() before {before}")
+        return modules
 
     def _check_known(self, adapter_name: str | None) -> None:
         if adapter_name not in self.peft_configs:
