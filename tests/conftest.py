@@ -115,8 +115,9 @@ def training_batch(kind: str) -> dict[str, torch.Tensor]:
 
 
 def begin_training(peft_model, kind: str) -> None:
-    """Start training the way a loop does (methods with data passes get one batch)."""
-    peft_model.begin_training([training_batch(kind)], total_steps=1)
+    """Start training the way a loop does (methods with data passes get one batch; one that trains
+    in its data pass does so at 1e-3)."""
+    peft_model.begin_training([training_batch(kind)], total_steps=1, learning_rate=1e-3)
 
 
 def main_output(out) -> torch.Tensor:

@@ -11,7 +11,7 @@ its trainable adapters. Three ways to drive them, all ending in the same calls:
   takes it in its callbacks);
 - a plain PyTorch loop::
 
-      model.begin_training(loader, total_steps)      # data passes (Fisher, ...), step schedule
+      model.begin_training(loader, total_steps, lr)  # data passes (Fisher, ...), step schedule
       for batch in loader:
           loss = model(**batch).loss                 # declared loss terms are already added
           loss.backward()
@@ -72,6 +72,9 @@ class TrainingState:
     step: int = 0
     total_steps: int | None = None
     started: bool = False
+    # The run's peak learning rate, when the driver knows it: a method whose data pass trains
+    # (LT-SFT's dense phase, diff pruning's L0 phase) trains at it unless its config names another.
+    learning_rate: float | None = None
 
 
 class TrainingHookError(RuntimeError):

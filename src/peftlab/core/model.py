@@ -434,15 +434,18 @@ class PeftModel(nn.Module):
                 found.append((spec.name, name, getattr(spec.hooks, field)))
         return found
 
-    def begin_training(self, data: Iterable[Any] | None = None, total_steps: int | None = None) -> None:
+    def begin_training(self, data: Iterable[Any] | None = None, total_steps: int | None = None,
+                       learning_rate: float | None = None) -> None:
         """Start a training run: reset the step count and run the methods' data passes on ``data``
         (an iterable of the training batches; a method that needs it says so when it is missing).
-        Call once before the first step."""
-        self.training_state = TrainingState(total_steps=total_steps, started=True)
-        was_training = self.training
+        ``learning_rate``: the run's peak rate, for methods whose data pass trains. Call once
+        before the first step."""
+        self.training_state = TrainingState(total_steps=total_steps, started=True, learning_rate=learning_rate)
+        modes = [(m, m.training) for m in self.modules()]  # data passes switch to train mode
         for method, name, hook in self._hooks("before_training"):
             run_hook(method, "before_training", self.training_state, hook, self, name, data)
-        self.train(was_training)
+        for module, mode in modes:
+            module.training = mode
 
     def before_optimizer_step(self) -> None:
         """Run after backward, before ``optimizer.step()`` (gradient masks, rank allocation)."""

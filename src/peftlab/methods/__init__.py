@@ -13,3 +13,4 @@ from .additive import adapter_fusion  # noqa: F401
 from .reparameterized import vera  # noqa: F401
 from .reparameterized import adalora  # noqa: F401
 from .reparameterized import lorahub  # noqa: F401
+from .partial import fish_mask  # noqa: F401

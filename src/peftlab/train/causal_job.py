@@ -28,7 +28,7 @@ from ..core.config import PeftConfig
 from ..core.errors import PeftlabError
 from ..tasks.errors import TaskDataError
 from ..tasks.generation import E2EExample, e2e_metrics, load_e2e
-from .generation import IGNORE_INDEX, default_device, generate_texts, make_loader, save_run, summarize, wrap_model
+from .generation import IGNORE_INDEX, count_after_training, default_device, generate_texts, make_loader, save_run, summarize, wrap_model
 from .loop import StepProbe, TrainArgs, train
 
 
@@ -187,6 +187,7 @@ def run_generation(run: GenerationRun, config: PeftConfig | None, args: TrainArg
     loader = make_loader(rows, tokenizer.pad_token_id, run.batch_size, shuffle=True, seed=args.seed)
     started = time.perf_counter()
     result = train(model, loader, args, probe=probe)
+    trainable, total = count_after_training(model, trainable, total)
     scores, hyps = score_generation(model, tokenizer, examples, run)
     metrics.update(scores)
     summary = summarize(run, config, args, trainable, total, result, started, metrics)

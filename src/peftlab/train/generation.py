@@ -145,6 +145,17 @@ def wrap_model(model: nn.Module, config: PeftConfig | None) -> tuple[nn.Module, 
     return model, report.trainable, report.total
 
 
+def count_after_training(model: nn.Module, trainable: int, total: int) -> tuple[int, int]:
+    """(trainable, total) as the review counts them, taken after training: a masked method's entries
+    are chosen by its data pass. Trainable: the entries that can change; total: the base model plus
+    those. Full fine-tuning (not a PeftModel) keeps its counts."""
+    report = getattr(model, "trainable_parameters_report", None)
+    if report is None:
+        return trainable, total
+    counts = report()
+    return counts.trainable_entries, counts.base + counts.trainable_entries
+
+
 def summarize(run: Any, config: PeftConfig | None, args: TrainArgs, trainable: int, total: int,
               result: TrainResult, started: float, metrics: dict[str, float]) -> dict[str, Any]:
     """The dict every job returns; the keys are exactly ``run_glue``'s."""

@@ -57,7 +57,7 @@ class PeftlabCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         peft_model = _peft_model(model)
-        peft_model.begin_training(train_dataloader, state.max_steps or None)
+        peft_model.begin_training(train_dataloader, state.max_steps or None, args.learning_rate)
         # A resumed run continues the step count (schedules such as AdaLoRA's read it).
         peft_model.training_state.step = state.global_step
 

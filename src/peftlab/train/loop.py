@@ -95,7 +95,7 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total = args.max_steps or max(1, math.ceil(len(loader) * args.epochs))
     if peft:
-        peft.begin_training(loader, total)
+        peft.begin_training(loader, total, args.lr)
     warmup = int(total * args.warmup_ratio)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))

@@ -37,7 +37,7 @@ from ..core.config import PeftConfig
 from ..core.errors import PeftlabError
 from ..tasks.errors import TaskDataError
 from ..tasks.translation import TranslationPair, bleu, load_wmt16_en_ro
-from .generation import default_device, generate_texts, make_loader, save_run, summarize, train_tokenizer, wrap_model
+from .generation import count_after_training, default_device, generate_texts, make_loader, save_run, summarize, train_tokenizer, wrap_model
 from .loop import StepProbe, TrainArgs, train
 
 RANDOM = "random:"
@@ -221,6 +221,7 @@ def run_translation(run: TranslationRun, config: PeftConfig | None, args: TrainA
                          run.batch_size, shuffle=True, seed=args.seed)
     started = time.perf_counter()
     result = train(model, loader, args, probe=probe)
+    trainable, total = count_after_training(model, trainable, total)
     metrics["bleu"], hyps = score_translation(model, tokenizer, eval_rows, refs, run)
     summary = summarize(run, config, args, trainable, total, result, started, metrics)
     if out is not None:
