@@ -14,3 +14,4 @@ from .reparameterized import vera  # noqa: F401
 from .reparameterized import adalora  # noqa: F401
 from .reparameterized import lorahub  # noqa: F401
 from .partial import fish_mask  # noqa: F401
+from .partial import lt_sft  # noqa: F401

@@ -1,0 +1,136 @@
+"""LT-SFT (Ansell, Ponti, Korhonen and Vulić, 2022, "Composable Sparse Fine-Tuning for Cross-Lingual
+Transfer", ACL): Lottery-Ticket Sparse Fine-Tuning. Two phases::
+
+    phase 1   W1 = full fine-tuning of W0 (targeted tensors), loss + l1 * mean|W - W0|
+    select    M  = the K entries with the largest |W1 - W0|, one ranking across the model
+    reset     W  = W0
+    phase 2   W  = W0 + M * d, only d on M trains (d = 0 at start), loss + l1 * mean|d|
+
+The result is a sparse fine-tuning (SFT) ``d``; SFTs compose by addition, ``W = W0 + d_lang +
+d_task`` (a language SFT trained by masked language modelling and a task SFT trained on a source
+language, for zero-shot cross-lingual transfer): stack them with ``model.set_adapter([lang, task])``
+or write their sum as one adapter with ``model.add_weighted_adapter([lang, task], [1, 1], name)``.
+
+peftlab runs phase 1 inside the method's data pass (``begin_training``), over the same training
+batches, and phase 2 as the regular training that follows; the SFT is held as a sparse difference
+(:mod:`.sparse_delta`): optimizer state for the K entries only in phase 2, an index/value checkpoint.
+
+Defaults and deviations:
+- ``keep_ratio``: K as a share of the targeted entries; ``num_entries`` sets K itself (the paper's
+  language and task SFTs use K = 7.6M and 14.2M of mBERT's / XLM-R's weights, the size of MAD-X's
+  adapters, about 4% and 8% of their non-embedding weights); the default 0.08 is the task SFT's share.
+- Phase 1 lasts as long as phase 2 (``dense_steps=None``: the run's total steps), as the paper gives
+  both phases the same number of epochs; it trains at the run's learning rate (``dense_lr``
+  overrides) with the rate decaying linearly, as a fresh fine-tuning run would.
+- L1 regularisation towards the pretrained weights in both phases, as the reference code's
+  ``full_l1_reg``/``sparse_l1_reg``, here as the mean absolute difference times ``l1_reg``.
+- Targets: the transformer blocks' weights and biases and the LayerNorms. The embeddings are left
+  out by default (add ``@embeddings`` for a language SFT, whose vocabulary rows matter; a tied table
+  is refused). A task head new to the model trains in full through ``modules_to_save``: in phase 1
+  with the rest, and it carries over into phase 2 (it has no pretrained value to reset to).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ...core.config import PeftConfig
+from ...core.errors import PeftlabError
+from ...core.hooks import TrainingHooks
+from ...core.registry import MethodSpec, register
+from .sparse_delta import (attach_sparse, base_tensors, combine_sparse, count_of, entries, is_chosen, learning_rate,
+                           select_top, train_phase)
+
+NAME = "LT-SFT"
+
+
+@dataclasses.dataclass(frozen=True)
+class LtSftConfig(PeftConfig):
+    """keep_ratio: K as a share of the targeted entries; num_entries: K itself (overrides keep_ratio);
+    dense_steps: phase-1 steps (None: as many as the run); dense_lr: phase-1 learning rate (None: the
+    run's); l1_reg: strength of the L1 pull towards the pretrained weights (0 turns it off)."""
+
+    targets: tuple[str, ...] | str | None = ("@query", "@key", "@value", "@attn_out", "@ffn_in", "@ffn_out",
+                                             "@layernorm")
+    keep_ratio: float = 0.08
+    num_entries: int | None = None
+    dense_steps: int | None = None
+    dense_lr: float | None = None
+    l1_reg: float = 0.1
+
+    def validate(self) -> None:
+        self._require(isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio <= 1, "keep_ratio",
+                      "a share in (0, 1] such as 0.08")
+        self._require(self.num_entries is None or (isinstance(self.num_entries, int) and self.num_entries > 0),
+                      "num_entries", "a positive number of entries, or None to use keep_ratio")
+        self._require(self.dense_steps is None or (isinstance(self.dense_steps, int) and self.dense_steps > 0),
+                      "dense_steps", "a positive number of steps, or None for as many as the run")
+        self._require(self.dense_lr is None or (isinstance(self.dense_lr, (int, float)) and self.dense_lr > 0),
+                      "dense_lr", "a positive learning rate, or None for the run's")
+        self._require(isinstance(self.l1_reg, (int, float)) and self.l1_reg >= 0, "l1_reg", "a number >= 0")
+
+
+def _dense_phase(model: Any, name: str, data: Iterable[Any]) -> None:
+    """Phase 1, selection and reset."""
+    if is_chosen(model, name):
+        return  # an SFT loaded with the adapter: keep its entries
+    config: LtSftConfig = model.peft_configs[name]
+    tensors = base_tensors(model, name)
+    total = sum(t.numel() for t in tensors)
+    k = config.num_entries if config.num_entries is not None else count_of(config.keep_ratio, total)
+    if k > total:  # checked before the long phase 1
+        raise PeftlabError(f"{NAME}: num_entries={k} but the targets hold {total} entries; choose K <= {total}")
+    steps = config.dense_steps or model.training_state.total_steps
+    if steps is None:
+        raise PeftlabError(f"{NAME}: phase 1 lasts as long as the run, but the run's length is unknown: pass "
+                           "model.begin_training(loader, total_steps, learning_rate) or set dense_steps")
+    lr = learning_rate(model, config.dense_lr, NAME)
+    originals = [t.detach().clone() for t in tensors]
+    flags = [t.requires_grad for t in tensors]
+    # Before selection the SFT's values are empty: what else trains is a head (modules_to_save).
+    heads = [p for p in model.adapter_parameters(name) if p.numel()]
+
+    def l1() -> torch.Tensor:
+        return config.l1_reg * torch.stack([(t - o).abs().mean() for t, o in zip(tensors, originals)]).mean()
+
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        train_phase(model, list(tensors) + heads, data, steps, lr, NAME, loss_term=l1 if config.l1_reg else None)
+        moved = [(t.detach() - o).abs() for t, o in zip(tensors, originals)]
+    finally:
+        with torch.no_grad():  # reset to W0, whatever happened
+            for t, o, flag in zip(tensors, originals, flags):
+                t.copy_(o)
+                t.requires_grad_(flag)
+                t.grad = None
+    select_top(model, name, moved, k, NAME)
+
+
+def _l1_term(model: Any, name: str) -> torch.Tensor | None:
+    """Phase 2's L1 pull of the SFT towards zero (the pretrained weights)."""
+    config: LtSftConfig = model.peft_configs[name]
+    values = [layer.values(part)[name] for layer, part in entries(model, name)]
+    values = [v for v in values if v.numel()]
+    if not config.l1_reg or not values:
+        return None
+    total = sum(layer.base_tensor(part).numel() for layer, part in entries(model, name))
+    return config.l1_reg * sum(v.abs().sum() for v in values) / total
+
+
+def attach(model: nn.Module, name: str, config: LtSftConfig, host: Any = None) -> None:
+    attach_sparse(model, name, config.targets, NAME)
+
+
+SPEC = register(MethodSpec(
+    name="lt_sft", family="partial", subcategory="delta weight masking", config_cls=LtSftConfig,
+    trains="a sparse difference to the pretrained weights: the K entries that moved most in a full fine-tuning",
+    attach=attach, paper="Ansell, Ponti, Korhonen and Vulić 2022, Composable Sparse Fine-Tuning for "
+                         "Cross-Lingual Transfer",
+    mergeable=True, merge_tolerance=1e-5, default_lr=5e-5, needs_weight_gradients=True,
+    hooks=TrainingHooks(before_training=_dense_phase, loss=_l1_term),
+    combine=combine_sparse, combination_types=("linear",),
+))
