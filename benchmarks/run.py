@@ -55,6 +55,8 @@ from peftlab.core.state import atomic_write_bytes
 VARIANTS: dict[str, list[tuple[dict[str, Any], bool]]] = {
     "lora": [({}, True), ({"dropout": 0.1}, False), ({"use_dora": True}, True)],
     "child_tuning": [({}, True), ({"mode": "F"}, False)],
+    # Phase 1 (full fine-tuning in the data pass) would otherwise last the whole nominal run.
+    "lt_sft": [({"dense_steps": 1}, True)],
 }
 MIXED_KS = (1, 2, 4, 8)
 MIXED_EXAMPLES = 32
@@ -258,7 +260,8 @@ def build_train_cases(template: nn.Module, specs: list[MethodSpec], use_peft: bo
                 model = _apply(spec, clone_model(template, share=True), config).train()
                 if _writes_template(model, storages):
                     model = _apply(spec, clone_model(template, share=False), config).train()
-                model.begin_training([batch], total_steps=10**6)  # data passes (Fisher) run once, here
+                # Data passes (Fisher, a dense phase) run once, here, at the optimizer's rate.
+                model.begin_training([batch], total_steps=10**6, learning_rate=1e-5)
             except Exception as err:  # a method that does not apply to this architecture
                 errors.append({"case": label, "error": f"{type(err).__name__}: {err}"})
                 continue

@@ -67,13 +67,14 @@ def test_phase_one_fine_tunes_in_full_and_keeps_the_k_entries_that_moved_most():
     _no_dropout(model)
     tensors = [t for p in resolve_targets(model, config.targets) for t in model.get_submodule(p).parameters()]
     originals = [t.detach().clone() for t in tensors]
+    size = sum(p.numel() for p in model.parameters())
     for t in tensors:
         t.requires_grad_(True)
     opt = torch.optim.AdamW(tensors, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
     grads_at_start = None
     for i, batch in enumerate((data * steps)[:steps]):
-        l1 = 0.1 * torch.stack([(t - o).abs().mean() for t, o in zip(tensors, originals)]).mean()
+        l1 = 0.1 * sum((t - o).abs().sum() for t, o in zip(tensors, originals)) / size
         loss = model(**batch).loss + l1
         loss.backward()
         if i == 0:
@@ -92,6 +93,17 @@ def test_phase_one_fine_tunes_in_full_and_keeps_the_k_entries_that_moved_most():
     # Reset: the base weights are W0 again, and nothing of phase 1 is left behind.
     for t, o in zip([layer.base_tensor(p) for layer in _layers(pm) for p in layer.paths], originals):
         assert torch.equal(t, o) and not t.requires_grad and t.grad is None
+
+
+def test_a_new_head_trains_in_phase_one_and_is_reset_for_phase_two():
+    pm = get_peft_model(tiny_bert(), LtSftConfig(num_entries=100, modules_to_save=("classifier",)))
+    head = [p for p in pm.adapter_parameters("default") if p.numel() and p.dim() == 2][0]
+    start = head.detach().clone()
+    seen = []
+    pm.base_model.classifier.register_forward_hook(lambda m, a, o: seen.append(head.detach().clone()))
+    pm.begin_training(_batches(), total_steps=3, learning_rate=1e-2)
+    assert not torch.equal(seen[-1], start), "phase 1 did not train the head"
+    assert torch.equal(head, start), "the head was not reset to its initialisation for phase 2"
 
 
 def test_phase_two_trains_only_the_kept_entries_with_state_for_them_alone():

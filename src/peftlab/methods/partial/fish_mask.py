@@ -12,18 +12,20 @@ pretrained weights, so peftlab holds it as one (:mod:`.sparse_delta`): only the 
 are parameters (optimizer state for them alone), the checkpoint keeps them as index/value pairs, and
 merging adds them into the weights.
 
-Defaults and deviations:
-- N = 1024 examples and ``keep_ratio = 0.005`` (0.5%), the paper's GLUE setting.
-- The squared gradient is taken per example, as the Fisher is defined and the reference computes it
-  (its Fisher pass runs at batch size 1); this is what sets it apart from Child-Tuning_D, which
-  squares batch gradients.
+Defaults (from the paper and its reference code, varunnair18/FISH) and deviations:
+- N = 1024 examples and ``keep_ratio = 0.005`` (0.5%), the paper's GLUE setting; the mask is chosen
+  once, on the pretrained weights, before training (the paper's GLUE setting; it also studies
+  re-choosing it during training, which peftlab does not offer).
+- The Fisher is the empirical one (true labels) and its squared gradients are taken per example, as
+  the reference computes it (its Fisher pass runs at batch size 1). This is what sets it apart from
+  Child-Tuning_D, which squares batch gradients.
 - Targets: every weight and bias of the transformer blocks and the LayerNorms (``@query`` ...
-  ``@ffn_out``, ``@layernorm``). The word-embedding table is left out by default (add ``@embeddings``
-  where it is not tied to the output layer): its dense gradient would cost what the sparse optimizer
-  state saves. A task head new to the model is not in the ranking: name it in ``modules_to_save``
-  and it trains in full.
-- The mask is chosen once, before training (the paper's main setting; it also studies re-choosing it
-  during training, which peftlab does not offer).
+  ``@ffn_out``, ``@layernorm``). Deviation: the reference also ranks the embeddings and the pooler;
+  the word-embedding table is left out by default (add ``@embeddings`` where it is not tied to the
+  output layer) because its dense gradient would cost what the sparse optimizer state saves.
+- A task head new to the model is not in the ranking: name it in ``modules_to_save`` and it trains
+  in full, outside K. (The reference also always trains its classifier, but counts it in K.)
+- ``default_lr = 5e-5``, the paper's rate for every GLUE task.
 """
 from __future__ import annotations
 
@@ -104,6 +106,6 @@ SPEC = register(MethodSpec(
     name="fish_mask", family="partial", subcategory="pretrained weight masking", config_cls=FishMaskConfig,
     trains="the pretrained weights with the largest Fisher information (a fixed sparse mask chosen before training)",
     attach=attach, paper="Sung, Nair and Raffel 2021, Training Neural Networks with Fixed Sparse Masks",
-    mergeable=True, merge_tolerance=1e-5, default_lr=1e-4, needs_weight_gradients=True,
+    mergeable=True, merge_tolerance=1e-5, default_lr=5e-5, needs_weight_gradients=True,
     hooks=TrainingHooks(before_training=_choose), combine=combine_sparse, combination_types=("linear",),
 ))
