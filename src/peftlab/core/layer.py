@@ -76,6 +76,11 @@ class DeltaModule(nn.Module):
         mask, not the dense tensor that holds the masked entries)."""
         return sum(p.numel() for p in self.adapter_parameters(name))
 
+    def dense_entries(self, name: str) -> int:
+        """For a method that trains a chosen subset of dense tensors: how many entries it chooses
+        from (reported beside ``trainable_entries``); 0 for the others."""
+        return 0
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge(name)

@@ -40,6 +40,8 @@ class ParameterReport:
     # Scalars that can change in training: below ``trainable`` for methods that train a masked
     # subset of a dense tensor (the review counts those entries, not the tensor).
     trainable_entries: int | None = None
+    # Entries of the dense tensors a masked method chooses its trainable entries from (0 if none).
+    dense_entries: int = 0
 
     @property
     def percent(self) -> float:
@@ -51,6 +53,8 @@ class ParameterReport:
         if self.trainable_entries is not None and self.trainable_entries != self.trainable:
             text += (f" || trainable entries: {self.trainable_entries:,} "
                      f"({100.0 * self.trainable_entries / max(self.total, 1):.4f}%)")
+        if self.dense_entries:
+            text += f" || chosen from {self.dense_entries:,} dense entries"
         return text
 
 
@@ -558,13 +562,14 @@ class PeftModel(nn.Module):
         adapters = {id(p) for n in self.peft_configs for p in self.adapter_parameters(n)}
         params = {id(p): p for p in self.parameters()}
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-        masked = sum(sum(p.numel() for p in m.adapter_parameters(n)) - m.trainable_entries(n)
-                     for n in self.trainable_adapters() for _, m in self._delta_modules() if n in m.adapter_names())
+        held = [(n, m) for n in self.trainable_adapters() for _, m in self._delta_modules() if n in m.adapter_names()]
+        masked = sum(sum(p.numel() for p in m.adapter_parameters(n)) - m.trainable_entries(n) for n, m in held)
         return ParameterReport(
             trainable=trainable,
             total=sum(p.numel() for p in params.values()),
             base=sum(p.numel() for i, p in params.items() if i not in adapters),
             trainable_entries=trainable - masked,
+            dense_entries=sum(m.dense_entries(n) for n, m in held),
         )
 
     def print_trainable_parameters(self) -> None:

@@ -178,3 +178,15 @@ def test_data_pass_without_data_or_with_an_empty_loader_is_refused():
 def test_tied_embeddings_are_refused_with_the_sharing_module_named():
     with pytest.raises(PeftlabError, match="lm_head.*tied embeddings"):
         get_peft_model(tiny_gpt2(), FishMaskConfig(targets=("transformer.wte",)))
+
+
+def test_parameter_report_gives_the_chosen_entries_beside_the_dense_size():
+    config = FishMaskConfig(keep_ratio=0.01, num_samples=4)
+    pm = get_peft_model(tiny_bert(), config)
+    pm.begin_training(_batches(1), total_steps=1)
+    report = pm.trainable_parameters_report()
+    base = tiny_bert()
+    dense = sum(p.numel() for path in resolve_targets(base, config.targets) for p in base.get_submodule(path).parameters())
+    assert report.dense_entries == dense
+    assert report.trainable == report.trainable_entries == int(torch.tensor(0.01 * dense).ceil())
+    assert f"chosen from {dense:,} dense entries" in str(report)

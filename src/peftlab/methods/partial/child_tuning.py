@@ -108,6 +108,9 @@ class ChildTuningLayer(DeltaModule):
     def trainable_entries(self, name: str) -> int:
         return sum(int(mask.sum()) if mask is not None else delta.numel() for delta, mask in self.deltas(name))
 
+    def dense_entries(self, name: str) -> int:
+        return sum(delta.numel() for delta, mask in self.deltas(name) if mask is not None)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         live = self.live_adapters()
         if not live:

@@ -80,6 +80,9 @@ class SparseDeltaLayer(DeltaModule):
         start = base.new_zeros(indices.numel()) if values is None else values.reshape(-1)[order].to(base)
         self.values(part)[name].data = start
 
+    def dense_entries(self, name: str) -> int:
+        return sum(self.base_tensor(part).numel() for part in self.paths if name in self.values(part))
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         live = [n for n in self.live_adapters() if any(self.indices(p)[n].numel() for p in self.paths)]
         if not live:
