@@ -190,3 +190,16 @@ def test_parameter_report_gives_the_chosen_entries_beside_the_dense_size():
     assert report.dense_entries == dense
     assert report.trainable == report.trainable_entries == int(torch.tensor(0.01 * dense).ceil())
     assert f"chosen from {dense:,} dense entries" in str(report)
+
+
+def test_checkpoint_costs_eight_bytes_per_changed_entry(tmp_path):
+    pm = get_peft_model(tiny_bert(), FishMaskConfig(keep_ratio=0.05, num_samples=4))
+    pm.begin_training(_batches(1), total_steps=1)
+    with torch.no_grad():
+        for p in pm.adapter_parameters("default"):
+            p.fill_(0.5)
+    pm.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    k = pm.trainable_parameters_report().trainable_entries
+    payload = sum(t.numel() * t.element_size() for key, t in tensors.items() if not key.endswith("base_norm"))
+    assert payload == 8 * k  # int32 position + fp32 value

@@ -14,7 +14,7 @@ A method chooses its entries in its data pass (``before_training``) and calls :f
 objects, so an optimizer built before ``begin_training`` (HF Trainer, peftlab's loop) trains them;
 under DDP/FSDP, which record parameter sizes when wrapping, call ``begin_training`` first.
 
-Checkpoint per module and part: ``delta_<part>.indices`` (int64, flat, increasing) and
+Checkpoint per module and part: ``delta_<part>.indices`` (flat, increasing; int32 below 2^31 entries) and
 ``delta_<part>.values`` — Child-Tuning's layout — plus ``delta_<part>.base_norm``, the 2-norm of the
 base tensor at those entries, which loading compares with the model's own: a sparse difference
 applied to another base model (or added to a difference made for one) is refused.
@@ -113,7 +113,9 @@ class SparseDeltaLayer(DeltaModule):
         for part in self.paths:
             if name in self.values(part):
                 indices = self.indices(part)[name]
-                state[f"delta_{part}.indices"] = indices
+                # int32 positions where the tensor allows: 8 bytes per fp32 entry instead of 12.
+                small = self.base_tensor(part).numel() < 2 ** 31
+                state[f"delta_{part}.indices"] = indices.to(torch.int32) if small else indices
                 state[f"delta_{part}.values"] = self.values(part)[name]
                 state[f"delta_{part}.base_norm"] = self._base_norm(part, indices)
         return state
