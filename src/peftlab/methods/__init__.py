@@ -14,4 +14,6 @@ from .reparameterized import vera  # noqa: F401
 from .reparameterized import adalora  # noqa: F401
 from .reparameterized import lorahub  # noqa: F401
 from .partial import fish_mask  # noqa: F401
+from .partial import sam  # noqa: F401
 from .partial import lt_sft  # noqa: F401
+from .partial import threshold_mask  # noqa: F401

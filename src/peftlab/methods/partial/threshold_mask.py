@@ -1,0 +1,193 @@
+"""Threshold-Mask (Zhao, Lin, Mi, Jaggi and Schütze, 2020, "Masking as an Efficient Alternative to
+Finetuning for Pretrained Language Models", EMNLP): the pretrained weights never change; a binary
+mask chosen per task selects which of them the model uses::
+
+    M = 1[s > tau],    W = W0 * M                     (elementwise; one real score s per weight)
+    dL/ds := dL/dM = dL/dW * W0                       (straight-through estimator: the binarizer's
+                                                       gradient is taken as the identity)
+    s <- s - lr * Adam(dL/ds)
+
+Several live adapters on one layer multiply their masks, ``W = W0 * M1 * M2`` (masking twice is
+masking with the intersection; ``dL/ds1 = dL/dW * W0 * M2``). Disabled, or with no live adapter, the
+layer is the base layer, exactly. Biases are not masked (as the reference's default).
+
+The checkpoint holds each mask as packed bits, 8 entries a byte (``mask.bits``, uint8, ``ceil(n/8)``
+bytes for an ``n``-entry weight, entry ``8k+i`` in bit ``i`` of byte ``k``): the paper's point is a
+1-bit-per-weight footprint per task. The float scores are not saved: loading sets each score to
+``init_score`` (kept) or ``2*tau - init_score`` (dropped), the same distance from ``tau`` on either
+side, so the mask is reproduced exactly and resumed training restarts the scores there. Merging sets
+the dropped entries of ``W0`` to zero and keeps their values beside the layer, so unmerging restores
+``W0`` exactly (an entry comes back once no merged adapter drops it any more). The parameter report
+counts one trainable entry per masked weight (the scores: every mask bit can flip), the dense size.
+
+Defaults and deviations (source: the authors' code, github.com/ptlmasking/maskbert, ``code/parameters.py``
+and the configuration ``main.py`` runs with):
+- ``threshold = 1e-2``: the reference's ``--threshold`` (Piggyback, which the method follows, used 5e-3).
+- Learning rate 1e-3 (Adam, no weight decay): the reference trains masks and head at ``lr=1e-3``,
+  batch 32. Scores take no weight decay here either (the ``param_groups`` hook): decay pulls every
+  score toward 0, below ``tau``, and so would prune weights the loss never asked to drop.
+- Identity at init (deviation): scores start at ``init_score = 2e-2 = 2*tau`` for every entry, so
+  ``M`` is all ones and the adapter starts as the base model (peftlab's contract). The reference
+  draws scores uniformly in ``(-0.02, 0.58)`` so that 5% of the weights start dropped at random;
+  ``2*tau`` is the value its "controlled init" gives kept entries (and 0 dropped ones).
+- Targets: the six linear layers of every transformer block (``@query`` ... ``@ffn_out``). The reference
+  masks those of layers 2-11 of BERT-base and the pooler; here all blocks by default (name a subset in
+  ``targets`` to follow it). Embeddings and layer norms are never masked, as in the paper.
+- The head (deviation): the paper stacks a randomly initialised classifier and masks it too; here a
+  new head is trained in full through ``modules_to_save``, as for every peftlab method.
+- No sparsity schedule: the reference's Lagrangian sparsity control is off in its runs (``lambdas_lr=0``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...core.config import PeftConfig
+from ...core.errors import CheckpointError, PeftlabError
+from ...core.hooks import TrainingHooks
+from ...core.inject import wrap
+from ...core.layer import DeltaModule, base_of
+from ...core.registry import MethodSpec, register
+from ...core.targets import LINEAR_TYPES, resolve_targets
+
+BITS_KEY = "mask.bits"
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdMaskConfig(PeftConfig):
+    """threshold: tau, a weight is kept while its score is above it; init_score: every score's start
+    (above tau, so the mask starts all ones); scores move at the optimizer's learning rate."""
+
+    targets: tuple[str, ...] | str | None = ("@query", "@key", "@value", "@attn_out", "@ffn_in", "@ffn_out")
+    threshold: float = 1e-2
+    init_score: float = 2e-2
+
+    def validate(self) -> None:
+        for field in ("threshold", "init_score"):
+            value = getattr(self, field)
+            self._require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                          field, "a finite number (threshold 1e-2 and init_score 2e-2 by default)")
+        self._require(self.init_score > self.threshold, "init_score",
+                      f"a start above threshold={self.threshold!r} (so the mask starts all ones), e.g. 2 * threshold")
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8, 8 entries a byte: entry ``8k+i`` is bit ``i`` of byte ``k``."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (flat << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].bool()
+
+
+class ThresholdMaskLayer(DeltaModule):
+    """Wraps an ``nn.Linear`` or GPT-2 ``Conv1D`` (under any wrappers); runs it with ``W0 * M``."""
+
+    adapter_attrs = ("scores",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.scores = nn.ParameterDict()
+        # The wrapped module's weight and its name relative to base_layer, for functional_call.
+        inner, prefix = base_layer, ""
+        while isinstance(inner, DeltaModule) and "base_layer" in inner._modules:
+            inner, prefix = inner.base_layer, prefix + "base_layer."
+        self.path, self.inner = prefix + "weight", [inner]  # a list: not registered twice
+        # Entries of W0 zeroed by merged masks (flat index, original value), restored on unmerge.
+        self.register_buffer("removed_index", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("removed_values", inner.weight.new_zeros(0), persistent=False)
+
+    def add(self, name: str, config: ThresholdMaskConfig) -> None:
+        weight = self.inner[0].weight
+        self.scores[name] = nn.Parameter(torch.full_like(weight, config.init_score))
+        self.settings[name] = (config.threshold, config.init_score)
+
+    def dropped(self, name: str) -> torch.Tensor:
+        return self.scores[name].detach() <= self.settings[name][0]
+
+    def mask(self, name: str) -> torch.Tensor:
+        """The binary mask, with the straight-through gradient: ``s - s.detach()`` is exactly 0 in the
+        forward pass and passes the gradient to ``s`` unchanged."""
+        scores = self.scores[name]
+        return (scores > self.settings[name][0]).to(scores.dtype) + (scores - scores.detach())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        live = self.live_adapters()
+        if not live:
+            return self.base_layer(*args, **kwargs)
+        weight = self.inner[0].weight
+        for name in live:
+            weight = weight * self.mask(name).to(weight.dtype)
+        return torch.func.functional_call(self.base_layer, {self.path: weight}, args, kwargs)
+
+    # -- checkpoint: the mask as bits ------------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {BITS_KEY: pack_bits(~self.dropped(name))} if name in self.scores else {}
+
+    def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        bits, scores = tensors[BITS_KEY], self.scores[name]
+        size = math.ceil(scores.numel() / 8)
+        if bits.dtype != torch.uint8 or tuple(bits.shape) != (size,):
+            raise CheckpointError(f"{BITS_KEY}: expected {size} packed bytes (uint8) for a mask of shape "
+                                  f"{tuple(scores.shape)}, found {bits.dtype} {tuple(bits.shape)}; the file is damaged "
+                                  "or was saved for another model")
+        bits = bits.to(scores.device)
+        if scores.numel() % 8 and int(bits[-1]) >> (scores.numel() % 8):
+            raise CheckpointError(f"{BITS_KEY}: padding bits past the {scores.numel()} mask entries are set; "
+                                  "the file is damaged")
+        threshold, init = self.settings[name]
+        kept = unpack_bits(bits, scores.numel()).view_as(scores)
+        with torch.no_grad():
+            scores.copy_(torch.where(kept, init, 2 * threshold - init))
+
+    # -- merging: W0 <- W0 * M, with the dropped entries kept to unmerge exactly ------------
+    def merge(self, name: str) -> None:
+        flat = self.inner[0].weight.data.view(-1)
+        drop = self.dropped(name).view(-1).nonzero().view(-1)
+        new = drop[~torch.isin(drop, self.removed_index)]
+        self.removed_index = torch.cat([self.removed_index, new])
+        self.removed_values = torch.cat([self.removed_values, flat[new]])
+        flat[new] = 0
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str) -> None:
+        self.merged_adapters.remove(name)
+        still = torch.zeros_like(self.removed_index, dtype=torch.bool)
+        for other in self.merged_adapters:
+            still |= self.dropped(other).view(-1)[self.removed_index]
+        flat = self.inner[0].weight.data.view(-1)
+        flat[self.removed_index[~still]] += self.removed_values[~still]
+        self.removed_index, self.removed_values = self.removed_index[still], self.removed_values[still]
+
+
+def _param_groups(model: Any, name: str, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """The scores take no weight decay (the reference's setting): decay would drive them below tau."""
+    scores = [m.scores[name] for _, m in model._delta_modules() if isinstance(m, ThresholdMaskLayer) and name in m.scores]
+    return [{"params": scores, "lr": lr, "weight_decay": 0.0}]
+
+
+def attach(model: nn.Module, name: str, config: ThresholdMaskConfig, host: Any = None) -> None:
+    for path in resolve_targets(model, config.targets):
+        if not isinstance(base_of(model.get_submodule(path)), LINEAR_TYPES):
+            raise PeftlabError(f"Threshold-Mask target {path!r} is a {type(base_of(model.get_submodule(path))).__name__}, "
+                               "not a linear layer; target linear layers (e.g. '@query', '@ffn_out')")
+        wrap(model, path, ThresholdMaskLayer).add(name, config)
+
+
+SPEC = register(MethodSpec(
+    name="threshold_mask", family="partial", subcategory="pretrained weight masking", config_cls=ThresholdMaskConfig,
+    trains="a binary mask over the pretrained weights (real scores thresholded, straight-through gradient)",
+    attach=attach, paper="Zhao et al. 2020, Masking as an Efficient Alternative to Finetuning for Pretrained "
+                         "Language Models",
+    mergeable=True, default_lr=1e-3, needs_weight_gradients=True, identity_at_init=True,
+    hooks=TrainingHooks(param_groups=_param_groups),
+))
