@@ -57,6 +57,8 @@ VARIANTS: dict[str, list[tuple[dict[str, Any], bool]]] = {
     "child_tuning": [({}, True), ({"mode": "F"}, False)],
     # Phase 1 (full fine-tuning in the data pass) would otherwise last the whole nominal run.
     "lt_sft": [({"dense_steps": 1}, True)],
+    # Likewise diff pruning's stage 1 (the L0-penalised dense difference).
+    "diff_pruning": [({"l0_steps": 1}, True)],
 }
 MIXED_KS = (1, 2, 4, 8)
 MIXED_EXAMPLES = 32

@@ -16,4 +16,5 @@ from .reparameterized import lorahub  # noqa: F401
 from .partial import fish_mask  # noqa: F401
 from .partial import sam  # noqa: F401
 from .partial import lt_sft  # noqa: F401
+from .partial import diff_pruning  # noqa: F401
 from .partial import threshold_mask  # noqa: F401
