@@ -90,6 +90,17 @@ class PeftConfig:
         over ``peft_fields`` when adapter ``adapter_name`` of ``model`` is saved; most methods need none."""
         return {}
 
+    def peft_form_refusal(self, model: Any) -> str | None:
+        """Why this adapter on ``model`` cannot be written in peft's form although peft has the
+        method (peft would fail or compute something else), or None. A refused adapter is saved in
+        peftlab's own form, which peftlab reads and peft refuses for want of a ``peft_type``."""
+        return None
+
+    def peftlab_form(self) -> dict[str, Any]:
+        """``to_dict`` without the keys only peft reads: the form peftlab alone loads."""
+        names = {f.name for f in dataclasses.fields(self)} | {"method"}
+        return {k: v for k, v in self.to_dict().items() if k in names}
+
     def required_adapters(self) -> tuple[str, ...]:
         """Other adapters of the same model this one builds on (AdapterFusion's fused adapters):
         they must exist when it is added or loaded, and cannot be deleted while it exists."""

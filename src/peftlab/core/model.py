@@ -625,7 +625,12 @@ class PeftModel(nn.Module):
             folder = Path(path) if name == "default" else Path(path) / name
             # Methods HF peft also has are written in peft's own form (read back via from_peft),
             # so either library loads the folder without unknown-key warnings.
-            config = self.peft_configs[name].peft_fields() or self.peft_configs[name].to_dict()
+            own = self.peft_configs[name]
+            refusal = own.peft_fields() and own.peft_form_refusal(self.base_model)
+            if refusal:
+                warnings.warn(f"adapter {name!r} is saved in peftlab's form only, which HF peft cannot load: {refusal}",
+                              stacklevel=2)
+            config = own.peftlab_form() if refusal else own.peft_fields() or own.to_dict()
             config["base_model_name_or_path"] = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
             config["task_type"] = self.peft_configs[name].task_type or config.get("task_type") or _task_type(self.base_model)
             if ("peft_type" in config and config["task_type"] in _HEAD_TASKS and not self._saves_a_head(name)
@@ -636,7 +641,8 @@ class PeftModel(nn.Module):
                 config["task_type"] = None
             if "target_modules" in config:  # peft cannot read '@' sites: write the resolved names
                 config["target_modules"] = self._adapter_paths(name)
-            config.update(self.peft_configs[name].peft_fields_for(self.base_model, name))
+            if not refusal:
+                config.update(own.peft_fields_for(self.base_model, name))
             save_adapter(folder, config, self.adapter_state_dict(name),
                          {SHAPE_KEY: json.dumps(_model_shape(self.base_model))})
 

@@ -451,3 +451,43 @@ def test_a_copy_keeps_working_after_the_original_is_unloaded(clean_registries):
     torch.testing.assert_close(_outputs(twin, "llama"), expected, atol=0, rtol=0)
     twin.unload()
     assert not any(k.startswith("peftlab_prefix_") for k in ALL_ATTENTION_FUNCTIONS.keys())
+
+
+@pytest.mark.parametrize("build,config", [
+    (tiny_llama, PrefixTuningConfig(num_virtual_tokens=P, targets=("model.layers.0.self_attn",))),
+    (tiny_t5, PrefixTuningConfig(num_virtual_tokens=P)),
+], ids=["layer-subset", "encoder-decoder"])
+def test_a_layout_peft_cannot_run_is_saved_in_peftlabs_form_only(tmp_path, build, config):
+    """peft's prefix has a row for every layer (a subset makes it fail with IndexError) and its own
+    encoder-decoder layout: such adapters are written without peft's keys, with a warning saying why."""
+    import json
+
+    import peft
+
+    torch.manual_seed(0)
+    pm = get_peft_model(build(), config)
+    with pytest.warns(UserWarning, match="peftlab's form only"):
+        pm.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["method"] == "prefix_tuning" and "peft_type" not in written and "num_layers" not in written
+    kind = "t5" if build is tiny_t5 else "llama"
+    inputs = model_inputs(kind)
+    if kind == "t5":
+        inputs["decoder_input_ids"] = inputs["input_ids"][:, :4]
+    loaded = PeftModel.from_pretrained(build(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, pm(**inputs).logits)
+    with pytest.raises(Exception) as err:  # peft stops at the config, before computing anything
+        peft.PeftModel.from_pretrained(build(), str(tmp_path))
+    assert not isinstance(err.value, IndexError)
+
+
+def test_a_prefix_on_every_layer_keeps_peft_form(tmp_path):
+    import json
+    import warnings
+
+    pm = get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=P))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"

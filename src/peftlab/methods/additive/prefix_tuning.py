@@ -132,6 +132,17 @@ class PrefixTuningConfig(PeftConfig):
         return {"num_layers": len(prefixed_modules(model, self)), "token_dim": kv_heads * head_dim,
                 "num_attention_heads": kv_heads}
 
+    def peft_form_refusal(self, model: Any) -> str | None:
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            return ("peft lays out encoder-decoder prefixes differently (see the prefix_tuning module docstring) "
+                    "and would compute something else")
+        chosen = prefixed_modules(model, self)
+        every = resolve_targets(model, ("@self_attention",))
+        if len(chosen) != len(every):
+            return (f"the prefix covers {len(chosen)} of the model's {len(every)} self-attention layers (targets="
+                    f"{self.targets!r}); peft's prefix has one row per layer and fails on such a file")
+        return None
+
     @classmethod
     def from_peft(cls, data: dict[str, Any]) -> "PrefixTuningConfig":
         if (data.get("num_transformer_submodules") or 1) != 1:
