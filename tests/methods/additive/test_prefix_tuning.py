@@ -14,6 +14,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from peftlab import PeftlabError, PeftModel, PrefixTuningConfig, config_from_dict, get_peft_model
 from peftlab.methods.additive import prefix_tuning
+from peftlab.methods.additive.prompt_tuning import cache_argument
 from peftlab.methods.additive.prefix_tuning import _SITE_ATTR, PAPER_HIDDEN, PrefixKV, _model_configs
 
 from ...conftest import STORIES, model_inputs, require_shared, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
@@ -99,7 +100,7 @@ def test_equals_the_paper_construction_prefix_activations_in_front(kind):
         cache.update(kv[2 * layer].expand(2, -1, -1, -1), kv[2 * layer + 1].expand(2, -1, -1, -1), layer)
     mask = torch.cat([torch.ones(2, P, dtype=torch.long), inputs["attention_mask"]], dim=1)
     with torch.no_grad():
-        expected = base(input_ids=inputs["input_ids"], attention_mask=mask, past_key_values=cache).logits
+        expected = base(input_ids=inputs["input_ids"], attention_mask=mask, **{cache_argument(base): cache}).logits
         got = pm(**inputs).logits
     assert got.shape == expected.shape  # no extra positions in the output
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

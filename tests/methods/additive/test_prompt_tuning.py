@@ -1,6 +1,7 @@
 """Prompt tuning: p trainable embeddings in front of the input embeddings, nothing else."""
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from peftlab import PeftlabError, PeftModel, PromptTuningConfig, config_from_dict, get_peft_model
 from peftlab.core.layer import DeltaModule
-from peftlab.methods.additive.prompt_tuning import SoftPrompt
+from peftlab.methods.additive.prompt_tuning import SoftPrompt, cache_argument
 
 from ...conftest import STORIES, model_inputs, require_shared, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
@@ -244,13 +245,16 @@ def test_generate_returns_ids_then_new_tokens_and_matches_decoding_without_cache
     assert not torch.equal(out, plain)
 
 
-def test_incremental_forward_with_a_cache_matches_the_full_forward():
+@pytest.mark.parametrize("name", sorted({cache_argument(tiny_llama()), "past_key_values"}))
+def test_incremental_forward_with_a_cache_matches_the_full_forward(name):
+    """The cache under either name (transformers 5.24 calls it ``cache``; ``past_key_values`` still works)."""
     pm = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=P))
     ids = model_inputs("llama")["input_ids"][:1]
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name's deprecation notice
         full = pm(input_ids=ids).logits[:, -1]
         first = pm(input_ids=ids[:, :-1], use_cache=True)
-        step = pm(input_ids=ids[:, -1:], past_key_values=first.past_key_values,
+        step = pm(input_ids=ids[:, -1:], **{name: first.past_key_values},
                   attention_mask=torch.ones_like(ids)).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
 

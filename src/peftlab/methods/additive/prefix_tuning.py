@@ -76,7 +76,7 @@ from ...core.errors import PeftlabError
 from ...core.layer import DeltaModule, base_of
 from ...core.registry import MethodSpec, register
 from ...core.targets import resolve_targets
-from .prompt_tuning import _cached_length, bind_arguments
+from .prompt_tuning import _cached_length, bind_arguments, given_cache
 
 _KEY = "prefix_tuning"          # this method's entry in PeftModel.model_adapters
 _PREFIX = "peftlab_prefix_"     # attention implementation name = _PREFIX + original name
@@ -314,7 +314,7 @@ class PrefixKV(DeltaModule):
         self._cache.clear()  # a new forward pass: recompute the prefix (fresh autograd graph)
         kwargs = bind_arguments(model, "forward", args, kwargs)
         if (model.training and torch.is_grad_enabled() and "use_cache" not in kwargs
-                and kwargs.get("past_key_values") is None and _forward_takes(type(model), "use_cache")):
+                and given_cache(kwargs) is None and _forward_takes(type(model), "use_cache")):
             # A training step reads no KV cache, and a returned one would keep every layer's keys and
             # values without the prefix alive through backward, beside the concatenated ones attention
             # saved (+1.4 MB per GPT-2-small layer at batch 4 x 128; peft's cache holds the latter).
@@ -327,7 +327,7 @@ class PrefixKV(DeltaModule):
             return (), kwargs  # the model reports the missing input
         positions = kwargs.get("position_ids")
         if positions is None:  # the model's own default: past length + 0..n-1
-            cache = kwargs.get("past_key_values")
+            cache = given_cache(kwargs)
             past = _cached_length(cache) if cache is not None else 0
             positions = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
         kwargs["position_ids"] = positions + self.live_length()

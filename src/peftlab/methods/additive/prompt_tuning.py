@@ -192,7 +192,7 @@ class SoftPrompt(DeltaModule):
         if self.encoder_decoder and kwargs.get("encoder_outputs") is not None:
             return (), kwargs  # the encoder already ran (with the prompt, inside generate)
         prompt = self.prompt()
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         if not self.encoder_decoder and cache is not None and _cached_length(cache) > 0:
             # Incremental decoding: the prompt is already in the cache; only the mask must count it.
             if kwargs.get("attention_mask") is not None:
@@ -268,6 +268,21 @@ def _positional_names(cls: type, method: str) -> list[str]:
 
 def _pad_front(x: torch.Tensor, p: int, value: int) -> torch.Tensor:
     return torch.cat([torch.full((x.shape[0], p, *x.shape[2:]), value, dtype=x.dtype, device=x.device), x], dim=1)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name ``model.forward`` takes a KV cache by: transformers 5.24 renamed ``past_key_values``
+    to ``cache`` (the old name warns, and goes in 5.40); earlier releases know only the old one."""
+    for module in (model, getattr(model, "base_model", None)):  # heads may pass it on through **kwargs
+        if module is not None and "cache" in inspect.signature(type(module).forward).parameters:
+            return "cache"
+    return "past_key_values"
+
+
+def given_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a call passed, under either name."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
 
 
 def _cached_length(cache: Any) -> int:
