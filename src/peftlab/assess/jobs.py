@@ -386,9 +386,10 @@ class EfficiencyJobs(Jobs):
                 torch.cuda.empty_cache()
 
     def _measure(self, model: Any, size: Any, task: TaskSpec, method: str, config: Any, seed: int) -> Measured:
+        from ..train.generation import wrap_model
         from ..train.loop import train
 
-        model, trainable, total = _wrap(model, config)
+        model, trainable, total = wrap_model(model, config)
         # step 0 warms up (and creates the optimizer state), step 1 is probed, the rest are timed
         steps = 2 + max(1, self.suite.timed_steps)
         loader = synthetic_loader(size, model.config.vocab_size, self.suite.batch_size, task.max_length, steps, seed)
@@ -400,18 +401,6 @@ class EfficiencyJobs(Jobs):
                    "final_loss": result.final_loss, "median_step_s": _median_timed(result),
                    "tokens_per_s": _tokens_per_s(result), "device": self._device()}
         return Measured(summary, probe, None, None, {})
-
-
-def _wrap(model: Any, config: Any) -> tuple[Any, int, int]:
-    """The PEFT model (or, for full fine-tuning, the model itself) and its (trainable, total) counts."""
-    from ..core.model import get_peft_model
-
-    if config is None:
-        total = sum(p.numel() for p in model.parameters())
-        return model.requires_grad_(True), total, total
-    model = get_peft_model(model, config)
-    report = model.trainable_parameters_report()
-    return model, report.trainable, report.total
 
 
 def _timed(result: Any) -> list[int]:

@@ -6,12 +6,13 @@ strict: every missing, unexpected or misshapen key is reported by name.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -30,28 +31,14 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    # safetensors needs contiguous, unshared tensors; adapters are small, so a copy is cheap.
-    clean = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """A temporary file beside ``path`` for the caller to write; on success it is flushed to disk
+    and renamed over ``path``, on any failure removed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(clean, tmp, metadata={"format": "pt", **(metadata or {})})
+        yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, _file_mode())
@@ -59,6 +46,18 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    # safetensors needs contiguous, unshared tensors; adapters are small, so a copy is cheap.
+    clean = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, tmp, metadata={"format": "pt", **(metadata or {})})
 
 
 # Safetensors metadata key: the SHA-256 of the adapter_config.json written with these weights.
