@@ -608,11 +608,14 @@ class PeftModel(nn.Module):
         entries = self._state_entries(adapter_name)
         variable = {k for k, (module, local, _) in entries.items() if local in module.variable_length_keys(adapter_name)}
         check_state({k: t for k, (_, _, t) in entries.items()}, tensors, source, variable)
-        per_module: dict[int, tuple[DeltaModule, dict[str, torch.Tensor]]] = {}
+        per_module: dict[int, tuple[DeltaModule, dict[str, torch.Tensor], str]] = {}
         for key, (module, local, _) in entries.items():
-            per_module.setdefault(id(module), (module, {}))[1][local] = tensors[key]
-        for module, local_tensors in per_module.values():
-            module.load_adapter_state(adapter_name, local_tensors)
+            per_module.setdefault(id(module), (module, {}, key[: len(key) - len(local)]))[1][local] = tensors[key]
+        for module, local_tensors, prefix in per_module.values():
+            try:
+                module.load_adapter_state(adapter_name, local_tensors)
+            except CheckpointError as err:  # the module knows its own keys only: add where they sit
+                raise CheckpointError(f"{source}: {prefix}{err}") from None
         self._set_trainable()
 
     def save_pretrained(self, path: str | Path, adapter_names: list[str] | None = None) -> None:
