@@ -60,7 +60,7 @@ def test_identity_at_init_and_default_targets():
     base, batch = tiny_bert(), _batch()
     pm = get_peft_model(tiny_bert(), ThresholdMaskConfig())
     assert list(_layers(pm)) == resolve_targets(base, ThresholdMaskConfig().targets)
-    assert all(bool((layer.scores["default"] == 2e-2).all()) for layer in _layers(pm).values())
+    assert all(bool((layer.scores["default"] == 0.3).all()) for layer in _layers(pm).values())
     with torch.no_grad():
         assert torch.equal(pm(**batch).logits, base(**batch).logits)
 
@@ -100,7 +100,7 @@ def test_two_live_adapters_multiply_their_masks():
 
 def test_training_only_drops_pretrained_weights_and_moves_none():
     base = tiny_bert()
-    pm = get_peft_model(tiny_bert(), ThresholdMaskConfig())
+    pm = get_peft_model(tiny_bert(), ThresholdMaskConfig(init_score=2e-2))  # near tau: a few steps flip bits
     optimizer = torch.optim.Adam(pm.param_groups(lr=5e-3))
     assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups)
     pm.train()
@@ -154,7 +154,7 @@ def test_save_load_keeps_the_mask_as_bits(tmp_path):
         assert not torch.equal(loaded(**batch).logits, base(**batch).logits)
     for path, layer in _layers(loaded).items():
         kept = layers[path].scores["default"] > 1e-2
-        assert torch.equal(layer.scores["default"], torch.where(kept, 2e-2, 0.0))  # +-(init - tau) around tau
+        assert torch.equal(layer.scores["default"], torch.where(kept, 0.3, 2e-2 - 0.3))  # +-(init - tau) around tau
 
 
 def test_wrong_size_bits_are_refused_naming_the_key(tmp_path):
