@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 import types
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -329,7 +330,7 @@ def test_hub_errors_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
         load_glue("rte", None, "train")
 
 
-# ------------------------------------------------------------------ metrics vs hand-computed values
+# ------------------------------------------------------------------ metrics vs hand-computed values and the libraries
 
 P5, R5 = [1, 1, 0, 1, 0], [1, 0, 0, 1, 1]  # tp=2 tn=1 fp=1 fn=1
 
@@ -341,6 +342,7 @@ def test_accuracy_f1_matthews_by_hand() -> None:
     assert matthews_corrcoef(P5, R5) == pytest.approx(1 / 6)
     assert matthews_corrcoef([1, 1, 1], [0, 1, 1]) == 0.0  # undefined -> 0, like sklearn
     assert f1_binary([0, 0], [1, 0]) == 0.0
+    assert f1_binary([1, 1, 0, 1, 0], [1, 0, 0, 1, 1], positive=0) == pytest.approx(2 * 1 / (2 * 1 + 1 + 1))
 
 
 def test_matthews_multiclass_by_hand() -> None:
@@ -356,6 +358,46 @@ def test_pearson_and_tie_aware_spearman_by_hand() -> None:
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / np.sqrt(22.5))
     assert spearman([1, 10, 100, 1000], [0.1, 0.2, 0.3, 0.4]) == pytest.approx(1.0)  # monotone, not linear
     assert pearson([3, 3, 3], [1, 2, 3]) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:A single label was found")  # sklearn's own call, on a one-class draw
+def test_metrics_agree_with_scikit_learn_and_scipy() -> None:
+    import sklearn.metrics as sk
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    for n in (2, 7, 50):
+        p, r = rng.integers(0, 2, n), rng.integers(0, 2, n)
+        assert accuracy(p, r) == pytest.approx(sk.accuracy_score(r, p))
+        assert f1_binary(p, r) == pytest.approx(sk.f1_score(r, p, zero_division=0))
+        assert matthews_corrcoef(p, r) == pytest.approx(sk.matthews_corrcoef(r, p))
+        p3, r3 = rng.integers(0, 3, n), rng.integers(0, 3, n)
+        assert matthews_corrcoef(p3, r3) == pytest.approx(sk.matthews_corrcoef(r3, p3))
+        x, y = rng.normal(size=n), rng.normal(size=n).round(1)  # rounding makes ties for spearman
+        assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
+        assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+    # the hand-computed cases above, as the libraries score them
+    assert matthews_corrcoef([0, 1, 1, 1, 2, 0], [0, 0, 1, 1, 2, 2]) == pytest.approx(
+        sk.matthews_corrcoef([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0]))
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4])[0])
+
+
+def test_undefined_metrics_are_zero_without_warnings() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's ConstantInputWarning or sklearn's single-label one would fail
+        assert matthews_corrcoef([1, 1, 1], [1, 1, 1]) == 0.0  # one class on both sides
+        assert matthews_corrcoef([0, 0, 0], [0, 1, 1]) == 0.0
+        assert f1_binary([0, 0], [0, 0]) == 0.0
+        for fn in (pearson, spearman):
+            assert fn([2.5, 2.5, 2.5], [1.0, 2.0, 4.0]) == 0.0  # constant predictions
+            assert fn([1.0, 2.0, 4.0], [3.0, 3.0, 3.0]) == 0.0  # constant references
+            assert fn([1.0], [2.0]) == 0.0  # one pair: constant too
+        stsb = glue_metrics("stsb", [2.0, 2.0, 2.0], [1.0, 2.0, 4.0])
+        assert stsb == {"pearson": 0.0, "spearman": 0.0, "score": 0.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert np.isnan(pearson([1.0, float("nan"), 3.0], [1.0, 2.0, 3.0]))  # NaN in stays NaN
+        assert np.isnan(spearman([1.0, float("nan"), 3.0], [1.0, 2.0, 3.0]))
 
 
 def test_glue_metrics_per_task() -> None:

@@ -10,14 +10,26 @@ short sequences is many small operators), so ``workers`` processes with one shar
 each finish a suite sooner than one process with all of them. Runs are independent and each
 measures its own memory, so the figures do not change; step times are those of ``threads``
 threads, which the record states.
+
+Stopping: each worker stores its run as soon as it finishes (then the parent stores it again with
+its baseline), so a run that finished is on disk however the suite ends. Workers die with the
+suite's process: on SIGINT and SIGTERM the parent kills them before it exits (SIGTERM is turned
+into :class:`Terminated`, a KeyboardInterrupt); on SIGKILL, which the parent cannot handle, the
+kernel kills them (Linux: PR_SET_PDEATHSIG), or else a thread in each that waits for the parent.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -119,12 +131,13 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
     threads = threads or (torch.get_num_threads() if workers == 1 else max(1, (os.cpu_count() or 1) // workers))
     result.workers, result.threads = workers, threads
     jobs.progress = progress and workers == 1  # bars of parallel runs would interleave
-    if workers == 1:
-        for i in todo:
-            bar.set_postfix_str(_key(plan[i]))
-            finish(i, jobs.run(*plan[i]))
-    else:
-        _run_in_workers(suite, plan, todo, workers, threads, finish, bar)
+    with _sigterm_interrupts():
+        if workers == 1:
+            for i in todo:
+                bar.set_postfix_str(_key(plan[i]))
+                finish(i, jobs.run(*plan[i]))
+        else:
+            _run_in_workers(suite, out, plan, todo, workers, threads, finish, bar)
     bar.close()
     _write_tables(result, started, cpu_started, plots=plots)
     echo(result.summary)
@@ -137,41 +150,101 @@ def _key(entry: tuple[TaskSpec, str, int]) -> str:
     return f"{task.name}/{method}/seed{seed}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a suite: stops it as Ctrl-C does (callers that handle one handle both)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"stopped by signal {signum} (SIGTERM)")
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within, SIGTERM raises :class:`Terminated` in the main thread instead of ending the process
+    where it stands, so the workers are stopped first. A handler set by the caller is left alone."""
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if ours:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 _worker_jobs = None  # each worker process builds its Jobs once
+_worker_store: RunStore | None = None
 
 
-def _start_worker(suite: Suite, threads: int) -> None:
-    global _worker_jobs
+def _die_with_parent() -> None:
+    """End this worker process when its parent ends, SIGKILL included."""
+    if sys.platform.startswith("linux"):
+        try:  # PR_SET_PDEATHSIG (1): the kernel sends SIGKILL, even while an operator runs
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl (e.g. a libc without it): the thread below still does it
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        # Portable, and covers a parent that died before prctl: join() returns once it is gone.
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="peftlab-parent-watch", daemon=True).start()
+
+
+def _start_worker(suite: Suite, threads: int, out: Path) -> None:
+    global _worker_jobs, _worker_store
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     import torch
     from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
     _worker_jobs = jobs_for(suite, progress=False)
+    _worker_store = RunStore(out)
 
 
 def _run_in_worker(task: TaskSpec, method: str, seed: int) -> dict[str, Any]:
-    return _worker_jobs.run(task, method, seed)
+    record = _worker_jobs.run(task, method, seed)
+    _worker_store.save(record)  # stored now: the parent may be stopped before it receives the record
+    return record
 
 
-def _run_in_workers(suite: Suite, plan: list[tuple[TaskSpec, str, int]], todo: list[int], workers: int,
-                    threads: int, finish: Callable[[int, dict[str, Any]], None], bar: Any) -> None:
+def _run_in_workers(suite: Suite, out: Path, plan: list[tuple[TaskSpec, str, int]], todo: list[int],
+                    workers: int, threads: int, finish: Callable[[int, dict[str, Any]], None], bar: Any) -> None:
     # spawn: a fresh interpreter per worker; forking a process that already ran torch's thread
     # pools can deadlock.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(suite, threads)) as pool:
-        running: dict[Future, int] = {pool.submit(_run_in_worker, *plan[i]): i for i in todo}
+                             initargs=(suite, threads, out)) as pool:
         bar.set_postfix_str(f"{workers} workers x {threads} thread(s)")
-        try:
+        running: dict[Future, int] = {}
+        try:  # submitting spawns the workers: a stop from there on must kill them
+            for i in todo:
+                running[pool.submit(_run_in_worker, *plan[i])] = i
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     finish(running.pop(future), future.result())  # bad task data re-raises here
         except BaseException:
-            for future in running:
-                future.cancel()
+            _kill_workers(pool)
             raise
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now, mid-run: leaving the pool would wait for their runs (minutes), and a
+    stopped suite has seconds. Their finished runs are stored already."""
+    processes = list((pool._processes or {}).values())  # no public way before Python 3.14's kill_workers
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(10)
+    pool.shutdown(wait=True, cancel_futures=True)  # its thread sees the workers gone and cleans up
 
 
 def _write_tables(result: SuiteResult, started: float, cpu_started: float, plots: bool) -> None:

@@ -26,6 +26,9 @@ Decisions worth knowing:
 * Metrics are fractions (accuracy 0-1, correlations -1..1), as the HF ``evaluate`` GLUE metric
   reports them; ``"score"`` is the mean of a task's metrics, as the GLUE leaderboard averages
   multi-metric tasks. MNLI is scored once per eval split (``GlueTask.eval_splits``).
+  They are scikit-learn's and scipy's, as in ``evaluate``; where those are undefined the score is
+  0.0: Matthews on a constant side (scikit-learn's own value), Pearson/Spearman on a constant side
+  (scipy gives NaN), so a model predicting one class or one score ranks last instead of NaN.
 """
 
 from __future__ import annotations
@@ -431,7 +434,7 @@ def _load_from_hub(spec: GlueTask, split: str, limit: int | None) -> list[Exampl
 
 
 # ---------------------------------------------------------------------------------------
-# Metrics (numpy only)
+# Metrics: scikit-learn and scipy, as the HF `evaluate` GLUE metric computes them
 # ---------------------------------------------------------------------------------------
 
 
@@ -447,10 +450,18 @@ def _pair_arrays(predictions: _ArrayLike, references: _ArrayLike) -> tuple[np.nd
     return p, r
 
 
+def _sklearn_metrics() -> Any:
+    # Imported on first use: sklearn.metrics takes over a second to import, which every
+    # `import peftlab.tasks` would otherwise pay, scoring or not.
+    import sklearn.metrics
+
+    return sklearn.metrics
+
+
 def accuracy(predictions: Sequence[int] | np.ndarray, references: Sequence[int] | np.ndarray) -> float:
     """Fraction of exact matches."""
     p, r = _pair_arrays(predictions, references)
-    return float(np.mean(p == r))
+    return float(_sklearn_metrics().accuracy_score(r, p))
 
 
 def f1_binary(
@@ -458,59 +469,43 @@ def f1_binary(
 ) -> float:
     """F1 of the positive class (GLUE's MRPC/QQP F1); 0.0 when there are no true positives."""
     p, r = _pair_arrays(predictions, references)
-    tp = int(np.sum((p == positive) & (r == positive)))
-    fp = int(np.sum((p == positive) & (r != positive)))
-    fn = int(np.sum((p != positive) & (r == positive)))
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+    return float(_sklearn_metrics().f1_score(r, p, pos_label=positive, zero_division=0))
 
 
 def matthews_corrcoef(predictions: Sequence[int] | np.ndarray, references: Sequence[int] | np.ndarray) -> float:
     """Matthews correlation (multi-class form, equal to the binary one for 2 classes).
 
-    Returns 0.0 when undefined (a constant prediction or reference), as scikit-learn does;
-    a CoLA model that predicts one class is then scored 0, not NaN.
+    0.0 when undefined (a constant prediction or reference), as scikit-learn gives it; a CoLA
+    model that predicts one class is then scored 0, not NaN.
     """
     p, r = _pair_arrays(predictions, references)
-    classes, inverse = np.unique(np.concatenate([r, p]), return_inverse=True)
-    k, n = len(classes), len(r)
-    conf = np.zeros((k, k), dtype=np.float64)
-    np.add.at(conf, (inverse[:n], inverse[n:]), 1)
-    t_sum, p_sum = conf.sum(axis=1), conf.sum(axis=0)
-    correct, total = np.trace(conf), conf.sum()
-    cov_tp = correct * total - t_sum @ p_sum
-    cov_pp = total**2 - p_sum @ p_sum
-    cov_tt = total**2 - t_sum @ t_sum
-    denom = math.sqrt(cov_tt * cov_pp)
-    return 0.0 if denom == 0 else float(cov_tp / denom)
+    with warnings.catch_warnings():
+        # Why: one label in both sides is the undefined case above, already scored 0.
+        warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+        return float(_sklearn_metrics().matthews_corrcoef(r, p))
+
+
+def _correlation(name: str, predictions: _ArrayLike, references: _ArrayLike) -> float:
+    p, r = _pair_arrays(predictions, references)
+    p, r = p.astype(np.float64), r.astype(np.float64)
+    # Why 0.0 and not scipy's NaN (with a warning): a constant side (e.g. an STS-B model that
+    # predicts one score, or the constant baseline) has no correlation, and a NaN would poison
+    # the mean "score" and the suite's tables. NaN in still gives NaN (ptp is NaN, not 0).
+    if np.ptp(p) == 0 or np.ptp(r) == 0:
+        return 0.0
+    from scipy import stats  # on first use, like scikit-learn above
+
+    return float(getattr(stats, name)(p, r).statistic)
 
 
 def pearson(predictions: Sequence[float] | np.ndarray, references: Sequence[float] | np.ndarray) -> float:
-    """Pearson correlation; 0.0 when either side is constant (undefined), NaN in gives NaN."""
-    p, r = _pair_arrays(predictions, references)
-    p, r = p.astype(np.float64), r.astype(np.float64)
-    dp, dr = p - p.mean(), r - r.mean()
-    denom = math.sqrt(float(dp @ dp) * float(dr @ dr))
-    if denom == 0:
-        return 0.0
-    return float(np.clip((dp @ dr) / denom, -1.0, 1.0))
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (as scipy.stats.rankdata 'average')."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.concatenate([[0], np.flatnonzero(sorted_x[1:] != sorted_x[:-1]) + 1])
-    ends = np.concatenate([starts[1:], [len(x)]])
-    avg = (starts + ends - 1) / 2.0 + 1.0  # mean of 1-based positions start+1..end
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
+    """Pearson correlation (scipy); 0.0 when either side is constant (undefined), NaN in gives NaN."""
+    return _correlation("pearsonr", predictions, references)
 
 
 def spearman(predictions: Sequence[float] | np.ndarray, references: Sequence[float] | np.ndarray) -> float:
-    """Spearman rank correlation: Pearson of tie-averaged ranks."""
-    p, r = _pair_arrays(predictions, references)
-    return pearson(_average_ranks(p.astype(np.float64)), _average_ranks(r.astype(np.float64)))
+    """Spearman rank correlation (scipy, ties get their average rank); 0.0 on constant input."""
+    return _correlation("spearmanr", predictions, references)
 
 
 _METRIC_FNS = {
