@@ -89,11 +89,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .assess.jobs import check_model
     from .tasks.glue import get_glue_task
     from .train.glue_job import GlueRun, run_glue
-    from .train.loop import TrainArgs
+    from .train.loop import TrainArgs, latest_checkpoint
 
     # Cheap checks first (arguments, model folder); run_glue then reads all data before training.
     task, root = _task_and_root(args.task, args.data_dir)
     _check_out(args.out)
+    checkpoints = Path(args.out) / "checkpoints"
+    found = latest_checkpoint(checkpoints)
+    if args.resume and found is None:
+        raise PeftlabError(f"--resume: no checkpoint to resume from in {checkpoints} ({describe_folder(checkpoints)}); "
+                           "pass the --out of a run started with --save-every N, or drop --resume to start afresh")
+    if args.save_every and not args.resume and found is not None:
+        raise PeftlabError(f"--out {args.out} holds a checkpoint of an earlier run ({found}); add --resume to "
+                           f"continue it, or delete {checkpoints} to start afresh")
     config = None
     if args.method != "full":
         options = _options(args.opt)
@@ -104,7 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     lr = args.lr or (get_method(args.method).default_lr if config else 5e-5)
     run = GlueRun(model=args.model, task=task, data_dir=root, train_limit=args.train_limit,
                   eval_limit=args.eval_limit, batch_size=args.batch_size, max_length=args.max_length)
-    summary = run_glue(run, config, TrainArgs(epochs=args.epochs, lr=lr, seed=args.seed), out=args.out)
+    train_args = TrainArgs(epochs=args.epochs, lr=lr, seed=args.seed, grad_accum_steps=args.grad_accum,
+                           mixed_precision=args.mixed_precision, save_every=args.save_every,
+                           checkpoint_dir=str(checkpoints), resume=args.resume)
+    summary = run_glue(run, config, train_args, out=args.out)
     print(f"trainable params: {summary['trainable_params']:,} / {summary['total_params']:,} "
           f"({summary['trainable_percent']:.4f}%)")
     print("dev " + "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items()))
@@ -156,6 +167,17 @@ def _positive(kind: type[int] | type[float], fix: str = "") -> Callable[[str], i
 _LIMIT = _positive(int, " (omit the flag to use the whole split)")
 
 
+def _precision(value: str) -> str:
+    import torch
+
+    if value not in ("no", "bf16", "fp16"):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected no, bf16 (CPU or GPU) or fp16 (GPU only)")
+    if value == "fp16" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("'fp16' needs a CUDA GPU, and none is available here; use bf16 (runs on "
+                                         "CPU too) or no")
+    return value
+
+
 def _limit(value: str) -> int | str:
     if value.lower() in ("all", "none", "full"):
         return "all"
@@ -201,7 +223,7 @@ def _assess_suite(args: argparse.Namespace):  # -> Suite
 
 
 def cmd_assess(args: argparse.Namespace) -> int:
-    from .assess.runner import default_workers, run_suite
+    from .assess.runner import Terminated, default_workers, run_suite
 
     suite = _assess_suite(args)
     out = Path(args.out or Path("runs") / "assess" / suite.name)
@@ -209,10 +231,10 @@ def cmd_assess(args: argparse.Namespace) -> int:
         workers = args.workers if args.workers is not None else (1 if args.threads else default_workers(suite))
         run_suite(suite, out, progress=not args.no_progress, rerun=args.rerun, plots=not args.no_plots,
                   workers=workers, threads=args.threads)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"\npeftlab assess: interrupted; finished runs are kept in {out / 'runs'}. "
               "Run the same command again to resume.", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130  # the shell's codes: 128 + signal
     return 0
 
 
@@ -242,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive(int), default=32)
     train.add_argument("--lr", type=_positive(float), default=None, help="default: the method's own default_lr")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--grad-accum", type=_positive(int), default=1, metavar="N",
+                       help="batches per optimizer step, their gradients averaged (effective batch N x --batch-size)")
+    train.add_argument("--mixed-precision", type=_precision, default="no", metavar="{no,bf16,fp16}",
+                       help="autocast forward passes; weights and optimizer state stay fp32 (fp16: GPU only)")
+    train.add_argument("--save-every", type=_positive(int), default=None, metavar="N",
+                       help="write a checkpoint to OUT/checkpoints every N optimizer steps (the newest is kept)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its newest checkpoint (same flags as that run)")
     train.add_argument("--out", default="runs/train", help="folder for the adapter and metrics.json")
     train.set_defaults(func=cmd_train)
 

@@ -13,7 +13,8 @@ from peftlab.core.registry import all_methods
 from peftlab.tasks import E2EExample, TaskDataError
 from peftlab.train.causal_job import (GenerationRun, encode_example, encode_prompt, generation_splits,
                                       load_causal_lm, run_generation, training_pairs)
-from peftlab.train.generation import IGNORE_INDEX, collate, generate_texts, make_loader
+from peftlab.train.data import make_seq2seq_loader
+from peftlab.train.generation import IGNORE_INDEX, generate_texts, train_tokenizer
 from peftlab.train.loop import TrainArgs, train
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
@@ -60,7 +61,7 @@ def test_label_masking_hand_checked():
     assert row["input_ids"][:11] == encode_prompt("name[Bob]", tok, " =>")  # what generation is given
 
     longer = encode_example("name[Al], food[tea]", "Al has tea.", tok, " =>", max_length=256)
-    batch = collate([row, longer], pad_id=tok.pad_token_id)
+    batch = next(iter(make_seq2seq_loader([row, longer], tok, 2, shuffle=False)))
     width = len(longer["input_ids"])
     assert batch["labels"].shape == (2, width)
     labels, mask = batch["labels"][0].tolist(), batch["attention_mask"][0].tolist()
@@ -70,11 +71,15 @@ def test_label_masking_hand_checked():
     assert batch["input_ids"][0, 18:].eq(tok.pad_token_id).all()
 
 
-def test_collate_pads_right_with_minus_100_and_long_texts_are_cut():
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}], pad_id=0)
+def test_batches_pad_right_with_minus_100_whatever_side_the_tokenizer_pads():
+    tok = train_tokenizer(["a b c"] * 4, vocab_size=40)  # pad id 0
+    tok.padding_side = "left"  # as for decoding; training still pads on the right
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}]
+    batch = next(iter(make_seq2seq_loader(rows, tok, 2, shuffle=False)))
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
+    assert tok.padding_side == "left"  # the caller's tokenizer is left as it was
 
 
 def test_training_pairs_go_round_robin_over_mrs():
@@ -102,7 +107,7 @@ def test_lora_on_16_examples_lowers_the_loss_and_scores():
     model, tok = load_causal_lm(run)
     model = get_peft_model(model, LoraConfig())
     rows = [encode_example(mr, ref, tok, run.separator, run.max_length) for mr, ref in pairs]
-    result = train(model, make_loader(rows, tok.pad_token_id, 8, shuffle=True), quick_args(max_steps=12))
+    result = train(model, make_seq2seq_loader(rows, tok, 8, shuffle=True), quick_args(max_steps=12))
     first, last = sum(result.losses[:2]) / 2, sum(result.losses[-2:]) / 2
     assert last < first - 0.3, f"loss did not fall: {result.losses}"
 

@@ -12,7 +12,8 @@ import torch
 from peftlab import LoraConfig, PeftlabError, get_peft_model
 from peftlab.core.registry import all_methods
 from peftlab.tasks import TaskDataError
-from peftlab.train.generation import IGNORE_INDEX, generate_texts, make_loader, train_tokenizer
+from peftlab.train.data import make_seq2seq_loader
+from peftlab.train.generation import IGNORE_INDEX, generate_texts, train_tokenizer
 from peftlab.train.loop import TrainArgs, train
 from peftlab.train.seq2seq_job import (TranslationRun, build_random_t5, encode_translation, load_seq2seq,
                                        run_translation, translation_splits)
@@ -74,7 +75,7 @@ def test_teacher_forced_training_lowers_the_loss(corpus):
     source = tokenizer.decode(rows[0]["input_ids"], skip_special_tokens=True)
     assert source == "translate English to Romanian: " + train_pairs[0].source  # T5's task prefix in front
     assert rows[0]["labels"][-1] == tokenizer.eos_token_id
-    loader = make_loader(rows, tokenizer.pad_token_id, 8, shuffle=True)
+    loader = make_seq2seq_loader(rows, tokenizer, 8, shuffle=True)
     batch = next(iter(loader))
     assert (batch["labels"] == IGNORE_INDEX).any() and not (batch["labels"] == tokenizer.pad_token_id).any()
     result = train(model, loader, quick_args(max_steps=30, lr=3e-3))

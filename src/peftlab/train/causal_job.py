@@ -28,7 +28,8 @@ from ..core.config import PeftConfig
 from ..core.errors import PeftlabError
 from ..tasks.errors import TaskDataError
 from ..tasks.generation import E2EExample, e2e_metrics, load_e2e
-from .generation import IGNORE_INDEX, count_after_training, default_device, generate_texts, make_loader, save_run, summarize, wrap_model
+from .data import make_seq2seq_loader
+from .generation import IGNORE_INDEX, count_after_training, default_device, generate_texts, save_run, summarize, wrap_model
 from .loop import StepProbe, TrainArgs, train
 
 
@@ -184,7 +185,7 @@ def run_generation(run: GenerationRun, config: PeftConfig | None, args: TrainArg
         before, _ = score_generation(model, tokenizer, examples, run)
         metrics.update({f"before/{k}": v for k, v in before.items()})
     rows = [encode_example(mr, ref, tokenizer, run.separator, run.max_length) for mr, ref in pairs]
-    loader = make_loader(rows, tokenizer.pad_token_id, run.batch_size, shuffle=True, seed=args.seed)
+    loader = make_seq2seq_loader(rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed)
     started = time.perf_counter()
     result = train(model, loader, args, probe=probe)
     trainable, total = count_after_training(model, trainable, total)

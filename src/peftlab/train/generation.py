@@ -14,7 +14,6 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.config import PeftConfig
@@ -24,7 +23,7 @@ from .loop import TrainArgs, TrainResult
 IGNORE_INDEX = -100  # labels with this value are left out of the loss by every HF model
 
 
-# -- padding and batches -------------------------------------------------------------------------
+# -- padding (generation prompts; training batches use transformers' collators: data.py) -------------
 def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
     """Stack integer lists into one (batch, longest) tensor, filling with ``value`` on ``side``."""
     width = max(len(s) for s in seqs)
@@ -36,26 +35,6 @@ def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> torch
             else:
                 out[i, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
     return out
-
-
-def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of ``{"input_ids", "labels"}`` rows: ``input_ids`` with ``pad_id``,
-    ``labels`` with -100, and an ``attention_mask`` of ones over the real input tokens.
-
-    Seq2seq rows carry the target as ``labels`` (the model shifts it into the decoder input);
-    causal rows carry ``labels`` as long as ``input_ids``, -100 on the prompt.
-    """
-    ids = [r["input_ids"] for r in rows]
-    batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0),
-             "labels": pad([r["labels"] for r in rows], IGNORE_INDEX)}
-    return batch
-
-
-def make_loader(rows: list[dict[str, list[int]]], pad_id: int, batch_size: int, shuffle: bool,
-                seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=lambda batch: collate(batch, pad_id))
 
 
 def default_device() -> torch.device:

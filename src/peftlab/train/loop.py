@@ -1,17 +1,22 @@
 """The training loop, on HF ``accelerate``.
 
 The same code runs in one process, or under ``accelerate launch`` / ``torchrun`` (DDP): the
-``Accelerator`` shards the data, wraps the model and averages gradients; we do not reimplement
-any of it. Only parameters with ``requires_grad`` go to the optimizer, so a PEFT model's optimizer
-state is as small as its adapter.
+``Accelerator`` shards the data, wraps the model, averages gradients, accumulates them over
+micro-batches, runs mixed precision and writes checkpoints; we do not reimplement any of it. Only
+parameters with ``requires_grad`` go to the optimizer, so a PEFT model's optimizer state is as
+small as its adapter.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import numpy as np
@@ -22,15 +27,28 @@ from tqdm.auto import tqdm
 
 from ..core.errors import PeftlabError
 from ..core.model import PeftModel
+from ..core.state import atomic_write_bytes, read_tensors, save_tensors
 
 # ``probe(step, model, optimizer)`` may return a context manager to run one training step inside
 # (forward, backward, optimizer step), e.g. to measure its memory; ``None`` leaves the step alone.
 # Probed steps are left out of the step-time and throughput figures, since a probe costs time.
 StepProbe = Callable[[int, nn.Module, Any], "ContextManager[Any] | None"]
 
+PRECISIONS = ("no", "bf16", "fp16")
+CHECKPOINT_PREFIX = "step-"  # checkpoint folders are step-<optimizer steps done>
+LOOP_STATE = "loop.json"
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
 
 @dataclass(frozen=True)
 class TrainArgs:
+    """``max_steps``, ``save_every`` and the schedule count optimizer steps; with
+    ``grad_accum_steps`` = k, one step takes k batches of the loader (its gradients averaged).
+    ``checkpoint_dir``: where ``save_every`` writes checkpoints and ``resume`` reads the newest."""
+
     epochs: float = 1.0
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -39,6 +57,27 @@ class TrainArgs:
     max_steps: int | None = None
     seed: int = 0
     progress: bool = True
+    grad_accum_steps: int = 1
+    mixed_precision: str = "no"
+    save_every: int | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not _whole(self.grad_accum_steps):
+            raise PeftlabError(f"TrainArgs.grad_accum_steps={self.grad_accum_steps!r}: expected a positive whole "
+                               "number of batches per optimizer step (1: no accumulation)")
+        if self.mixed_precision not in PRECISIONS:
+            raise PeftlabError(f"TrainArgs.mixed_precision={self.mixed_precision!r}: expected 'no', 'bf16' (CPU or "
+                               "GPU) or 'fp16' (GPU only)")
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise PeftlabError("TrainArgs.mixed_precision='fp16' needs a CUDA GPU, and none is available; use "
+                               "'bf16' (runs on CPU too) or 'no'")
+        if self.save_every is not None and not _whole(self.save_every):
+            raise PeftlabError(f"TrainArgs.save_every={self.save_every!r}: expected a positive whole number of "
+                               "optimizer steps, or None for no checkpoints")
+        if (self.save_every or self.resume) and not self.checkpoint_dir:
+            raise PeftlabError("TrainArgs.save_every and resume need checkpoint_dir, the folder checkpoints go to")
 
 
 @dataclass
@@ -51,6 +90,7 @@ class TrainResult:
     wall_s: float = 0.0
     step_tokens: list[int] = field(default_factory=list)
     probed_steps: list[int] = field(default_factory=list)
+    start_step: int = 0  # steps done before this call (a resumed run); timings cover the rest
 
     @property
     def median_step_s(self) -> float:
@@ -68,76 +108,262 @@ class TrainResult:
         return tokens / seconds if seconds > 0 else float("nan")
 
 
-def _accelerator() -> Any:
+def _accelerator(args: TrainArgs) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     # Under torchrun on a machine without a GPU, accelerate sets up DDP (gloo) only when told to
     # use the CPU; without it every process would silently train alone on its own shard.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=launched and not torch.cuda.is_available())
+    # accelerate keeps one state per process and refuses a second run's other mixed precision;
+    # transformers' TrainingArguments resets it the same way. The process group is kept.
+    AcceleratorState._reset_state()
+    # mixed_precision=None for "no": a setting of `accelerate launch` stays in force.
+    return Accelerator(cpu=launched and not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum_steps,
+                       mixed_precision=None if args.mixed_precision == "no" else args.mixed_precision)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest checkpoint in ``folder``; one being written has a temporary name until complete."""
+    found = [p for p in Path(folder).glob(CHECKPOINT_PREFIX + "*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+class _Shuffle:
+    """The loader's shuffling generator, saved with checkpoints (accelerate's custom-object state):
+    its state when the epoch in progress began (to draw that epoch's order again) and now."""
+
+    def __init__(self, loader: Any) -> None:
+        self.generator = getattr(loader, "generator", None)
+        self.epoch_start = self.saved = None
+
+    def mark(self) -> None:
+        if self.generator is not None:
+            self.epoch_start = self.generator.get_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.generator is None else {"epoch_start": self.epoch_start, "now": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saved = state
+
+    def restore(self, key: str) -> None:
+        """Set the generator to its saved ``"epoch_start"`` or ``"now"`` state (of a loaded checkpoint)."""
+        if self.generator is not None and self.saved:
+            self.generator.set_state(self.saved[key])
+
+
+def _adapter_checkpoints(accelerator: Any, peft: PeftModel) -> None:
+    """Checkpoint a PeftModel's trainable adapters, not the whole model: accelerate would save the
+    frozen base too and load strictly, while sparse methods' tensors change size when chosen."""
+    def save(models: list, weights: list, folder: str) -> None:
+        if accelerator.is_main_process:
+            for name in peft.trainable_adapters():
+                save_tensors(Path(folder) / f"adapter-{name}.safetensors", peft.adapter_state_dict(name))
+        weights.clear()
+
+    def load(models: list, folder: str) -> None:
+        for name in peft.trainable_adapters():
+            path = Path(folder) / f"adapter-{name}.safetensors"
+            peft.load_adapter_state_dict(name, read_tensors(path), str(path))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def _save_checkpoint(accelerator: Any, folder: Path, loop: dict[str, Any]) -> None:
+    """Write a checkpoint under a temporary name and rename it when complete (so a run killed while
+    saving leaves the previous one intact), then delete the older ones."""
+    final = folder / f"{CHECKPOINT_PREFIX}{loop['step']:08d}"
+    tmp = folder / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        folder.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        atomic_write_bytes(tmp / LOOP_STATE, json.dumps(loop).encode())
+        for path in tmp.iterdir():  # on disk before the rename makes the checkpoint count
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in folder.glob(CHECKPOINT_PREFIX + "*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator: Any, args: TrainArgs, expected: dict[str, int]) -> dict[str, Any]:
+    """Load the newest checkpoint into the prepared objects; returns its loop state."""
+    found = latest_checkpoint(args.checkpoint_dir)
+    if found is None:
+        raise PeftlabError(f"resume: no checkpoint in {args.checkpoint_dir} (expected {CHECKPOINT_PREFIX}N folders "
+                           "written with save_every); start without resume, or point checkpoint_dir at the "
+                           "interrupted run's checkpoints")
+    loop = json.loads((found / LOOP_STATE).read_text())
+    differ = [f"{k}={loop.get(k)} there, {v} here" for k, v in expected.items() if loop.get(k) != v]
+    if differ:
+        raise PeftlabError(f"resume: the checkpoint {found} is from a run with other settings ({'; '.join(differ)}); "
+                           "resume with the interrupted run's data, batch size, steps and accumulation")
+    accelerator.load_state(str(found))
+    return loop
 
 
 def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: Any = None,
           on_step: Callable[[int, float], None] | None = None, probe: StepProbe | None = None) -> TrainResult:
     """Train ``model`` (any module whose forward returns ``.loss`` given the batch) on ``loader``.
 
-    ``probe`` (see :data:`StepProbe`) wraps chosen steps, e.g. the assessment's memory measurement.
+    ``probe`` (see :data:`StepProbe`) wraps chosen optimizer steps, e.g. the assessment's memory
+    measurement. ``on_step(step, loss)`` runs after each optimizer step.
+
+    With ``args.save_every`` a checkpoint goes to ``args.checkpoint_dir`` every that many steps:
+    accelerate's ``save_state`` (optimizer, schedule, RNG, the shuffling generator), a PeftModel's
+    trainable adapters, and the position in the data. ``args.resume`` continues from the newest one
+    to the weights of a run never stopped (same seed, data and settings).
     """
-    accelerator = accelerator or _accelerator()
+    from transformers import get_scheduler
+
+    if accelerator is None:
+        accelerator = _accelerator(args)
+    elif (args.grad_accum_steps, args.mixed_precision) not in {
+            (1, "no"), (accelerator.gradient_accumulation_steps, accelerator.mixed_precision)}:
+        raise PeftlabError(f"TrainArgs asks for grad_accum_steps={args.grad_accum_steps} and mixed_precision="
+                           f"{args.mixed_precision!r}, but the accelerator given has {accelerator.gradient_accumulation_steps} "
+                           f"and {accelerator.mixed_precision!r}; make them agree, or let train() build the accelerator")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise PeftlabError("the model has no trainable parameters: nothing to train. "
                          "Wrap it with peftlab.get_peft_model(model, config) first, or unfreeze it.")
     # A PeftModel runs its methods' training hooks (data pass, step hooks, parameter groups).
     peft = model if isinstance(model, PeftModel) else None
+    if peft and (args.save_every or args.resume):
+        # A step hook that keeps its own state between steps (AdaLoRA's importance scores and rank
+        # budget) would restart it on resume, training a different method: refused.
+        stateful = sorted({method for method, _, _ in peft._hooks("after_step")})
+        if stateful:
+            raise PeftlabError(f"{', '.join(stateful)} keeps state between optimizer steps that a checkpoint does not "
+                               "hold, so its training cannot be resumed; train it without save_every/resume")
+    if args.save_every and not args.resume and latest_checkpoint(args.checkpoint_dir):
+        raise PeftlabError(f"{args.checkpoint_dir} holds a checkpoint of an earlier run "
+                           f"({latest_checkpoint(args.checkpoint_dir).name}); continue it with resume, or delete "
+                           "the folder to start afresh")
     groups = peft.param_groups(args.lr, args.weight_decay) if peft else params
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    total = args.max_steps or max(1, math.ceil(len(loader) * args.epochs))
+    accum = accelerator.gradient_accumulation_steps
+    per_epoch = math.ceil(len(loader) / accum)  # the last batches of an epoch make a step
+    total = args.max_steps or max(1, math.ceil(per_epoch * args.epochs))
+    # Linear warm-up then linear decay to 0. Not prepared: accelerate would step it once per
+    # process, for a length counted on the unsharded data; ours is counted on this process's shard.
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=int(total * args.warmup_ratio),
+                             num_training_steps=total)
+    shuffle = _Shuffle(loader)
+    loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "tokens": 0}
+    settings = {"total": total, "batches_per_epoch": len(loader), "grad_accum_steps": accum}
+    if args.save_every or args.resume:
+        accelerator.register_for_checkpointing(schedule, shuffle)
+        if peft:
+            _adapter_checkpoints(accelerator, peft)
+    if args.resume:
+        loop = _resume(accelerator, args, settings)
     if peft:
+        # Resumed: the adapters are loaded, so data passes keep the entries they chose then.
         peft.begin_training(loader, total, args.lr)
-    warmup = int(total * args.warmup_ratio)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
+        peft.training_state.step = loop["step"]
+    if loop["batch"] >= len(loader):  # stopped at an epoch's end: the next one draws a new order
+        loop["epoch"], loop["batch"] = loop["epoch"] + 1, 0
+        shuffle.restore("now")
+    elif loop["batch"]:
+        shuffle.restore("epoch_start")
     model.train()
     sync_device = accelerator.device.type == "cuda"
-    result = TrainResult(steps=0, final_loss=float("nan"))
-    bar = tqdm(total=total, desc="train", disable=not (args.progress and accelerator.is_local_main_process))
+    result = TrainResult(steps=loop["step"], final_loss=float("nan"), losses=list(loop["losses"]),
+                         tokens=loop["tokens"], start_step=loop["step"])
+    bar = tqdm(total=total, initial=result.steps, desc="train",
+               disable=not (args.progress and accelerator.is_local_main_process))
     start = time.perf_counter()
-    while result.steps < total:
-        for batch in loader:
-            context = probe(result.steps, model, optimizer) if probe else None
-            if context is not None:
-                result.probed_steps.append(result.steps)
-            t0 = time.perf_counter()
-            with context or contextlib.nullcontext():
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if args.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                if peft:
-                    peft.optimizer_step(optimizer)
-                else:
-                    optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+    micro = 0  # batches of the step in progress
+    # ``steps`` holds the probe of the step in progress, which spans its micro-batches.
+    with contextlib.ExitStack() as steps:
+        while result.steps < total:
+            skip = loop["batch"]
+            shuffle.mark()  # the epoch starts here (or, resumed, the generator was set to its start)
+            batches = iter(_skip(loader, skip))
+            if skip:
+                # The uninterrupted run drew this epoch's iterator seed before its first step, so the
+                # global RNG (dropout) restored from the checkpoint must not move for it now.
+                with torch.random.fork_rng(devices=[]):
+                    first = next(batches, None)
+                batches = itertools.chain([first] if first is not None else [], batches)
+            for batch in batches:
+                loop["batch"] += 1
+                if micro == 0:
+                    context = probe(result.steps, model, optimizer) if probe else None
+                    if context is not None:
+                        result.probed_steps.append(result.steps - result.start_step)
+                        steps.enter_context(context)
+                    t0, step_losses, step_tokens = time.perf_counter(), [], 0
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)  # divided by grad_accum_steps: the step averages its batches
+                    if accelerator.sync_gradients:
+                        if args.max_grad_norm:
+                            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        if peft:  # the methods' step hooks run once per optimizer step
+                            peft.optimizer_step(optimizer)
+                        else:
+                            optimizer.step()
+                        if not optimizer.step_was_skipped:  # fp16: a step with inf gradients is skipped
+                            schedule.step()
+                        optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                step_losses.append(loss.item())
+                step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                if not accelerator.sync_gradients:
+                    continue
                 if sync_device:  # GPU kernels run asynchronously: wait, so the step time is the step's
                     torch.cuda.synchronize(accelerator.device)
-            result.step_times.append(time.perf_counter() - t0)
-            result.losses.append(loss.item())
-            result.step_tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0)
-            result.tokens += result.step_tokens[-1]
-            result.steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(result.losses[-20:]):.4f}")
-            if on_step:
-                on_step(result.steps, result.losses[-1])
-            if result.steps >= total:
-                break
+                steps.close()
+                micro = 0
+                result.step_times.append(time.perf_counter() - t0)
+                result.losses.append(float(np.mean(step_losses)))
+                result.step_tokens.append(step_tokens)
+                result.tokens += step_tokens
+                result.steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(result.losses[-20:]):.4f}")
+                if on_step:
+                    on_step(result.steps, result.losses[-1])
+                if args.save_every and (result.steps % args.save_every == 0 or result.steps == total):
+                    loop.update(step=result.steps, losses=result.losses, tokens=result.tokens)
+                    _save_checkpoint(accelerator, Path(args.checkpoint_dir), {**loop, **settings})
+                if result.steps >= total:
+                    break
+            else:
+                loop["epoch"], loop["batch"] = loop["epoch"] + 1, 0
     bar.close()
     result.wall_s = time.perf_counter() - start
-    result.final_loss = float(np.mean(result.losses[-20:]))
+    result.final_loss = float(np.mean(result.losses[-20:])) if result.losses else float("nan")
+    inner = accelerator.unwrap_model(model)
+    if "_original_forward" in inner.__dict__:
+        # Take accelerate's autocast wrapper off, so scoring runs in the model's own precision. By
+        # hand: unwrap_model(keep_fp32_wrapper=False) unwraps PeftModel.forward's own __wrapped__ too.
+        inner.forward = inner.__dict__.pop("_original_forward")
     return result
+
+
+def _skip(loader: Any, count: int) -> Any:
+    """``loader`` without its first ``count`` batches (a DataLoader skips them without loading)."""
+    if not count:
+        return loader
+    if isinstance(loader, DataLoader):
+        from accelerate import skip_first_batches
+
+        return skip_first_batches(loader, count)
+    return list(loader)[count:]
 
 
 @torch.no_grad()

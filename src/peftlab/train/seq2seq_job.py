@@ -37,7 +37,8 @@ from ..core.config import PeftConfig
 from ..core.errors import PeftlabError
 from ..tasks.errors import TaskDataError
 from ..tasks.translation import TranslationPair, bleu, load_wmt16_en_ro
-from .generation import count_after_training, default_device, generate_texts, make_loader, save_run, summarize, train_tokenizer, wrap_model
+from .data import make_seq2seq_loader
+from .generation import count_after_training, default_device, generate_texts, save_run, summarize, train_tokenizer, wrap_model
 from .loop import StepProbe, TrainArgs, train
 
 RANDOM = "random:"
@@ -217,8 +218,8 @@ def run_translation(run: TranslationRun, config: PeftConfig | None, args: TrainA
     metrics: dict[str, float] = {}
     if run.score_before:
         metrics["before/bleu"] = score_translation(model, tokenizer, eval_rows, refs, run)[0]
-    loader = make_loader(encode_translation(train_pairs, tokenizer, run), tokenizer.pad_token_id,
-                         run.batch_size, shuffle=True, seed=args.seed)
+    loader = make_seq2seq_loader(encode_translation(train_pairs, tokenizer, run), tokenizer, run.batch_size,
+                                 shuffle=True, seed=args.seed)
     started = time.perf_counter()
     result = train(model, loader, args, probe=probe)
     trainable, total = count_after_training(model, trainable, total)
