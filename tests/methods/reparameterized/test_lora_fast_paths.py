@@ -234,3 +234,27 @@ def test_joint_down_projection_matches_separate_products_and_skips_unused_output
     (low1 * w1).sum().backward()
     assert a2.grad is None and a1.grad is not None
     torch.testing.assert_close(x.grad, w1 @ a1.detach())
+
+
+@pytest.mark.parametrize("targets", [("query", "value"), ("query", "key", "value")], ids=["separate", "shared-input"])
+def test_bf16_autocast_trains_with_fp32_adapter_weights(targets):
+    """Under CPU bf16 autocast the activations are bf16 and the adapter weights fp32: the fast paths
+    compute in the activations' dtype and return fp32 gradients close to an fp32 step's."""
+    from ...conftest import training_batch
+
+    torch.manual_seed(0)
+    pm = get_peft_model(TINY_MODELS["bert"](), LoraConfig(r=4, targets=targets))
+    with torch.no_grad():  # B starts at zero: give it values so every path carries a signal
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch = training_batch("bert")
+    grads = []
+    for autocast in (False, True):
+        pm.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            pm(**batch).logits.float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
+    for name, grad in grads[1].items():
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+        assert torch.allclose(grad, grads[0][name], rtol=0.1, atol=0.1 * grads[0][name].abs().max().item()), name

@@ -426,13 +426,14 @@ class _AddUp(torch.autograd.Function):
         ctx.mark_dirty(out)
         ctx.save_for_backward(low, b)
         ctx.scale = scale
-        return out.addmm_(low, _scaled_bt(b, scale))
+        # (under autocast the activations are bf16/fp16 while B stays fp32: compute in theirs)
+        return out.addmm_(low, _scaled_bt(b, scale).to(low.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         low, b = ctx.saved_tensors
-        grad_low = grad @ _scaled_bt(b, ctx.scale).T if ctx.needs_input_grad[1] else None
-        grad_b = (low.T @ grad).T.mul_(ctx.scale) if ctx.needs_input_grad[2] else None
+        grad_low = grad @ _scaled_bt(b, ctx.scale).to(grad.dtype).T if ctx.needs_input_grad[1] else None
+        grad_b = (low.T @ grad).T.mul_(ctx.scale).to(b.dtype) if ctx.needs_input_grad[2] else None
         return grad, grad_low, grad_b, None
 
 
@@ -493,10 +494,12 @@ class _JointDown(torch.autograd.Function):
             if g is None:
                 grad_weights.append(None)
                 continue
+            # (autocast: g is in the forward's compute dtype, the saved x2 and A_i may not be)
+            w_g = w.to(g.dtype)
             if ctx.needs_input_grad[0]:
-                grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
-            grad_weights.append(g.T @ x2 if ctx.needs_input_grad[i + 1] else None)
-        return (grad_x, *grad_weights)
+                grad_x = g @ w_g if grad_x is None else grad_x.addmm_(g, w_g)
+            grad_weights.append((g.T @ x2.to(g.dtype)).to(w.dtype) if ctx.needs_input_grad[i + 1] else None)
+        return (None if grad_x is None else grad_x.to(x2.dtype), *grad_weights)
 
 
 def _group_siblings(model: nn.Module) -> None:
