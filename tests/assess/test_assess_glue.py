@@ -61,6 +61,16 @@ def test_glue_suite_reports_official_metrics_and_resumes(tmp_path, tiny_model, g
     # a changed budget changes the fingerprint: the run is done again, not reused
     assert _assess(tmp_path, tiny_model, glue_dir, "--no-plots", "--tasks", "qnli", "--max-steps", "1") == 0
     assert "2 run(s) done, 0 reused" in capsys.readouterr().out
+    # ... and so does another thread count: a resumed suite does not mix runs made with 1 and 2
+    # threads (their scores may differ by the reduction order); the record names machine and threads
+    budget = ["--no-plots", "--tasks", "qnli", "--max-steps", "1"]
+    assert _assess(tmp_path, tiny_model, glue_dir, *budget, "--threads", "1") == 0
+    assert _assess(tmp_path, tiny_model, glue_dir, *budget, "--threads", "1") == 0
+    assert "0 run(s) done, 2 reused" in capsys.readouterr().out
+    assert _assess(tmp_path, tiny_model, glue_dir, *budget, "--threads", "2") == 0
+    assert "2 run(s) done, 0 reused" in capsys.readouterr().out
+    stored = json.loads(next((out / "runs").rglob("qnli/lora/seed0.json")).read_text())["settings"]
+    assert stored["threads"] == 2 and " x" in stored["machine"]
 
 
 def test_interrupted_suite_keeps_finished_runs(tmp_path, tiny_model, monkeypatch, capsys):

@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import importlib
 import inspect
+import os
 import platform
 import time
 import traceback
@@ -45,6 +46,18 @@ def _versions() -> dict[str, str]:
 
     return {"peftlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "threads": str(torch.get_num_threads())}
+
+
+def machine() -> str:
+    """The processor the runs are timed on: architecture, CPU model, logical cores (and GPU)."""
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()} {model} x{os.cpu_count()}{gpu}".replace("  ", " ")
 
 
 # -- model checks --------------------------------------------------------------------------------
@@ -108,6 +121,7 @@ class Jobs:
         self.suite = suite
         self.progress = progress  # per-run training bars
         self.notes: list[str] = []
+        self.threads: int | None = None  # torch threads per run (None: this process's setting)
 
     def tasks(self) -> list[TaskSpec]:
         return list(self.suite.tasks)
@@ -129,7 +143,10 @@ class Jobs:
                 "method": method, "config": config.to_dict() if config else None,
                 "lr": suite.learning_rate(method), "epochs": suite.epochs, "max_steps": suite.max_steps,
                 "batch_size": suite.batch_size, "warmup_ratio": suite.warmup_ratio,
-                "weight_decay": suite.weight_decay, "seed": seed, "timed_steps": suite.timed_steps}
+                "weight_decay": suite.weight_decay, "seed": seed, "timed_steps": suite.timed_steps,
+                # Scores move with the thread count (reduction order) and times with the machine:
+                # a run made under other ones is not reused.
+                "threads": self.threads or torch.get_num_threads(), "machine": machine()}
 
     def train_args(self, method: str, seed: int, max_steps: int | None = None) -> Any:
         from ..train.loop import TrainArgs

@@ -102,6 +102,12 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
         done[i] = record
         result.records = [done[j] for j in sorted(done)]
 
+    import torch
+
+    # Fixed before looking up stored runs: the thread count is part of a run's fingerprint, so a
+    # resumed suite runs its remaining runs as the first invocation did, even when fewer remain.
+    threads = threads or (torch.get_num_threads() if workers == 1 else max(1, (os.cpu_count() or 1) // workers))
+    jobs.threads = threads
     todo = []
     for i, (task, method, seed) in enumerate(plan):
         record = None if rerun else store.finished(suite.model, task.name, method, seed,
@@ -123,12 +129,9 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
         _write_tables(result, started, cpu_started, plots=False)
         bar.update(1)
 
-    import torch
-
     workers = min(workers, max(len(todo), 1))
-    if workers == 1 and threads:
+    if workers == 1:
         torch.set_num_threads(threads)
-    threads = threads or (torch.get_num_threads() if workers == 1 else max(1, (os.cpu_count() or 1) // workers))
     result.workers, result.threads = workers, threads
     jobs.progress = progress and workers == 1  # bars of parallel runs would interleave
     with _sigterm_interrupts():
@@ -206,6 +209,7 @@ def _start_worker(suite: Suite, threads: int, out: Path) -> None:
     torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
     _worker_jobs = jobs_for(suite, progress=False)
+    _worker_jobs.threads = threads
     _worker_store = RunStore(out)
 
 
