@@ -1,6 +1,7 @@
 """PNG plots of an assessment (matplotlib, Agg backend: no display needed).
 
-* ``score_vs_trainable.png``: average task score against trainable share (log x), one point per method;
+* ``score_vs_trainable.png``: per task, score against trainable share (log x) with seed error bars,
+  full fine-tuning and the constant-prediction baseline as lines, and the Pareto front;
 * ``peak_memory.png``: peak training memory per method, one bar per task;
 * ``step_time.png``: median training-step time per method, one bar per task.
 """
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .report import _name, grid, task_label
+from .suites import FULL
 
 
 def _pyplot() -> Any:
@@ -30,23 +32,12 @@ def write_plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[st
     written: list[str] = []
     tasks, methods, cell = grid(rows)
 
-    points = []
-    for m in methods:
-        scores = [cell.get((t, m), {}).get("score") for t in tasks]
-        share = next((cell[(t, m)]["trainable_percent"] for t in tasks
-                      if cell.get((t, m), {}).get("trainable_percent")), None)
-        if share and scores and all(s is not None for s in scores):
-            points.append((_name(m), share, float(np.mean(scores))))
-    if points:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, share, score in points:
-            ax.scatter(share, score, s=40)
-            ax.annotate(name, (share, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (% of the model, log scale)")
-        ax.set_ylabel("average score over " + ", ".join(task_label(t) for t in tasks))
-        ax.set_title(f"{title}: score against trainable share")
-        ax.grid(True, which="both", alpha=0.3)
+    panels = [t for t in tasks if any(cell.get((t, m), {}).get("score") is not None for m in methods)]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        for ax, task in zip(axes[0], panels):
+            _score_panel(ax, task, methods, cell)
+        fig.suptitle(f"{title}: score against trainable share, per task")
         written.append(_save(fig, folder / "score_vs_trainable.png", plt))
 
     for key, label, name in (("peak_memory_mb", "peak training memory (MB)", "peak_memory.png"),
@@ -68,6 +59,42 @@ def write_plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[st
         ax.grid(True, axis="x", alpha=0.3)
         written.append(_save(fig, folder / name, plt))
     return [str(Path(folder.name) / Path(p).name) for p in written]
+
+
+def _score_panel(ax: Any, task: str, methods: list[str], cell: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """One task: each PEFT method at (trainable share, mean score) with its seeds' std as an error
+    bar; full fine-tuning and the constant-prediction baseline as reference lines (a task where
+    they meet is at chance for everyone, and says so); the Pareto front (no method both smaller
+    and better) joined by a line."""
+    points = []
+    for m in methods:
+        row = cell.get((task, m), {})
+        if row.get("score") is None:
+            continue
+        if m == FULL:
+            ax.axhline(row["score"], color="black", linestyle="--", linewidth=1, label="full fine-tuning")
+        elif row.get("trainable_percent"):
+            points.append((row["trainable_percent"], row["score"], row.get("score_std") or 0.0, _name(m)))
+    baseline = next((cell[(task, m)]["baseline"] for m in methods if cell.get((task, m), {}).get("baseline") is not None),
+                    None)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle=":", linewidth=1, label="constant-prediction baseline")
+    for share, score, std, name in points:
+        ax.errorbar(share, score, yerr=std, fmt="o", capsize=3, markersize=5)
+        ax.annotate(name, (share, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front, best = [], -np.inf
+    for share, score, _, _ in sorted(points, key=lambda p: (p[0], -p[1])):
+        if score > best:
+            front.append((share, score))
+            best = score
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="tab:green", alpha=0.5, linewidth=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the model, log scale)")
+    ax.set_ylabel(f"{task_label(task)} score (mean over seeds, bars: std)")
+    ax.set_title(task_label(task))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def _save(fig: Any, path: Path, plt: Any) -> str:
