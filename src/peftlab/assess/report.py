@@ -254,22 +254,24 @@ def metrics_table(rows: list[dict[str, Any]]) -> str:
             for k in (cell.get((t, m), {}).get("metrics") or {}):
                 if k not in names:
                     names.append(k)
+        if "score" in names and len(names) == 2:  # one official metric: the score repeats it
+            names.remove("score")
         columns += [(t, k) for k in names]
     if not columns:
         return ""
-    head = ["Method"] + [f"{task_label(t)} {k}" for t, k in columns]
+    head = ["Method"] + [f"{task_label(t)} {'mean of the metrics' if k == 'score' else k}" for t, k in columns]
     body = [[_name(m)] + [_fmt((cell.get((t, m), {}).get("metrics") or {}).get(k), ".2f") for t, k in columns]
             for m in methods]
     return _table(head, body)
 
 
 def summary_text(rows: list[dict[str, Any]], width: int = 100) -> str:
-    """A plain-text table that fits one screen: method, trainable %, score per task, average,
-    peak memory (largest over tasks) and mean step time."""
+    """A plain-text table that fits one screen: method, trainable %, score per task and their mean,
+    peak memory (largest over tasks) and step time (mean over tasks); the headers say which."""
     tasks, methods, cell = grid(rows)
     has_scores = any(r.get("score") is not None for r in rows)
-    head = ["method", "trainable%"] + ([task_label(t)[:12] for t in tasks] + ["avg"] if has_scores else []) + [
-        "peak MB", "step ms"]
+    head = ["method", "trainable%"] + ([task_label(t)[:12] for t in tasks] + ["mean"] if has_scores else []) + [
+        "max peak MB", "mean step ms"]
     lines = []
     for m in methods:
         scores = [cell.get((t, m), {}).get("score") for t in tasks]
