@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from peftlab.assess.jobs import constant_baseline
-from peftlab.assess.report import aggregate, baseline_notes, summary_text
+from peftlab.assess.report import aggregate, baseline_notes, drift_notes, spread_notes, summary_text
 from peftlab.assess.store import RunStore, fingerprint, slug
 from peftlab.assess.suites import FULL, REVIEW_METHODS, SUITE_NAMES, builtin_suites, get_suite, load_suite_file
 from peftlab.cli import _assess_suite, build_parser
@@ -121,3 +121,20 @@ def test_method_options_are_checked_like_opt_and_take_peft_names(tmp_path):
     assert (lora.r, lora.alpha, lora.targets) == (4, 8, ("query", "value"))
     with pytest.raises(PeftlabError, match=r"suite 'quick': method_options.lora: LoraConfig has no option \['rr'\]"):
         get_suite("quick").replace(method_options={"lora": {"rr": 8}})  # the API is checked too
+
+
+def test_seeds_that_disagree_and_a_drifting_reference_get_notes():
+    rows = aggregate([_record("lora", 0.80, 0.3), _record("lora", 0.60, 0.3, seed=1),
+                      _record("ia3", 0.80, 0.3), _record("ia3", 0.81, 0.3, seed=1)])
+    notes = spread_notes(rows)
+    assert len(notes) == 1 and notes[0].startswith("lora") and "std 14.1" in notes[0]
+
+    def full(task, seed, step_s, length=64):
+        rec = _record(FULL, 0.8, 0.2, seed=seed)
+        rec.update(task=task, median_step_s=step_s, settings={"task": {"max_length": length}, "batch_size": 32})
+        return rec
+
+    steady = [full("sst2", 0, 1.40), full("sst2", 1, 1.45), full("rte", 0, 3.9, length=128)]
+    assert drift_notes(steady) == []  # another shape is not drift
+    drifted = drift_notes(steady + [full("cola", 0, 3.86)])
+    assert len(drifted) == 1 and "2.76x" in drifted[0] and "max length 64" in drifted[0]

@@ -142,6 +142,39 @@ def failure_notes(records: list[dict[str, Any]]) -> list[str]:
             for r in records if r.get("status") != "ok"]
 
 
+DRIFT = 1.25  # full fine-tuning steps of one shape this far apart: the machine's load changed
+SPREAD = 5.0  # score points of std over seeds that make a result too unstable to rank on
+
+
+def drift_notes(records: list[dict[str, Any]]) -> list[str]:
+    """Full fine-tuning is the reference of the "x full" step-time column; where its step time at
+    one shape (sequence length, batch) varies across runs, the machine's load changed during the
+    suite and the step-time ratios carry that error."""
+    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("method") == FULL and r.get("status") == "ok" and r.get("median_step_s"):
+            settings = r.get("settings") or {}
+            key = ((settings.get("task") or {}).get("max_length"), settings.get("batch_size"))
+            groups.setdefault(key, []).append(r)
+    notes = []
+    for (length, batch), recs in groups.items():
+        times = [r["median_step_s"] for r in recs]
+        if len(times) > 1 and max(times) > DRIFT * min(times):
+            runs = ", ".join(f"{task_label(r['task'])} seed {r['seed']}: {r['median_step_s'] * 1e3:,.0f} ms" for r in recs)
+            notes.append(f"full fine-tuning's step time at one shape (max length {length}, batch {batch}) varied "
+                         f"{max(times) / min(times):.2f}x across runs ({runs}): the machine's load changed during the "
+                         "suite, so step times and their x full ratios carry that much error; rerun on an idle machine "
+                         "to compare speeds")
+    return notes
+
+
+def spread_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Results whose seeds disagree by more than :data:`SPREAD` points (std)."""
+    return [f"{_name(r['method'])} on {task_label(r['task'])}: its {r['seeds']} seeds disagree (std {r['score_std']:.1f} "
+            f"points on a mean of {r['score']:.1f}); rank it with care, or run more seeds"
+            for r in rows if r.get("seeds", 0) > 1 and (r.get("score_std") or 0) > SPREAD]
+
+
 def _name(method: str) -> str:
     return "full fine-tuning" if method == FULL else method
 
