@@ -138,3 +138,13 @@ def test_seeds_that_disagree_and_a_drifting_reference_get_notes():
     assert drift_notes(steady) == []  # another shape is not drift
     drifted = drift_notes(steady + [full("cola", 0, 3.86)])
     assert len(drifted) == 1 and "2.76x" in drifted[0] and "max length 64" in drifted[0]
+
+
+def test_a_random_model_report_says_its_scores_mean_nothing():
+    from peftlab.assess.report import markdown
+
+    rows = aggregate([_record("lora", 0.2, 3.0, task="wmt16")])
+    mt = get_suite("mt")
+    assert mt.model.startswith("random:")
+    assert "say nothing about PEFT" in markdown(mt, rows, [], {}, [])
+    assert "say nothing about PEFT" not in markdown(get_suite("quick"), rows, [], {}, [])

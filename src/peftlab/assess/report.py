@@ -385,6 +385,11 @@ def markdown(suite: Suite, rows: list[dict[str, Any]], notes: list[str], totals:
         f"of {totals.get('threads', 1)} thread(s)",
         "",
     ]
+    if suite.kind != "efficiency" and str(suite.model).startswith("random:"):
+        lines += ["> **These scores say nothing about PEFT.** The model was built with random weights "
+                  f"(`{suite.model}`): no method adapts pretrained knowledge here, so the table only checks "
+                  "that the pipeline runs. Pass a pretrained model with `--model` (a folder or a hub id such "
+                  "as `t5-small`) for a meaningful comparison.", ""]
     if any(r.get("score") is not None for r in rows):
         scale = "×100, " if any(r.get("kind") == "glue" for r in rows) else ""
         lines += [f"## Task scores (dev; {scale}mean ± std over seeds)", "", score_table(rows), ""]
