@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     assess = sub.add_parser("assess", help="the side-by-side study: methods x tasks, scores, memory, speed",
                             description="Run a suite of (model, tasks, methods, seeds); resumable. Flags override "
                                         "the suite and the --config file. See docs/assessment.md.")
-    assess.add_argument("--suite", default=None, help="quick (default), glue, mt, nlg or efficiency")
+    assess.add_argument("--suite", default=None, help="quick (default), taxonomy (every method), glue, mt, nlg or efficiency")
     assess.add_argument("--config", default=None, help="YAML file of suite fields (may name a base suite)")
     assess.add_argument("--model", default=None, help="model folder or hub id ('random:<shape>' for mt)")
     assess.add_argument("--data-dir", default=None, help="data folder (GLUE root for quick/glue)")

@@ -148,3 +148,16 @@ def test_a_random_model_report_says_its_scores_mean_nothing():
     assert mt.model.startswith("random:")
     assert "say nothing about PEFT" in markdown(mt, rows, [], {}, [])
     assert "say nothing about PEFT" not in markdown(get_suite("quick"), rows, [], {}, [])
+
+
+def test_the_taxonomy_suite_plans_every_registered_method_and_names_its_subcategory():
+    from peftlab.assess.report import score_table
+    from peftlab.core.registry import all_methods
+
+    methods, notes = get_suite("taxonomy").method_plan()
+    standalone = [s.name for s in all_methods() if s.example is None]
+    assert methods == standalone + [FULL]
+    assert len(notes) == len(all_methods()) - len(standalone)  # the ones built on other adapters, said why
+    record = _record("lora", 0.8, 0.3)
+    record["subcategory"] = "low-rank decomposition"
+    assert "| x: low-rank decomposition |" in score_table(aggregate([record]))

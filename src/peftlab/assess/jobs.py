@@ -39,6 +39,10 @@ def family_of(method: str) -> str:
     return "full fine-tuning" if method == FULL else get_method(method).family
 
 
+def subcategory_of(method: str) -> str:
+    return "" if method == FULL else get_method(method).subcategory
+
+
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -164,7 +168,8 @@ class Jobs:
         settings = self.settings(task, method, seed)
         record: dict[str, Any] = {
             "suite": self.suite.name, "kind": self.suite.kind, "model": self.suite.model, "task": task.name,
-            "method": method, "family": family_of(method), "seed": seed, "lr": settings["lr"],
+            "method": method, "family": family_of(method), "subcategory": subcategory_of(method), "seed": seed,
+            "lr": settings["lr"],
             "config": settings["config"], "settings": settings, "fingerprint": fingerprint(settings),
             "baseline": self.baseline(task), "versions": _versions(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

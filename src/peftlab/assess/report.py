@@ -57,6 +57,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (task, method), recs in groups.items():
         ok = [r for r in recs if r.get("status") == "ok"]
         row: dict[str, Any] = {"task": task, "method": method, "family": recs[0].get("family"),
+                               "subcategory": recs[0].get("subcategory"),
                                "seeds": len(ok), "failed": len(recs) - len(ok), "kind": recs[0].get("kind")}
         if ok:
             scale = score_scale(ok[0])
@@ -228,7 +229,7 @@ def score_table(rows: list[dict[str, Any]]) -> str:
     tasks, methods, cell = grid(rows)
     metric = {t: next((cell[(t, m)].get("score_metric") for m in methods
                        if cell.get((t, m), {}).get("score_metric")), None) for t in tasks}
-    head = ["Method", "Family", "Trainable params", "Trainable %"] + [
+    head = ["Method", "Family: sub-category", "Trainable params", "Trainable %"] + [
         f"{task_label(t)} ({metric[t]})" if metric[t] else task_label(t) for t in tasks] + ["Avg."]
     body = []
     baselines = [next((cell[(t, m)]["baseline"] for m in methods if cell.get((t, m), {}).get("baseline") is not None),
@@ -238,7 +239,8 @@ def score_table(rows: list[dict[str, Any]]) -> str:
     for m in methods:
         scores = [cell.get((t, m), {}).get("score") for t in tasks]
         avg = statistics.fmean(scores) if scores and all(s is not None for s in scores) else None
-        body.append([_name(m), str(_first(cell, tasks, m, "family") or ""),
+        family, sub = _first(cell, tasks, m, "family") or "", _first(cell, tasks, m, "subcategory")
+        body.append([_name(m), f"{family}: {sub}" if sub else family,
                      _count(_first(cell, tasks, m, "trainable_params")),
                      _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
                     + [_fmt_score(cell.get((t, m))) for t in tasks] + [_fmt(avg, ".1f")])
@@ -325,7 +327,7 @@ def summary_text(rows: list[dict[str, Any]], width: int = 100) -> str:
 
 
 # -- files ---------------------------------------------------------------------------------------
-CSV_FIELDS = ["suite", "model", "task", "method", "family", "seed", "status", "score_metric", "score", "baseline",
+CSV_FIELDS = ["suite", "model", "task", "method", "family", "subcategory", "seed", "status", "score_metric", "score", "baseline",
               "trainable_params", "total_params", "trainable_percent", "peak_memory_bytes", "held_memory_bytes",
               "memory_method", "median_step_s", "tokens_per_s", "steps", "final_loss", "lr", "device",
               "wall_s", "cpu_s", "error"]
@@ -343,7 +345,7 @@ def runs_csv(records: list[dict[str, Any]]) -> str:
 
 
 def summary_csv(rows: list[dict[str, Any]]) -> str:
-    fields = ["task", "method", "family", "seeds", "failed", "score_metric", "score", "score_std", "baseline",
+    fields = ["task", "method", "family", "subcategory", "seeds", "failed", "score_metric", "score", "score_std", "baseline",
               "trainable_params", "total_params", "trainable_percent", "peak_memory_mb", "median_step_ms",
               "tokens_per_s", "final_loss", "steps", "lr"]
     buf = io.StringIO()

@@ -179,6 +179,12 @@ def builtin_suites() -> dict[str, Suite]:
             data_dir=_shared("data", "nlg", "e2e"),
             tasks=(TaskSpec("e2e", train_limit=2000, eval_limit=200, max_length=96),),
             batch_size=16, lr_scale=2.0, full_lr=1e-3),
+        # Every registered method, family by family, on one small SST-2 budget: the table of the
+        # whole taxonomy (measured: see the README for its time on two cores).
+        "taxonomy": Suite(
+            name="taxonomy", kind="glue", model=minilm, data_dir=glue,
+            tasks=(TaskSpec("sst2", train_limit=2000, max_length=64),), methods=("all",),
+            lr_scale=4.0, full_lr=1e-4),
         # No training to convergence: trainable share, peak memory and step time per method at a
         # fixed batch, on the review's model sizes built from their configs with random weights.
         "efficiency": Suite(
@@ -190,7 +196,7 @@ def builtin_suites() -> dict[str, Suite]:
     }
 
 
-SUITE_NAMES = ("quick", "glue", "mt", "nlg", "efficiency")
+SUITE_NAMES = ("quick", "taxonomy", "glue", "mt", "nlg", "efficiency")
 
 _TASK_KEYS = {f.name for f in dataclasses.fields(TaskSpec)}
 _SUITE_KEYS = {f.name for f in dataclasses.fields(Suite)} - {"explicit_methods"}
