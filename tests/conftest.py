@@ -120,5 +120,24 @@ def begin_training(peft_model, kind: str) -> None:
     peft_model.begin_training([training_batch(kind)], total_steps=1, learning_rate=1e-3)
 
 
+def labelled_batches(n: int = 2, seed: int = 0, size: int = 4) -> list[dict[str, torch.Tensor]]:
+    """``n`` BERT batches of ``size`` x 8 random tokens, labelled by a rule on the first token (so a
+    model can learn them): data for methods with a data pass or a training loop."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 100, (size, 8), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, 0] > 50).long()})
+    return out
+
+
+def no_dropout(model):
+    """Keep every module in eval behaviour even where a data pass switches to train mode, so runs
+    can be compared with a computation by hand; returns ``model``."""
+    for module in model.modules():
+        module.register_forward_pre_hook(lambda m, args: setattr(m, "training", False))
+    return model
+
+
 def main_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]

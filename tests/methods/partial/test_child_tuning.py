@@ -10,16 +10,8 @@ from peftlab import PeftlabError, PeftModel, get_peft_model
 from peftlab.core.targets import resolve_targets
 from peftlab.methods.partial.child_tuning import ChildTuningConfig, ChildTuningLayer
 
-from ...conftest import tiny_bert
+from ...conftest import labelled_batches, tiny_bert
 
-
-def _batches(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 100, (4, 8), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, 0] > 50).long()})
-    return out
 
 
 def _layers(pm):
@@ -34,7 +26,7 @@ def test_bad_config_is_refused_with_the_field_named(bad):
 
 def test_d_mask_is_the_global_fisher_top_share_computed_by_hand():
     config = ChildTuningConfig(reserve_p=0.1)
-    data = _batches()
+    data = labelled_batches(3)
     # By hand, on the plain model (d = 0, so the same function): mean squared batch gradient of each
     # targeted weight and bias, ranked across all of them together.
     base = tiny_bert().train()
@@ -78,7 +70,7 @@ def _train(pm, data, optimizer):
 
 def test_d_only_the_child_network_changes_and_the_checkpoint_keeps_only_changes(tmp_path):
     pm = get_peft_model(tiny_bert(), ChildTuningConfig(reserve_p=0.05))
-    _train(pm, _batches(), torch.optim.AdamW(pm.param_groups(lr=1e-2)))
+    _train(pm, labelled_batches(3), torch.optim.AdamW(pm.param_groups(lr=1e-2)))
     changed = total = 0
     for layer in _layers(pm).values():
         for delta, mask in layer.deltas("default"):
@@ -91,7 +83,7 @@ def test_d_only_the_child_network_changes_and_the_checkpoint_keeps_only_changes(
     pm.save_pretrained(tmp_path)
     pm.eval()
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
-    batch = _batches(1, seed=5)[0]
+    batch = labelled_batches(1, seed=5)[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, pm(**batch).logits)
     assert loaded.trainable_parameters_report().trainable_entries == 0  # loaded for inference
@@ -105,7 +97,7 @@ def test_f_masks_each_step_afresh_and_rescales_by_one_over_p():
     pm.train()
     pm.begin_training(None, total_steps=2)  # task-free: no data pass
     optimizer = torch.optim.SGD(pm.param_groups(lr=lr))
-    batch = _batches(1)[0]
+    batch = labelled_batches(1)[0]
     kept = []
     for _ in range(2):
         torch.manual_seed(3)  # same dropout, so the same full gradient both steps
@@ -130,18 +122,18 @@ def test_d_needs_data_and_forgetting_to_begin_is_refused():
     pm = get_peft_model(tiny_bert(), ChildTuningConfig())
     pm.base_model.train()
     with pytest.raises(PeftlabError, match="training has not begun"):
-        pm(**_batches(1)[0])
+        pm(**labelled_batches(1)[0])
     with pytest.raises(PeftlabError, match="Child-Tuning_D chooses its child network"):
         pm.begin_training(None, total_steps=3)
     with pytest.raises(PeftlabError, match="labels"):
-        pm.begin_training([{k: v for k, v in _batches(1)[0].items() if k != "labels"}], total_steps=3)
+        pm.begin_training([{k: v for k, v in labelled_batches(1)[0].items() if k != "labels"}], total_steps=3)
 
 
 def test_merge_writes_the_delta_into_the_weights():
     pm = get_peft_model(tiny_bert(), ChildTuningConfig(reserve_p=0.2))
-    _train(pm, _batches(2), torch.optim.AdamW(pm.param_groups(lr=1e-2)))
+    _train(pm, labelled_batches(2), torch.optim.AdamW(pm.param_groups(lr=1e-2)))
     pm.eval()
-    batch = _batches(1, seed=9)[0]
+    batch = labelled_batches(1, seed=9)[0]
     with torch.no_grad():
         expected = pm(**batch).logits
         plain = pm.merge_and_unload()

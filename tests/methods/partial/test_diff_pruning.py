@@ -11,24 +11,9 @@ from peftlab.methods.partial import diff_pruning
 from peftlab.methods.partial.diff_pruning import DiffPruningConfig, expected_gate, expected_nonzeros, sample_gate
 from peftlab.methods.partial.sparse_delta import SparseDeltaLayer, count_of
 
-from ...conftest import tiny_bert
+from ...conftest import labelled_batches, no_dropout, tiny_bert
 
 
-def _batches(n=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 100, (4, 8), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, 0] > 50).long()})
-    return out
-
-
-def _no_dropout(model):
-    def hook(module, args):  # data passes switch to train mode; keep dropout off to compare runs
-        module.training = False
-
-    for m in model.modules():
-        m.register_forward_pre_hook(hook)
 
 
 def _layers(pm):
@@ -61,7 +46,7 @@ def _stage_one(monkeypatch, pm, steps, total_steps=None):
     run = diff_pruning.l0_stage
     monkeypatch.setattr(diff_pruning, "l0_stage", recording)
     torch.manual_seed(0)
-    pm.begin_training(_batches(), total_steps=total_steps or steps)
+    pm.begin_training(labelled_batches(), total_steps=total_steps or steps)
     assert len(seen) == 1
     return seen[0]
 
@@ -134,7 +119,7 @@ def test_stage_three_trains_only_the_kept_entries_and_the_base_never_moves():
     before = [(p, p.detach().clone()) for p in model.parameters()]
     pm = get_peft_model(model, DiffPruningConfig(num_entries=300, l0_steps=2))
     optimizer = torch.optim.AdamW(pm.param_groups(lr=1e-2))  # built before the entries exist
-    data = _batches()
+    data = labelled_batches()
     pm.train()
     pm.begin_training(data, total_steps=3)
     assert all(torch.equal(p, v) for p, v in before), "stage 1 changed the base"
@@ -153,9 +138,9 @@ def test_stage_three_trains_only_the_kept_entries_and_the_base_never_moves():
 def test_k_beyond_the_targets_an_unknown_length_and_an_empty_loader_are_refused():
     pm = get_peft_model(tiny_bert(), DiffPruningConfig(num_entries=10 ** 9))
     with pytest.raises(PeftlabError, match=r"num_entries=1000000000 but the targets hold \d+ entries"):
-        pm.begin_training(_batches(), total_steps=2)
+        pm.begin_training(labelled_batches(), total_steps=2)
     pm = get_peft_model(tiny_bert(), DiffPruningConfig())
     with pytest.raises(PeftlabError, match="run's length is unknown"):
-        pm.begin_training(_batches())
+        pm.begin_training(labelled_batches())
     with pytest.raises(PeftlabError, match="training data is empty"):
         pm.begin_training([], total_steps=2)

@@ -15,16 +15,8 @@ from peftlab.core.targets import resolve_targets
 from peftlab.methods.partial.fish_mask import FishMaskConfig
 from peftlab.methods.partial.sparse_delta import SparseDeltaLayer
 
-from ...conftest import tiny_bert, tiny_gpt2
+from ...conftest import labelled_batches, tiny_bert, tiny_gpt2
 
-
-def _batches(n=2, seed=0, size=4):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 100, (size, 8), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, 0] > 50).long()})
-    return out
 
 
 def _layers(pm):
@@ -56,7 +48,7 @@ def test_bad_config_is_refused_with_the_field_named(bad):
 
 def test_mask_is_the_per_example_fisher_top_share_computed_by_hand():
     config = FishMaskConfig(keep_ratio=0.02, num_samples=6)
-    data = _batches()
+    data = labelled_batches()
     base = tiny_bert().eval()  # dropout off, so both passes see the same function
     tensors = [t for p in resolve_targets(base, config.targets) for t in base.get_submodule(p).parameters()]
     examples = [{k: v[i:i + 1] for k, v in b.items()} for b in data for i in range(4)][:6]
@@ -95,7 +87,7 @@ def test_only_chosen_entries_move_and_only_they_hold_optimizer_state(tmp_path):
     model = tiny_bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pm = get_peft_model(model, FishMaskConfig(keep_ratio=0.01, num_samples=8))
-    optimizer = _train(pm, _batches())
+    optimizer = _train(pm, labelled_batches())
     k = int(_flat_mask(pm).sum())
     state_entries = sum(s["exp_avg"].numel() for s in optimizer.state.values())
     assert state_entries == k  # Adam moments for the chosen entries only
@@ -112,18 +104,18 @@ def test_only_chosen_entries_move_and_only_they_hold_optimizer_state(tmp_path):
 
 def test_checkpoint_keeps_only_chosen_entries_and_loads_strictly(tmp_path):
     pm = get_peft_model(tiny_bert(), FishMaskConfig(keep_ratio=0.01, num_samples=8))
-    _train(pm, _batches())
+    _train(pm, labelled_batches())
     pm.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     k = pm.trainable_parameters_report().trainable_entries
     assert sum(t.numel() for key, t in tensors.items() if key.endswith(".values")) == k
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path, is_trainable=True)
-    batch = _batches(1, seed=5)[0]
+    batch = labelled_batches(1, seed=5)[0]
     pm.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, pm(**batch).logits)
     assert loaded.trainable_parameters_report().trainable_entries == k
-    loaded.begin_training(_batches(), total_steps=1)  # a loaded mask is kept, not chosen again
+    loaded.begin_training(labelled_batches(), total_steps=1)  # a loaded mask is kept, not chosen again
     assert torch.equal(_flat_mask(loaded), _flat_mask(pm))
 
     key = next(k for k, t in tensors.items() if k.endswith("delta_weight.indices") and t.numel())
@@ -137,7 +129,7 @@ def test_checkpoint_keeps_only_chosen_entries_and_loads_strictly(tmp_path):
 
 def test_a_difference_for_another_base_model_is_refused(tmp_path):
     pm = get_peft_model(tiny_bert(), FishMaskConfig(keep_ratio=0.01, num_samples=8))
-    _train(pm, _batches())
+    _train(pm, labelled_batches())
     pm.save_pretrained(tmp_path)
     other = tiny_bert()
     with torch.no_grad():
@@ -149,12 +141,12 @@ def test_a_difference_for_another_base_model_is_refused(tmp_path):
 
 def test_adding_two_differences_equals_applying_them_one_after_the_other():
     pm = get_peft_model(tiny_bert(), FishMaskConfig(keep_ratio=0.01, num_samples=8), "a")
-    _train(pm, _batches(seed=1))
+    _train(pm, labelled_batches(seed=1))
     pm.add_adapter("b", FishMaskConfig(keep_ratio=0.02, num_samples=8))
     pm.set_adapter("b")
-    _train(pm, _batches(seed=2))
+    _train(pm, labelled_batches(seed=2))
     pm.eval()
-    batch = _batches(1, seed=7)[0]
+    batch = labelled_batches(1, seed=7)[0]
     with torch.no_grad():
         pm.set_adapter(["a", "b"])
         stacked = pm(**batch).logits
@@ -183,7 +175,7 @@ def test_tied_embeddings_are_refused_with_the_sharing_module_named():
 def test_parameter_report_gives_the_chosen_entries_beside_the_dense_size():
     config = FishMaskConfig(keep_ratio=0.01, num_samples=4)
     pm = get_peft_model(tiny_bert(), config)
-    pm.begin_training(_batches(1), total_steps=1)
+    pm.begin_training(labelled_batches(1), total_steps=1)
     report = pm.trainable_parameters_report()
     base = tiny_bert()
     dense = sum(p.numel() for path in resolve_targets(base, config.targets) for p in base.get_submodule(path).parameters())
@@ -194,7 +186,7 @@ def test_parameter_report_gives_the_chosen_entries_beside_the_dense_size():
 
 def test_checkpoint_costs_eight_bytes_per_changed_entry(tmp_path):
     pm = get_peft_model(tiny_bert(), FishMaskConfig(keep_ratio=0.05, num_samples=4))
-    pm.begin_training(_batches(1), total_steps=1)
+    pm.begin_training(labelled_batches(1), total_steps=1)
     with torch.no_grad():
         for p in pm.adapter_parameters("default"):
             p.fill_(0.5)

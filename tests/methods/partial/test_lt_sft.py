@@ -11,24 +11,9 @@ from peftlab.core.targets import resolve_targets
 from peftlab.methods.partial.lt_sft import LtSftConfig
 from peftlab.methods.partial.sparse_delta import SparseDeltaLayer
 
-from ...conftest import tiny_bert
+from ...conftest import labelled_batches, no_dropout, tiny_bert
 
 
-def _batches(n=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 100, (4, 8), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, 0] > 50).long()})
-    return out
-
-
-def _no_dropout(model):
-    def hook(module, args):  # data passes switch to train mode; keep dropout off to compare runs
-        module.training = False
-
-    for m in model.modules():
-        m.register_forward_pre_hook(hook)
 
 
 def _layers(pm):
@@ -60,11 +45,11 @@ def test_bad_config_is_refused_with_the_field_named(bad):
 
 
 def test_phase_one_fine_tunes_in_full_and_keeps_the_k_entries_that_moved_most():
-    data, steps, lr, k = _batches(), 3, 1e-2, 200
+    data, steps, lr, k = labelled_batches(), 3, 1e-2, 200
     config = LtSftConfig(num_entries=k, l1_reg=0.1)
     # Phase 1 by hand: AdamW on the targeted tensors, linear decay, L1 pull towards W0.
     model = tiny_bert()
-    _no_dropout(model)
+    no_dropout(model)
     tensors = [t for p in resolve_targets(model, config.targets) for t in model.get_submodule(p).parameters()]
     originals = [t.detach().clone() for t in tensors]
     size = sum(p.numel() for p in model.parameters())
@@ -84,7 +69,7 @@ def test_phase_one_fine_tunes_in_full_and_keeps_the_k_entries_that_moved_most():
 
     base = tiny_bert()
     pm = get_peft_model(base, config)
-    _no_dropout(pm)
+    no_dropout(pm)
     pm.begin_training(data, total_steps=steps, learning_rate=lr)
     chosen = _flat_mask(pm)
     assert int(chosen.sum()) == k
@@ -101,7 +86,7 @@ def test_a_new_head_trains_in_phase_one_and_is_reset_for_phase_two():
     start = head.detach().clone()
     seen = []
     pm.base_model.classifier.register_forward_hook(lambda m, a, o: seen.append(head.detach().clone()))
-    pm.begin_training(_batches(), total_steps=3, learning_rate=1e-2)
+    pm.begin_training(labelled_batches(), total_steps=3, learning_rate=1e-2)
     assert not torch.equal(seen[-1], start), "phase 1 did not train the head"
     assert torch.equal(head, start), "the head was not reset to its initialisation for phase 2"
 
@@ -111,7 +96,7 @@ def test_phase_two_trains_only_the_kept_entries_with_state_for_them_alone():
     before = {n: v.clone() for n, v in model.state_dict().items()}
     pm = get_peft_model(model, LtSftConfig(num_entries=300))
     optimizer = torch.optim.AdamW(pm.param_groups(lr=1e-2))  # built before the entries exist
-    data = _batches()
+    data = labelled_batches()
     pm.train()
     pm.begin_training(data, total_steps=3, learning_rate=1e-2)
     for batch in data + data[:1]:
@@ -131,7 +116,7 @@ def test_phase_two_trains_only_the_kept_entries_with_state_for_them_alone():
 def _sft(pm, name, seed):
     pm.set_adapter(name)
     optimizer = torch.optim.AdamW(pm.param_groups(lr=1e-2))
-    data = _batches(seed=seed)
+    data = labelled_batches(seed=seed)
     pm.train()
     pm.begin_training(data, total_steps=2, learning_rate=1e-2)
     for batch in data:
@@ -146,7 +131,7 @@ def test_two_sfts_compose_by_addition(tmp_path):
     pm.add_adapter("task", LtSftConfig(num_entries=500))
     _sft(pm, "task", 2)
     pm.eval()
-    batch = _batches(1, seed=9)[0]
+    batch = labelled_batches(1, seed=9)[0]
     with torch.no_grad():
         pm.set_adapter(["lang", "task"])
         stacked = pm(**batch).logits
@@ -169,9 +154,9 @@ def test_two_sfts_compose_by_addition(tmp_path):
 def test_k_beyond_the_targets_and_a_missing_learning_rate_are_refused_before_phase_one():
     pm = get_peft_model(tiny_bert(), LtSftConfig(num_entries=10 ** 9))
     with pytest.raises(PeftlabError, match=r"num_entries=1000000000 but the targets hold \d+ entries"):
-        pm.begin_training(_batches(), total_steps=2, learning_rate=1e-3)
+        pm.begin_training(labelled_batches(), total_steps=2, learning_rate=1e-3)
     pm = get_peft_model(tiny_bert(), LtSftConfig())
     with pytest.raises(PeftlabError, match="needs a learning rate"):
-        pm.begin_training(_batches(), total_steps=2)
+        pm.begin_training(labelled_batches(), total_steps=2)
     with pytest.raises(PeftlabError, match="training data is empty"):
         pm.begin_training([], total_steps=2, learning_rate=1e-3)

@@ -13,16 +13,8 @@ from peftlab.core.targets import resolve_targets
 from peftlab.methods.partial.sam import SAMConfig
 from peftlab.methods.partial.sparse_delta import SparseDeltaLayer
 
-from ...conftest import tiny_bert
+from ...conftest import labelled_batches, no_dropout, tiny_bert
 
-
-def _batches(n=3, seed=0, size=4):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 100, (size, 8), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, 0] > 50).long()})
-    return out
 
 
 def _masks(pm, name="default"):
@@ -46,11 +38,6 @@ def _top(scores, share, per_tensor=True):
     return list(top(torch.cat([s.reshape(-1) for s in scores])).split([s.numel() for s in scores]))
 
 
-def _no_dropout(pm):  # the data pass switches to train mode; keep dropout off to compare with the hand pass
-    for m in pm.modules():
-        m.register_forward_pre_hook(lambda module, args: setattr(module, "training", False))
-    return pm
-
 
 @pytest.mark.parametrize("bad", [dict(keep_ratio=0), dict(keep_ratio=1.5), dict(num_batches=0),
                                  dict(num_batches=2.5), dict(per_tensor="yes")])
@@ -62,7 +49,7 @@ def test_bad_config_is_refused_with_the_field_named(bad):
 @pytest.mark.parametrize("per_tensor", [True, False])
 def test_mask_is_the_top_squared_accumulated_gradient_computed_by_hand(per_tensor):
     config = SAMConfig(keep_ratio=0.05, num_batches=2, per_tensor=per_tensor)
-    data = _batches(3)  # only the first two enter the sum
+    data = labelled_batches(3)  # only the first two enter the sum
     base = tiny_bert().eval()
     tensors = [t for p in resolve_targets(base, config.targets) for t in base.get_submodule(p).parameters()]
     grads = [torch.autograd.grad(base(**b).loss, tensors) for b in data[:2]]
@@ -76,7 +63,7 @@ def test_mask_is_the_top_squared_accumulated_gradient_computed_by_hand(per_tenso
             fisher = [f + g * g for f, g in zip(fisher, torch.autograd.grad(base(**ex).loss, tensors))]
     three = [sum(gs) ** 2 for gs in zip(*grads, torch.autograd.grad(base(**data[2]).loss, tensors))]
 
-    pm = _no_dropout(get_peft_model(tiny_bert().eval(), config))
+    pm = no_dropout(get_peft_model(tiny_bert().eval(), config))
     pm.begin_training(data, total_steps=1)
     chosen = torch.cat(_masks(pm))
     assert torch.equal(chosen, torch.cat(_top(sam, 0.05, per_tensor)))
@@ -91,7 +78,7 @@ def test_data_pass_leaves_the_base_model_unchanged():
     model = tiny_bert()
     before = [(p, p.detach().clone()) for p in model.parameters()]  # the same objects once wrapped
     pm = get_peft_model(model, SAMConfig(keep_ratio=0.01))
-    pm.begin_training(_batches(), total_steps=1)
+    pm.begin_training(labelled_batches(3), total_steps=1)
     assert all(torch.equal(p, copy) for p, copy in before)
     assert all(p.grad is None for p in pm.parameters())
     assert not any(m.base_tensor(part).requires_grad for m in pm.modules() if isinstance(m, SparseDeltaLayer)
@@ -113,7 +100,7 @@ def test_only_chosen_entries_move_and_only_they_hold_optimizer_state():
     model = tiny_bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pm = get_peft_model(model, SAMConfig(keep_ratio=0.01))
-    optimizer = _train(pm, _batches())
+    optimizer = _train(pm, labelled_batches(3))
     mask = torch.cat(_masks(pm))
     k = int(mask.sum())
     assert sum(s["exp_avg"].numel() for s in optimizer.state.values()) == k
@@ -128,14 +115,14 @@ def test_only_chosen_entries_move_and_only_they_hold_optimizer_state():
 
 def test_save_load_round_trip_keeps_the_mask(tmp_path):
     pm = get_peft_model(tiny_bert(), SAMConfig(keep_ratio=0.01))
-    _train(pm, _batches())
+    _train(pm, labelled_batches(3))
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path, is_trainable=True)
-    batch = _batches(1, seed=5)[0]
+    batch = labelled_batches(1, seed=5)[0]
     pm.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, pm(**batch).logits)
-    loaded.begin_training(_batches(seed=9), total_steps=1)  # a loaded mask is kept, not chosen again
+    loaded.begin_training(labelled_batches(3, seed=9), total_steps=1)  # a loaded mask is kept, not chosen again
     assert all(torch.equal(a, b) for a, b in zip(_masks(loaded), _masks(pm)))
 
 

@@ -12,18 +12,10 @@ import torch
 from peftlab import PeftlabError, PeftModel, config_from_dict, get_peft_model
 from peftlab.methods.reparameterized.adalora import AdaLoraConfig, AdaLoraLayer
 
-from ...conftest import tiny_bert, tiny_gpt2
+from ...conftest import labelled_batches, tiny_bert, tiny_gpt2
 
 N_MATRICES = 4  # tiny BERT: query and value of 2 layers
 
-
-def _batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 100, (4, 8), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, 0] > 50).long()})
-    return out
 
 
 def _layers(model: torch.nn.Module) -> dict[str, AdaLoraLayer]:
@@ -71,7 +63,7 @@ def test_config_round_trips_and_takes_peft_names():
 def test_identity_at_init_with_the_svd_shapes():
     base = tiny_bert()
     pm = get_peft_model(tiny_bert(), AdaLoraConfig(init_r=5, target_r=2))
-    batch = _batches(1)[0]
+    batch = labelled_batches(1)[0]
     with torch.no_grad():
         torch.testing.assert_close(pm(**batch).logits, base(**batch).logits)
     layers = _layers(pm)
@@ -96,7 +88,7 @@ def test_the_orthogonality_regulariser_is_in_the_training_loss():
     pm = get_peft_model(tiny_bert(), AdaLoraConfig(init_r=4, target_r=2, orth_reg_weight=0.3))
     pm.train()
     pm.begin_training(None, total_steps=10)
-    batch = _batches(1)[0]
+    batch = labelled_batches(1)[0]
     torch.manual_seed(0)
     loss = pm(**batch).loss
     torch.manual_seed(0)  # the same dropout draws
@@ -115,7 +107,7 @@ def test_no_regulariser_when_its_weight_is_zero():
     pm = get_peft_model(tiny_bert(), AdaLoraConfig(orth_reg_weight=0.0))
     pm.train()
     pm.begin_training(None, total_steps=10)
-    batch = _batches(1)[0]
+    batch = labelled_batches(1)[0]
     torch.manual_seed(0)
     loss = pm(**batch).loss
     torch.manual_seed(0)
@@ -145,7 +137,7 @@ def _train_with_schedule(pm: PeftModel, check_scores: bool = True) -> list[int]:
     pm.train()
     pm.begin_training(None, total_steps=c["total_step"])
     counts = []
-    for step, batch in enumerate(_batches(c["total_step"])):
+    for step, batch in enumerate(labelled_batches(c["total_step"])):
         pm(**batch).loss.backward()
         if step < c["total_step"] - c["tfinal"]:  # by hand: sensitivity |w * grad|, smoothed, with uncertainty
             for i, group in enumerate(params):
@@ -214,7 +206,7 @@ def test_save_load_keeps_the_allocated_ranks(trained):
     assert {p: layer.rank("default") for p, layer in _layers(loaded).items()} == \
         {p: sum(pattern[f"{p}.lora_E"]) for p in _layers(pm)}
     assert _nonzero_singular_values(loaded) == SCHEDULE["target_r"] * N_MATRICES
-    batch = _batches(1, seed=9)[0]
+    batch = labelled_batches(1, seed=9)[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, pm(**batch).logits)
     # The in-memory model loads its own checkpoint back (into its full-size, pruned tensors).
@@ -226,7 +218,7 @@ def test_save_load_keeps_the_allocated_ranks(trained):
     again.train()
     again.begin_training(None, total_steps=2)
     optimizer = torch.optim.AdamW(again.param_groups(lr=1e-2))
-    for batch in _batches(2):
+    for batch in labelled_batches(2):
         again(**batch).loss.backward()
         again.optimizer_step(optimizer)
         optimizer.zero_grad()
@@ -237,7 +229,7 @@ def test_save_load_keeps_the_allocated_ranks(trained):
 def test_merge_equals_the_unmerged_update(trained):
     pm, folder = trained
     loaded = PeftModel.from_pretrained(tiny_bert(), folder)
-    batch = _batches(1, seed=3)[0]
+    batch = labelled_batches(1, seed=3)[0]
     with torch.no_grad():
         expected = loaded(**batch).logits
         plain = loaded.merge_and_unload()
@@ -256,7 +248,7 @@ def test_a_trained_allocation_loads_in_peft_with_equal_outputs(trained):
     peft = _peft()
     pm, folder = trained
     theirs = peft.PeftModel.from_pretrained(tiny_bert(), folder).eval()
-    batch = _batches(1, seed=9)[0]
+    batch = labelled_batches(1, seed=9)[0]
     with torch.no_grad():
         torch.testing.assert_close(theirs(**batch).logits, pm(**batch).logits, atol=1e-5, rtol=1e-4)
 
@@ -298,7 +290,7 @@ def test_a_peft_trained_allocation_loads_in_peftlab_with_equal_outputs(tmp_path)
     theirs = peft.get_peft_model(tiny_bert(), config)
     optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=2e-2)
     theirs.train()
-    for step, batch in enumerate(_batches(6)):  # peft's documented loop
+    for step, batch in enumerate(labelled_batches(6)):  # peft's documented loop
         theirs(**batch).loss.backward()
         optimizer.step()
         theirs.base_model.update_and_allocate(step)
@@ -309,7 +301,7 @@ def test_a_peft_trained_allocation_loads_in_peftlab_with_equal_outputs(tmp_path)
     assert saved["rank_pattern"] and sum(sum(v) for v in saved["rank_pattern"].values()) == 2 * N_MATRICES
     ours = PeftModel.from_pretrained(tiny_bert(), tmp_path)
     assert sum(layer.rank("default") for layer in _layers(ours).values()) == 2 * N_MATRICES
-    batch = _batches(1, seed=9)[0]
+    batch = labelled_batches(1, seed=9)[0]
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=1e-4)
 

@@ -55,7 +55,7 @@ from ...core.config import PeftConfig
 from ...core.errors import PeftlabError
 from ...core.hooks import TrainingHooks
 from ...core.registry import MethodSpec, register
-from .sparse_delta import (attach_sparse, base_tensors, batch_loss, batches, combine_sparse, count_of, is_chosen,
+from .sparse_delta import (attach_sparse, base_tensors, batch_loss, batches, combine_sparse, entry_budget, is_chosen,
                            select_top)
 
 NAME = "Diff pruning"
@@ -170,10 +170,7 @@ def _prune(model: Any, name: str, data: Iterable[Any]) -> None:
     if is_chosen(model, name):
         return  # a difference loaded with the adapter: keep its entries
     config: DiffPruningConfig = model.peft_configs[name]
-    total = sum(t.numel() for t in base_tensors(model, name))
-    k = config.num_entries if config.num_entries is not None else count_of(config.keep_ratio, total)
-    if k > total:  # checked before the long stage 1
-        raise PeftlabError(f"{NAME}: num_entries={k} but the targets hold {total} entries; choose K <= {total}")
+    k = entry_budget(model, name, NAME)
     steps = config.l0_steps or model.training_state.total_steps
     if steps is None:
         raise PeftlabError(f"{NAME}: stage 1 lasts as long as the run, but the run's length is unknown: pass "

@@ -45,7 +45,7 @@ from ...core.config import PeftConfig
 from ...core.errors import PeftlabError
 from ...core.hooks import TrainingHooks
 from ...core.registry import MethodSpec, register
-from .sparse_delta import (attach_sparse, base_tensors, combine_sparse, count_of, entries, is_chosen, learning_rate,
+from .sparse_delta import (attach_sparse, base_tensors, combine_sparse, entries, entry_budget, is_chosen, learning_rate,
                            select_top, train_phase)
 
 NAME = "LT-SFT"
@@ -82,10 +82,7 @@ def _dense_phase(model: Any, name: str, data: Iterable[Any]) -> None:
         return  # an SFT loaded with the adapter: keep its entries
     config: LtSftConfig = model.peft_configs[name]
     tensors = base_tensors(model, name)
-    total = sum(t.numel() for t in tensors)
-    k = config.num_entries if config.num_entries is not None else count_of(config.keep_ratio, total)
-    if k > total:  # checked before the long phase 1
-        raise PeftlabError(f"{NAME}: num_entries={k} but the targets hold {total} entries; choose K <= {total}")
+    k = entry_budget(model, name, NAME)
     steps = config.dense_steps or model.training_state.total_steps
     if steps is None:
         raise PeftlabError(f"{NAME}: phase 1 lasts as long as the run, but the run's length is unknown: pass "

@@ -184,6 +184,17 @@ def count_of(share: float, total: int) -> int:
     return max(1, math.ceil(share * total))
 
 
+def entry_budget(model: Any, name: str, method: str) -> int:
+    """K of a config with ``keep_ratio`` and ``num_entries`` (which wins), checked against the
+    targets' size before a long first phase runs."""
+    config = model.peft_configs[name]
+    total = sum(t.numel() for t in base_tensors(model, name))
+    k = config.num_entries if config.num_entries is not None else count_of(config.keep_ratio, total)
+    if k > total:
+        raise PeftlabError(f"{method}: num_entries={k} but the targets hold {total} entries; choose K <= {total}")
+    return k
+
+
 def select_top(model: Any, name: str, scores: list[torch.Tensor], k: int, method: str,
                start: list[torch.Tensor] | None = None) -> None:
     """Give adapter ``name`` the ``k`` entries with the largest score across all its tensors
