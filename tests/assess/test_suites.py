@@ -134,10 +134,11 @@ def test_seeds_that_disagree_and_a_drifting_reference_get_notes():
         rec.update(task=task, median_step_s=step_s, settings={"task": {"max_length": length}, "batch_size": 32})
         return rec
 
-    steady = [full("sst2", 0, 1.40), full("sst2", 1, 1.45), full("rte", 0, 3.9, length=128)]
-    assert drift_notes(steady) == []  # another shape is not drift
-    drifted = drift_notes(steady + [full("cola", 0, 3.86)])
-    assert len(drifted) == 1 and "2.76x" in drifted[0] and "max length 64" in drifted[0]
+    # another task is not drift, even at the same length limit: its sentences fill it differently
+    steady = [full("sst2", 0, 1.40), full("sst2", 1, 1.45), full("rte", 0, 3.9), full("rte", 1, 3.8)]
+    assert drift_notes(steady) == []
+    drifted = drift_notes(steady + [full("sst2", 2, 3.86)])
+    assert len(drifted) == 1 and "2.76x" in drifted[0] and "SST-2 (max length 64" in drifted[0]
 
 
 def test_a_random_model_report_says_its_scores_mean_nothing():

@@ -148,21 +148,22 @@ SPREAD = 5.0  # score points of std over seeds that make a result too unstable t
 
 
 def drift_notes(records: list[dict[str, Any]]) -> list[str]:
-    """Full fine-tuning is the reference of the "x full" step-time column; where its step time at
-    one shape (sequence length, batch) varies across runs, the machine's load changed during the
-    suite and the step-time ratios carry that error."""
+    """Full fine-tuning is the reference of the "x full" step-time column; where its step time on
+    one task (same data, length limit and batch) varies across seeds, the machine's load changed
+    during the suite and the step-time ratios carry that error. Tasks are not compared with each
+    other: their sentences fill the length limit differently."""
     groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
     for r in records:
         if r.get("method") == FULL and r.get("status") == "ok" and r.get("median_step_s"):
             settings = r.get("settings") or {}
-            key = ((settings.get("task") or {}).get("max_length"), settings.get("batch_size"))
+            key = (r["task"], (settings.get("task") or {}).get("max_length"), settings.get("batch_size"))
             groups.setdefault(key, []).append(r)
     notes = []
-    for (length, batch), recs in groups.items():
+    for (task, length, batch), recs in groups.items():
         times = [r["median_step_s"] for r in recs]
         if len(times) > 1 and max(times) > DRIFT * min(times):
-            runs = ", ".join(f"{task_label(r['task'])} seed {r['seed']}: {r['median_step_s'] * 1e3:,.0f} ms" for r in recs)
-            notes.append(f"full fine-tuning's step time at one shape (max length {length}, batch {batch}) varied "
+            runs = ", ".join(f"seed {r['seed']}: {r['median_step_s'] * 1e3:,.0f} ms" for r in recs)
+            notes.append(f"full fine-tuning's step time on {task_label(task)} (max length {length}, batch {batch}) varied "
                          f"{max(times) / min(times):.2f}x across runs ({runs}): the machine's load changed during the "
                          "suite, so step times and their x full ratios carry that much error; rerun on an idle machine "
                          "to compare speeds")
