@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core import quant
 from ...core.config import PeftConfig, peft_names, refuse_peft_features
 from ...core.errors import PeftlabError
 from ...core.inject import delta_modules, wrap
@@ -70,6 +71,11 @@ class LoraConfig(PeftConfig):
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def variant(self) -> "LoraVariant | None":
+        """How this adapter's update is formed when it is not plain ``scale * B A`` (a derived
+        method's config returns its own variant)."""
+        return DORA if self.use_dora else None
 
     def peft_fields(self) -> dict[str, Any]:
         return {"peft_type": "LORA", "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
@@ -141,9 +147,10 @@ class LoraLayer(DeltaModule):
             if config.dropout > 0:
                 self.lora_dropout[name] = nn.Dropout(config.dropout)
         self.settings[name] = config.scaling
-        if config.use_dora:
-            self.variants[name] = DORA
-            DORA.add(self, name)
+        variant = config.variant()
+        if variant is not None:
+            self.variants[name] = variant
+            variant.add(self, name, config)
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
@@ -221,9 +228,12 @@ class LoraLayer(DeltaModule):
         return out
 
     def base_weight_out_in(self) -> torch.Tensor:
-        """The wrapped layer's weight as out x in (Conv1D keeps in x out)."""
-        weight = base_of(self.base_layer).weight
-        return weight.T if self.transposed else weight
+        """The wrapped layer's weight as out x in (Conv1D keeps in x out); a quantized layer's
+        dequantized (a new float32 tensor)."""
+        base = base_of(self.base_layer)
+        if quant.is_quantized(base):
+            return quant.dequantized_weight(base)
+        return base.weight.T if self.transposed else base.weight
 
     def _can_share(self, x: torch.Tensor) -> bool:
         """Whether this layer, called on ``x`` now, takes the plain low-rank path with one adapter
@@ -327,7 +337,13 @@ class LoraLayer(DeltaModule):
         return out + torch.bmm(low, b_sel.transpose(1, 2)).view(out.shape).to(out.dtype)
 
     def merge(self, name: str) -> None:
-        weight = base_of(self.base_layer).weight
+        base = base_of(self.base_layer)
+        if quant.is_quantized(base):  # re-quantized (4-bit) or exact (peftlab's own); undone from the saved state
+            with torch.no_grad():
+                self._merged[name] = quant.merge_delta(base, self.delta_weight(name))
+            self.merged_adapters.append(name)
+            return
+        weight = base.weight
         with torch.no_grad():
             delta = self.delta_weight(name).to(weight.dtype)
             weight.add_(delta)
@@ -336,7 +352,15 @@ class LoraLayer(DeltaModule):
         self.merged_adapters.append(name)
 
     def unmerge(self, name: str) -> None:
-        weight = base_of(self.base_layer).weight
+        base = base_of(self.base_layer)
+        if quant.is_quantized(base):
+            if self.merged_adapters[-1] != name:
+                raise PeftlabError(f"the base layer is quantized: merged adapters {self.merged_adapters} unmerge in "
+                                   f"reverse order, so unmerge {self.merged_adapters[-1]!r} before {name!r}")
+            quant.restore(base, self._merged.pop(name))
+            self.merged_adapters.remove(name)
+            return
+        weight = base.weight
         with torch.no_grad():
             weight.sub_(self._merged.pop(name) if name in self._merged else self.delta_weight(name).to(weight.dtype))
         self.merged_adapters.remove(name)
@@ -348,7 +372,7 @@ class LoraVariant:
     under peft's names; the layer's fast paths (joint down-projection, fold-into-weight, in-place
     add, mixed batches) serve only plain adapters and fall back to ``forward`` for a variant."""
 
-    def add(self, layer: LoraLayer, name: str) -> None:
+    def add(self, layer: LoraLayer, name: str, config: LoraConfig) -> None:
         """Create the variant's tensors for adapter ``name`` (A and B already exist)."""
 
     def forward(self, layer: LoraLayer, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -370,7 +394,7 @@ class DoRA(LoraVariant):
     writes ``W'`` into the weight (exact); unmerging subtracts the very delta that merge added.
     Linear and Conv1D layers (not embeddings)."""
 
-    def add(self, layer: LoraLayer, name: str) -> None:
+    def add(self, layer: LoraLayer, name: str, config: LoraConfig) -> None:
         if layer.is_embedding:
             raise PeftlabError("DoRA (use_dora=True) applies to Linear/Conv1D layers; a target is an Embedding. "
                                "Narrow the targets or use plain LoRA there")
