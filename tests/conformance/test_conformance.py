@@ -56,6 +56,15 @@ def _build(spec, kind, adapter="default", begin=True):
     return pm, config
 
 
+def _base(spec, kind):
+    """The model a disabled or deleted adapter computes as: the bare model, with its weights
+    quantized as the method stores them when it declares that (``spec.quantize_base``)."""
+    model = MODELS[kind]()
+    if spec.quantize_base is not None:
+        spec.quantize_base(model, spec.example()[1] if spec.example else spec.config_cls())
+    return model
+
+
 def _close(a, b, tol):
     return a.shape == b.shape and torch.allclose(a, b, atol=tol, rtol=0)
 
@@ -68,7 +77,7 @@ def _differs(a, b):
 @pytest.mark.parametrize("spec,kind", CASES, ids=[f"{s.name}-{k}" for s, k in CASES])
 class TestConformance:
     def test_identity_at_init_and_effect(self, spec, kind):
-        base = _run(MODELS[kind](), kind)
+        base = _run(_base(spec, kind), kind)
         pm, _ = _build(spec, kind, begin=False)
         if spec.identity_at_init:
             assert _close(_run(pm, kind), base, 1e-5), "declared identity at init, but the output changed"
@@ -161,7 +170,7 @@ class TestConformance:
         assert _close(_run(plain, kind), expected, spec.merge_tolerance)
 
     def test_disable_gives_base(self, spec, kind):
-        base = _run(MODELS[kind](), kind)
+        base = _run(_base(spec, kind), kind)
         pm, _ = _build(spec, kind)
         _perturb(pm, "default", 0)
         with pm.disable_adapter():
@@ -169,7 +178,7 @@ class TestConformance:
         assert _differs(_run(pm, kind), base)
 
     def test_two_adapters_do_not_leak_and_delete_restores(self, spec, kind):
-        base_model = MODELS[kind]()
+        base_model = _base(spec, kind)
         base = _run(base_model, kind)
         n_base = sum(p.numel() for p in base_model.parameters())
         pm, config = _build(spec, kind)

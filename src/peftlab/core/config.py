@@ -184,6 +184,9 @@ def peft_names(**aliases: str) -> Any:
     return decorate
 
 
+PEFTLAB_KEY = "peftlab"  # in a peft-form config: the peftlab method derived from peft's, and its own fields
+
+
 def config_from_dict(data: dict[str, Any]) -> PeftConfig:
     """Rebuild a config from its JSON form (peftlab's, or a peft ``adapter_config.json``)."""
     from .registry import get_method, spec_for_peft_type
@@ -206,7 +209,14 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
                     raise PeftlabError(f"{cls.__name__}.{key}: {err}") from None
         return cls(**values)
     if "peft_type" in data:
-        config = spec_for_peft_type(data["peft_type"]).config_cls.from_peft(data)
+        # A method derived from one peft has (QLoRA from LoRA) is saved in that method's peft form plus
+        # one key peft ignores, ``"peftlab": {"method": ..., <its own fields>}``; its config reads both.
+        marker = data.get(PEFTLAB_KEY)
+        if marker is not None and not (isinstance(marker, dict) and isinstance(marker.get("method"), str)):
+            raise PeftlabError(f"the {PEFTLAB_KEY!r} entry of this peft config is {marker!r}; expected an object "
+                               "naming the peftlab method, e.g. {\"method\": \"qlora\", ...}")
+        cls = get_method(marker["method"]).config_cls if marker else spec_for_peft_type(data["peft_type"]).config_cls
+        config = cls.from_peft(data)
         # peft's own fields every config has (inference_mode stays False: peft writes True on every save).
         return config.replace(task_type=data.get("task_type"), base_model_name_or_path=data.get("base_model_name_or_path"))
     raise PeftlabError(f"config {sorted(data)} names no method: expected a 'method' key "

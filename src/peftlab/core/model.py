@@ -93,6 +93,24 @@ def _with_label_names(fn: Any, label_names: tuple[str, ...]) -> Any:
     return forward
 
 
+def _submodules(model: nn.Module) -> dict[tuple[str, str], nn.Module]:
+    """Every (parent path, attribute) -> child module of ``model``: references only, no copies."""
+    return {(path, name): child for path, module in model.named_modules() for name, child in module.named_children()}
+
+
+def _put_back(model: nn.Module, layers: dict[tuple[str, str], nn.Module]) -> None:
+    """Undo module replacements made since ``layers = _submodules(model)`` (after adapter wrappers are
+    removed): a method that quantizes base layers in place replaces them, and a failed load must
+    leave the model as it was given."""
+    for (path, name), child in layers.items():
+        try:
+            parent = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        if getattr(parent, name, None) is not child:
+            setattr(parent, name, child)
+
+
 class PeftModel(nn.Module):
     """A base model plus one or more named adapters, one of them active.
 
@@ -676,6 +694,7 @@ class PeftModel(nn.Module):
                                f"{model!r:.80}; the adapter folder is the second argument")
         config = _read_config(path)
         flags = [(p, p.requires_grad) for p in model.parameters()]
+        layers = _submodules(model)
         peft_model = None
         try:
             peft_model = cls(model, config, adapter_name)
@@ -683,6 +702,7 @@ class PeftModel(nn.Module):
         except BaseException:
             if peft_model is not None:
                 peft_model.unload()
+            _put_back(model, layers)  # layers a method replaced (a quantized base)
             for param, flag in flags:
                 param.requires_grad_(flag)
             raise
@@ -693,11 +713,14 @@ class PeftModel(nn.Module):
     def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         """Add a saved adapter under ``adapter_name`` (inactive until set_adapter); with
         ``is_trainable=False`` (peft's default) it never trains."""
-        self.add_adapter(adapter_name, _read_config(path))
+        config = _read_config(path)
+        layers = _submodules(self.base_model)
+        self.add_adapter(adapter_name, config)
         try:
             self._load_into(adapter_name, path, is_trainable)
         except BaseException:
             self.delete_adapter(adapter_name)
+            _put_back(self.base_model, layers)  # layers a method replaced (a quantized base)
             raise
 
     def _load_into(self, adapter_name: str, path: str | Path, is_trainable: bool) -> None:

@@ -9,11 +9,10 @@ Two kinds of quantized base layer exist here:
 - peftlab's own quantized layers (QA-LoRA's group-wise INT4), which implement the protocol as
   methods: ``dequantized_weight()``, ``merge_delta_(delta) -> undo`` and ``restore_(undo)``.
 
-Merging into a 4-bit layer re-quantizes ``dequant(W) + delta`` (the model stays 4-bit, as peft does)
-and records the relative re-quantization error; :func:`dequantize_model` first turns 4-bit layers
-back into full-precision ``nn.Linear`` when an exact merge is wanted. Unmerging restores the exact
-4-bit state saved by the merge (it keeps the packed codes, 1/8 of fp32), so it must undo the most
-recent merge first.
+Merging into a bitsandbytes 4-bit layer is exact: the layer becomes a full-precision ``nn.Linear``
+holding ``dequant(W) + delta`` (unmerging puts the 4-bit layer back); quantize the merged model
+again with :func:`quantize_model` to deploy it in 4 bits. peftlab's own quantized layers merge in
+place (QA-LoRA stays INT4, exactly).
 
 bitsandbytes is optional (``pip install 'peftlab[quant]'``): nothing here imports it before a 4-bit
 path is asked for.
@@ -69,10 +68,15 @@ def quant_description(module: nn.Module) -> str:
     base = base_of(module)
     if is_bnb_4bit(base):
         state = base.weight.quant_state
-        return f"{state.quant_type}{' (double quantization)' if state.nested else ''}"
+        return quant_description_for(state.quant_type, bool(state.nested))
     if hasattr(base, "describe"):
         return base.describe()
     return type(base).__name__
+
+
+def quant_description_for(quant_type: str, double_quant: bool) -> str:
+    """What :func:`quant_description` says of a bitsandbytes 4-bit layer made with these settings."""
+    return f"{quant_type}{' (double quantization)' if double_quant else ''}"
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
@@ -94,28 +98,43 @@ def _params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, like:
     return param.to(weight.device)  # quantizes (bitsandbytes quantizes on the move to a device)
 
 
-def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
+def quantize_linear(linear: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
                     double_quant: bool = True, weight: torch.Tensor | None = None) -> nn.Module:
-    """A bitsandbytes ``Linear4bit`` computing as ``linear`` with its weight (or ``weight``, out x in)
-    quantized; the bias stays in full precision and frozen, as transformers' 4-bit loading keeps it."""
+    """A bitsandbytes ``Linear4bit`` computing as ``linear`` (an ``nn.Linear``, or GPT-2's ``Conv1D``,
+    whose weight is stored transposed) with its weight — or ``weight``, out x in — quantized. The bias
+    stays in full precision and frozen, as transformers' 4-bit loading keeps it."""
+    from .targets import Conv1D
+
     bnb = require_bitsandbytes()
     if quant_type not in QUANT_TYPES:
         raise PeftlabError(f"quant_type={quant_type!r}: bitsandbytes 4-bit offers {list(QUANT_TYPES)}")
     if is_quantized(linear):
         raise PeftlabError(f"{type(base_of(linear)).__name__} is already quantized ({quant_description(linear)}); "
                            "quantize a full-precision model, or use the quantized one as it is")
-    if type(linear) is not nn.Linear:
-        raise PeftlabError(f"4-bit quantization replaces nn.Linear layers; got {type(linear).__name__}. Narrow the "
-                           "targets to linear layers")
-    source = linear.weight if weight is None else weight
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
-                              device="meta")
-    layer.weight = _params4bit(source, quant_type, double_quant)
+    if type(linear) is nn.Linear:
+        in_features, out_features, source = linear.in_features, linear.out_features, linear.weight
+    elif Conv1D and type(linear) is Conv1D:
+        (in_features, out_features), source = linear.weight.shape, linear.weight.T
+    else:
+        raise PeftlabError(f"4-bit quantization replaces nn.Linear (and GPT-2 Conv1D) layers; got "
+                           f"{type(linear).__name__}. Narrow the targets to linear layers")
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=quant_type, device="meta")
+    layer.weight = _params4bit(source if weight is None else weight, quant_type, double_quant)
+    keep_format(layer)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     layer.train(linear.training)
     return layer
+
+
+def keep_format(layer: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a 4-bit layer's weight in place for its bfloat16 CPU kernel at
+    the first no-grad forward in eval mode (CPUs with AVX512-BF16): the repacking changes the
+    layer's numbers between training and evaluation (bfloat16 compute), breaks on layers narrower
+    than a 64-value block, and leaves a format the dequantization and merge paths do not read."""
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -125,8 +144,9 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
                    double_quant: bool = True, skip: tuple[str, ...] = ()) -> list[str]:
-    """Replace, in place, every ``nn.Linear`` of ``model`` except the output head and the modules named
-    in ``skip`` (name suffixes, e.g. a classifier trained in full) by a bitsandbytes 4-bit layer, as
+    """Replace, in place, every linear layer (``nn.Linear``, GPT-2 ``Conv1D``) of ``model`` except the
+    output head, the modules the model keeps in fp32 (``_keep_in_fp32_modules``) and those named in
+    ``skip`` (name suffixes, e.g. a classifier trained in full) by a bitsandbytes 4-bit layer, as
     ``transformers`` does when it loads with ``BitsAndBytesConfig(load_in_4bit=True)``. Returns the
     replaced module names. A model that already holds quantized layers is refused, before anything
     changes."""
@@ -139,12 +159,13 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", compute_dtype: tor
         raise PeftlabError(f"the model is already quantized ({len(quantized)} layers, e.g. {quantized[0]!r}: "
                            f"{quant_description(model.get_submodule(quantized[0]))}); quantizing twice would compound "
                            "the rounding. Load the full-precision model to quantize it, or use it as it is")
-    skipped = tuple(s for s in skip if s)
+    # As transformers' 4-bit loading: modules the model keeps in fp32 (T5's ``wo``) stay unquantized.
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
+    skipped = tuple(s for s in (*skip, *keep_fp32) if s)
     paths = [p for p in resolve_targets(model, "all-linear")
-             if type(model.get_submodule(p)) is nn.Linear
-             and not any(p == s or p.endswith("." + s) or f".{s}." in f".{p}." for s in skipped)]
+             if not any(p == s or p.endswith("." + s) or f".{s}." in f".{p}." for s in skipped)]
     if not paths:
-        raise PeftlabError("the model has no nn.Linear layer to quantize (besides its output head and skip="
+        raise PeftlabError("the model has no linear layer to quantize (besides its output head and skip="
                            f"{list(skipped)})")
     built = {p: quantize_linear(model.get_submodule(p), quant_type, compute_dtype, double_quant) for p in paths}
     for path, layer in built.items():  # all built first: a failure leaves the model as it was
@@ -154,50 +175,66 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", compute_dtype: tor
 
 def dequantize_model(model: nn.Module) -> list[str]:
     """Replace every bitsandbytes 4-bit layer of ``model`` (also under adapter wrappers) by a
-    full-precision ``nn.Linear`` holding its dequantized weight, so that a following merge is exact.
-    Returns the replaced module names."""
+    full-precision ``nn.Linear`` holding its dequantized weight. Returns the replaced module names."""
     done = []
     for path, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if is_bnb_4bit(child):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device=child.bias.device if child.bias is not None else None)
-                with torch.no_grad():
-                    linear.weight.copy_(dequantized_weight(child))
-                    if child.bias is not None:
-                        linear.bias.copy_(child.bias)
-                linear.requires_grad_(False)
-                setattr(module, child_name, linear)
+                setattr(module, child_name, _full_precision(child, dequantized_weight(child)))
                 done.append(f"{path}.{child_name}" if path else child_name)
     return done
 
 
-def merge_delta(module: nn.Module, delta: torch.Tensor) -> Any:
-    """Add ``delta`` (out x in) into a quantized layer's weight; returns what :func:`restore` needs to
-    put the layer back exactly. A 4-bit bitsandbytes layer is re-quantized (logged with its relative
-    error); peftlab's own layers merge as they define (QA-LoRA: exactly, in INT4)."""
-    base = base_of(module)
+def merge_delta(wrapper: nn.Module, delta: torch.Tensor) -> Any:
+    """Add ``delta`` (out x in) to the weight of the quantized layer under ``wrapper`` (an adapter
+    layer whose ``base_layer`` chain ends at it); returns what :func:`restore` needs to put it back.
+
+    peftlab's own quantized layers merge as they define (QA-LoRA: exactly, staying INT4). A
+    bitsandbytes 4-bit layer is replaced by a full-precision ``nn.Linear`` holding
+    ``dequant(W) + delta``: the merge is exact, and the 4-bit layer is kept for unmerging. (Re-quantizing
+    at once, as peft does, would round away updates smaller than the 4-bit step; to deploy the merged
+    model in 4 bits, quantize it afterwards with :func:`quantize_model`, which reports nothing silently:
+    compare its outputs.)"""
+    base = base_of(wrapper)
     if hasattr(base, "merge_delta_"):
         return base.merge_delta_(delta)
     if not is_bnb_4bit(base):
         raise PeftlabError(f"cannot merge into {type(base).__name__}: peftlab merges into bitsandbytes 4-bit layers "
-                           "and its own quantized layers; call peftlab.dequantize_model(model) first to merge in "
-                           "full precision")
-    old = base.weight
-    state = old.quant_state
-    target = dequantized_weight(base) + delta.float()
-    base.weight = _params4bit(target, state.quant_type, bool(state.nested))
-    error = (dequantized_weight(base) - target).norm() / target.norm().clamp_min(1e-12)
-    base.requantization_error = float(error)
-    log.info("merged into a %s layer by re-quantizing: relative error %.3g of the merged weight (call "
-             "peftlab.dequantize_model first for an exact full-precision merge)", state.quant_type, error)
-    return old
+                           "and its own quantized layers; call peftlab.dequantize_model(model) first")
+    full = _full_precision(base, dequantized_weight(base) + delta.float())
+    _swap_base(wrapper, base, full)
+    return _Swapped(base)
 
 
-def restore(module: nn.Module, undo: Any) -> None:
-    """Put back the quantized weight :func:`merge_delta` replaced."""
-    base = base_of(module)
-    if hasattr(base, "restore_"):
-        base.restore_(undo)
+class _Swapped:
+    """The 4-bit layer a merge replaced by a full-precision one."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+
+def restore(wrapper: nn.Module, undo: Any) -> None:
+    """Put back the quantized layer (or weight) :func:`merge_delta` changed."""
+    base = base_of(wrapper)
+    if isinstance(undo, _Swapped):
+        _swap_base(wrapper, base, undo.layer)
     else:
-        base.weight = undo
+        base.restore_(undo)
+
+
+def _full_precision(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    linear.requires_grad_(False)
+    linear.train(layer.training)
+    return linear
+
+
+def _swap_base(wrapper: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    holder = wrapper
+    while holder.base_layer is not old:
+        holder = holder.base_layer
+    holder.base_layer = new

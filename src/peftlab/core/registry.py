@@ -60,6 +60,11 @@ class MethodSpec:
     # ``example()`` returns ({name: config} of the adapters to add first, the method's config over
     # them) — what the conformance suite builds, since the default config alone cannot apply.
     example: Callable[[], tuple[dict[str, Any], Any]] | None = None
+    # It stores base weights quantized (QLoRA, QA-LoRA, LoftQ): attaching replaces the targeted base
+    # layers in place, and they stay quantized when the adapter is disabled or deleted (the
+    # full-precision weights are not kept: that is the memory saved). ``quantize_base(model, config)``
+    # quantizes a bare model as attaching does: what the disabled or deleted adapter computes as.
+    quantize_base: Callable[[Any, Any], None] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -18,3 +18,4 @@ from .partial import sam  # noqa: F401
 from .partial import lt_sft  # noqa: F401
 from .partial import diff_pruning  # noqa: F401
 from .partial import threshold_mask  # noqa: F401
+from .reparameterized import qlora  # noqa: F401

@@ -121,6 +121,7 @@ class LoraLayer(DeltaModule):
         # Adapters whose update is not scale * B A added to the output (DoRA): computed by their variant.
         self.variants: dict[str, LoraVariant] = {}
         self._merged: dict[str, torch.Tensor] = {}  # the exact delta each merge added, for unmerge
+        self._quant_undo: dict[str, Any] = {}  # merges into a quantized base: how to undo each
         self._share: _SharedInput | None = None  # siblings fed the same input (set by attach)
         base = base_of(base_layer)
         self.is_embedding = isinstance(base, nn.Embedding)
@@ -338,9 +339,9 @@ class LoraLayer(DeltaModule):
 
     def merge(self, name: str) -> None:
         base = base_of(self.base_layer)
-        if quant.is_quantized(base):  # re-quantized (4-bit) or exact (peftlab's own); undone from the saved state
+        if quant.is_quantized(base):  # see core.quant.merge_delta: exact, undone from the saved state
             with torch.no_grad():
-                self._merged[name] = quant.merge_delta(base, self.delta_weight(name))
+                self._quant_undo[name] = quant.merge_delta(self, self.delta_weight(name))
             self.merged_adapters.append(name)
             return
         weight = base.weight
@@ -352,14 +353,14 @@ class LoraLayer(DeltaModule):
         self.merged_adapters.append(name)
 
     def unmerge(self, name: str) -> None:
-        base = base_of(self.base_layer)
-        if quant.is_quantized(base):
+        if name in self._quant_undo:
             if self.merged_adapters[-1] != name:
                 raise PeftlabError(f"the base layer is quantized: merged adapters {self.merged_adapters} unmerge in "
                                    f"reverse order, so unmerge {self.merged_adapters[-1]!r} before {name!r}")
-            quant.restore(base, self._merged.pop(name))
+            quant.restore(self, self._quant_undo.pop(name))
             self.merged_adapters.remove(name)
             return
+        base = base_of(self.base_layer)
         weight = base.weight
         with torch.no_grad():
             weight.sub_(self._merged.pop(name) if name in self._merged else self.delta_weight(name).to(weight.dtype))
