@@ -192,7 +192,7 @@ def builtin_suites() -> dict[str, Suite]:
             data_dir=None,
             tasks=tuple(TaskSpec(size, max_length=32) for size in
                         ("roberta-base", "roberta-large", "t5-base", "t5-large", "llama-7b")),
-            batch_size=4, methods=REVIEW_METHODS),
+            batch_size=4, methods=REVIEW_METHODS + ("qlora",)),  # the review's memory table has QLoRA
     }
 
 

@@ -30,24 +30,21 @@ from .layer import base_of
 
 log = logging.getLogger(__name__)
 
+# On CPUs with AVX512-BF16, bitsandbytes >= 0.49 looks for an optional Hub kernel when it is imported
+# and logs a warning when the `kernels` package is absent; its own CPU kernels serve without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block (the QLoRA paper's)
 
 
 def require_bitsandbytes() -> Any:
     """The bitsandbytes module, or a PeftlabError saying how to install it."""
-    # On CPUs with AVX512-BF16, bitsandbytes >= 0.49 looks for an optional Hub kernel at import and
-    # logs a warning when the `kernels` package is absent; its own CPU kernels serve without it.
-    bnb_log = logging.getLogger("bitsandbytes")
-    level = bnb_log.level
-    bnb_log.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError as err:
         raise PeftlabError("4-bit base weights need bitsandbytes, which is not installed; install the extra: "
                            "pip install 'peftlab[quant]'") from err
-    finally:
-        bnb_log.setLevel(level)
     return bitsandbytes
 
 
