@@ -28,7 +28,6 @@ from torch import nn
 from .errors import PeftlabError
 from .layer import base_of
 
-log = logging.getLogger(__name__)
 
 # On CPUs with AVX512-BF16, bitsandbytes >= 0.49 looks for an optional Hub kernel when it is imported
 # and logs a warning when the `kernels` package is absent; its own CPU kernels serve without it.

@@ -13,9 +13,11 @@ from .additive import adapter_fusion  # noqa: F401
 from .reparameterized import vera  # noqa: F401
 from .reparameterized import adalora  # noqa: F401
 from .reparameterized import lorahub  # noqa: F401
+from .reparameterized import qa_lora  # noqa: F401
 from .partial import fish_mask  # noqa: F401
 from .partial import sam  # noqa: F401
 from .partial import lt_sft  # noqa: F401
 from .partial import diff_pruning  # noqa: F401
 from .partial import threshold_mask  # noqa: F401
 from .reparameterized import qlora  # noqa: F401
+from .reparameterized import loftq  # noqa: F401
