@@ -22,6 +22,8 @@ from .methods.additive.prompt_tuning import PromptTuningConfig
 from .methods.additive.prefix_tuning import PrefixTuningConfig
 from .methods.hybrid.mam_adapter import MAMAdapterConfig
 from .methods.reparameterized.vera import VeraConfig
+from .methods.reparameterized.qlora import QLoraConfig
+from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
     "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
@@ -30,9 +32,9 @@ __all__ = [
     "LoraConfig", "MAMAdapterConfig", "MethodSpec", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "ResidualAdapterConfig",
-    "SequentialAdapterConfig", "TaskType", "TrainingHookError", "TrainingHooks", "VeraConfig", "config_from_dict", "get_method",
+    "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "QLoraConfig", "ResidualAdapterConfig",
+    "SequentialAdapterConfig", "TaskType", "TrainingHookError", "TrainingHooks", "VeraConfig", "config_from_dict", "dequantize_model", "get_method",
     "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "load_config",
-    "register", "set_peft_model_state_dict",
+    "quantize_model", "register", "set_peft_model_state_dict",
 ]
 __version__ = "0.1.0"
