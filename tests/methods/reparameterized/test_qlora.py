@@ -221,3 +221,14 @@ def test_lora_on_a_transformers_4bit_model_is_plain_lora_over_4bit_layers():
     expected = _run(pm)
     pm.merge_adapter()
     torch.testing.assert_close(_run(pm), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_over_4bit_weights_reads_the_dequantized_base_and_merges_exactly():
+    pm = get_peft_model(tiny_bert(), QLoraConfig(use_dora=True))
+    layer = _layers(pm)["bert.encoder.layer.0.attention.self.query"]
+    w = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"], w.norm(dim=1))  # ||dequant(W0)||, not ||W0||
+    _perturb(pm)
+    expected = _run(pm)
+    pm.merge_adapter()
+    torch.testing.assert_close(_run(pm), expected, atol=1e-5, rtol=1e-5)
