@@ -23,6 +23,7 @@ from .methods.additive.prefix_tuning import PrefixTuningConfig
 from .methods.hybrid.mam_adapter import MAMAdapterConfig
 from .methods.reparameterized.vera import VeraConfig
 from .methods.reparameterized.qlora import QLoraConfig
+from .methods.reparameterized.qa_lora import QALoraConfig
 from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
     "LoraConfig", "MAMAdapterConfig", "MethodSpec", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "QLoraConfig", "ResidualAdapterConfig",
+    "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "QALoraConfig", "QLoraConfig", "ResidualAdapterConfig",
     "SequentialAdapterConfig", "TaskType", "TrainingHookError", "TrainingHooks", "VeraConfig", "config_from_dict", "dequantize_model", "get_method",
     "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "load_config",
     "quantize_model", "register", "set_peft_model_state_dict",

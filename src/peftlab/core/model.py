@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Iterable, Iterator
 import torch
 from torch import nn
 
+from . import quant
 from .config import PeftConfig, config_from_dict
 from .errors import CheckpointError, PeftlabError
 from .hooks import TrainingState, run_hook
@@ -582,10 +583,12 @@ class PeftModel(nn.Module):
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
         held = [(n, m) for n in self.trainable_adapters() for _, m in self._delta_modules() if n in m.adapter_names()]
         masked = sum(sum(p.numel() for p in m.adapter_parameters(n)) - m.trainable_entries(n) for n, m in held)
+        # A quantized base counts the weights it stands for, not its packed bytes or buffers.
+        quantized = quant.buffered_weights(self)
         return ParameterReport(
             trainable=trainable,
-            total=sum(p.numel() for p in params.values()),
-            base=sum(p.numel() for i, p in params.items() if i not in adapters),
+            total=sum(quant.weight_numel(p) for p in params.values()) + quantized,
+            base=sum(quant.weight_numel(p) for i, p in params.items() if i not in adapters) + quantized,
             trainable_entries=trainable - masked,
             dense_entries=sum(m.dense_entries(n) for n, m in held),
         )

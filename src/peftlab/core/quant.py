@@ -75,6 +75,18 @@ def quant_description_for(quant_type: str, double_quant: bool) -> str:
     return f"{quant_type}{' (double quantization)' if double_quant else ''}"
 
 
+def weight_numel(param: torch.Tensor) -> int:
+    """The number of weights a parameter stands for: a bitsandbytes 4-bit weight packs two in a byte."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
+def buffered_weights(model: nn.Module) -> int:
+    """Weights that peftlab's own quantized layers keep as buffers (codes, not parameters): out x in each."""
+    return sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "merge_delta_"))
+
+
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The weight a quantized layer computes with, ``out x in``, in full precision (float32)."""
     base = base_of(module)

@@ -232,3 +232,9 @@ def test_dora_over_4bit_weights_reads_the_dequantized_base_and_merges_exactly():
     expected = _run(pm)
     pm.merge_adapter()
     torch.testing.assert_close(_run(pm), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_parameter_report_counts_the_weights_a_4bit_layer_stands_for():
+    full = get_peft_model(tiny_bert(), LoraConfig(targets="all-linear")).trainable_parameters_report()
+    four_bit = get_peft_model(tiny_bert(), QLoraConfig()).trainable_parameters_report()
+    assert (four_bit.total, four_bit.trainable) == (full.total, full.trainable)  # not the packed half
