@@ -24,13 +24,14 @@ from .methods.hybrid.mam_adapter import MAMAdapterConfig
 from .methods.reparameterized.vera import VeraConfig
 from .methods.reparameterized.qlora import QLoraConfig
 from .methods.reparameterized.qa_lora import QALoraConfig
+from .methods.reparameterized.loftq import LoftQConfig
 from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
     "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "IA3Config",
-    "LoraConfig", "MAMAdapterConfig", "MethodSpec", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
+    "LoftQConfig", "LoraConfig", "MAMAdapterConfig", "MethodSpec", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "QALoraConfig", "QLoraConfig", "ResidualAdapterConfig",
