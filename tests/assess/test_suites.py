@@ -162,3 +162,22 @@ def test_the_taxonomy_suite_plans_every_registered_method_and_names_its_subcateg
     record = _record("lora", 0.8, 0.3)
     record["subcategory"] = "low-rank decomposition"
     assert "| x: low-rank decomposition |" in score_table(aggregate([record]))
+
+
+def test_a_method_whose_optional_dependency_is_missing_is_skipped_with_a_note_or_refused_when_asked_for(monkeypatch):
+    import importlib.util
+
+    from peftlab.core.registry import all_methods
+
+    needing = [s for s in all_methods() if s.requires]
+    if not needing:
+        pytest.skip("no registered method declares an optional dependency")
+    module = needing[0].requires[0]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    suite = get_suite("taxonomy")
+    methods, notes = suite.method_plan()
+    assert needing[0].name not in methods
+    assert any(needing[0].name in n and f"peftlab[{needing[0].requires[1]}]" in n for n in notes)
+    with pytest.raises(PeftlabError, match=r"pip install 'peftlab\["):
+        suite.replace(methods=(needing[0].name,), explicit_methods=True).method_plan()

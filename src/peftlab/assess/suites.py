@@ -126,6 +126,12 @@ class Suite:
                 notes.append(f"method {name!r} is in the {self.name} suite's list but not registered "
                              f"in this peftlab; skipped ({err})")
                 continue
+            missing = spec.missing_requirement()
+            if missing:
+                if self.explicit_methods:
+                    raise PeftlabError(missing)
+                notes.append(f"method {spec.name!r} skipped: {missing}")
+                continue
             if spec.example is not None:  # it combines adapters trained before; one run trains one from scratch
                 notes.append(f"method {spec.name!r} builds on other trained adapters; a study run trains one "
                              "adapter from scratch, so it is skipped here")

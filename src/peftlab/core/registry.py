@@ -65,6 +65,20 @@ class MethodSpec:
     # full-precision weights are not kept: that is the memory saved). ``quantize_base(model, config)``
     # quantizes a bare model as attaching does: what the disabled or deleted adapter computes as.
     quantize_base: Callable[[Any, Any], None] | None = None
+    # (module, pip extra) it needs beyond peftlab's own dependencies, e.g. ("bitsandbytes", "quant"):
+    # the study skips it with a note where the module is missing.
+    requires: tuple[str, str] | None = None
+
+    def missing_requirement(self) -> str | None:
+        """Why this method cannot run here (its optional dependency is not installed), or None."""
+        if self.requires is None:
+            return None
+        import importlib.util
+
+        module, extra = self.requires
+        if importlib.util.find_spec(module) is None:
+            return f"{self.name} needs {module}, which is not installed: pip install 'peftlab[{extra}]'"
+        return None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

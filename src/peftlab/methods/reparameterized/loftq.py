@@ -515,4 +515,5 @@ SPEC = register(MethodSpec(
     attach=attach,
     paper="Li et al. 2023, LoftQ: LoRA-Fine-Tuning-aware Quantization for Large Language Models",
     mergeable=True, merge_tolerance=1e-5, identity_at_init=False, default_lr=5e-4, quantize_base=quantize_base,
+    requires=("bitsandbytes", "quant"),
 ))

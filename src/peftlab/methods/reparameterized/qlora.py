@@ -137,4 +137,5 @@ SPEC = register(MethodSpec(
     trains="low-rank update B A of every linear layer, over 4-bit (NF4) frozen weights", attach=attach,
     paper="Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs",
     mergeable=True, merge_tolerance=1e-4, default_lr=5e-4, quantize_base=quantize_base,
+    requires=("bitsandbytes", "quant"),
 ))
