@@ -160,3 +160,21 @@ def test_a_peft_row_training_other_parameters_is_not_compared():
     assert memory["ok"] is False and memory["value"] == 1.25
     memory = {t["target"]: t for t in other}["ia3 peak training memory / peft's"]
     assert memory["ok"] is None and "peft trains 12 parameters, peftlab 10" in memory["unlike"]
+
+
+def test_the_quantized_base_benchmark_runs_and_writes_its_ratios(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import quant as bench_quant
+
+    threads = torch.get_num_threads()
+    try:
+        bench_quant.main(["--models", "tiny-bert", "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "q")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "q.json").read_text())
+    rows = {r["case"]: r for r in data["models"][0]["rows"]}
+    assert set(rows) == set(bench_quant.CASES)
+    assert rows[bench_quant.REFERENCE]["peak_x"] == 1.0
+    four_bit = [r for label, r in rows.items() if label.startswith("QLoRA")]
+    assert four_bit and all(r["linear_x"] < 0.5 for r in four_bit)  # packed 4-bit codes and their scales
+    assert "| case |" in (tmp_path / "q.md").read_text()
