@@ -5,7 +5,8 @@
 
 Every case trains LoRA with the same rank on the same layers (every linear layer but the head, QLoRA's
 placement); only the base differs: fp32, bf16 (weights and LoRA in bf16), or 4-bit NF4 with double
-quantization (bitsandbytes) computing in fp32 or bf16. Reported per case: the bytes of the frozen
+quantization (bitsandbytes) with the rest of the model (embeddings, norms, head) and the 4-bit
+matmuls in fp32, or in bf16 as the QLoRA paper runs it (LoRA's own factors stay fp32 there). Reported per case: the bytes of the frozen
 base (the 4-bit layers' codes and block scales counted, which are not parameters), the peak bytes of
 live tensors during one training step (weights, gradients, AdamW state, activations; measured as in
 ``benchmarks.measure``), and the step time, each as a ratio to LoRA on the fp32 base, timed in
@@ -26,6 +27,8 @@ from torch import nn
 
 from peftlab import LoraConfig, get_peft_model
 from peftlab.core import quant
+from peftlab.core.layer import base_of
+from peftlab.methods.reparameterized.lora import LoraLayer
 from peftlab.methods.reparameterized.qlora import QLoraConfig
 
 from .measure import held_tensors, interleaved_times, peak_rise_bytes, storage_bytes
@@ -35,8 +38,9 @@ REFERENCE = "LoRA, fp32 base"
 CASES = {
     REFERENCE: ("lora", torch.float32, {}),
     "LoRA, bf16 base": ("lora", torch.bfloat16, {}),
-    "QLoRA, NF4 base, fp32 compute": ("qlora", torch.float32, {}),
-    "QLoRA, NF4 base, bf16 compute": ("qlora", torch.float32, {"compute_dtype": "bfloat16"}),
+    "QLoRA, NF4 base, fp32 elsewhere": ("qlora", torch.float32, {}),
+    # The paper's setting: bf16 compute, and the layers left unquantized (embeddings, norms, head) in bf16.
+    "QLoRA, NF4 base, bf16 elsewhere": ("qlora", torch.bfloat16, {"compute_dtype": "bfloat16"}),
 }
 
 
@@ -58,14 +62,11 @@ def _base_bytes(model: nn.Module) -> int:
 
 
 def _linear_bytes(model: nn.Module) -> int:
-    """Bytes of the weights of the layers QLoRA quantizes (4-bit codes and scales, or full precision)."""
-    tensors: list[torch.Tensor] = []
-    for module in model.modules():
-        if quant.is_bnb_4bit(module):
-            tensors.append(module.weight)
-        elif type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters()):
-            tensors.append(module.weight)
-    return storage_bytes(tensors + _quant_state_tensors(model))
+    """Bytes of the weights of the adapted layers, the ones QLoRA quantizes (4-bit codes and block
+    scales, or the full-precision weight); the output head and embeddings are not among them."""
+    layers = [base_of(m) for m in model.modules() if isinstance(m, LoraLayer)]
+    four_bit = nn.ModuleList(m for m in layers if quant.is_bnb_4bit(m))
+    return storage_bytes([m.weight for m in layers] + _quant_state_tensors(four_bit))
 
 
 def _case(bench: Any, method: str, dtype: torch.dtype, options: dict[str, Any]) -> nn.Module:
@@ -125,7 +126,7 @@ def write(results: list[dict[str, Any]], out: Path, seconds: float) -> None:
              f"{data['torch']}, bitsandbytes {data['bitsandbytes']}, CPU; {seconds / 60:.1f} min). Every case trains "
              "LoRA r=8 on every linear layer but the head with AdamW; only the frozen base differs. Ratios are to "
              f"**{REFERENCE}**. *Base* counts every frozen tensor, the 4-bit layers' block scales included; *linear "
-             "weights* only the weights of the layers QLoRA quantizes; *peak* is the live-tensor peak of one training "
+             "weights* only the weights of the adapted layers, the ones QLoRA quantizes (not the embeddings or head); *peak* is the live-tensor peak of one training "
              "step (weights, gradients, AdamW state, activations). Step ratios are medians of interleaved rounds.", ""]
     for res in results:
         lines += [f"## {res['model']}", "", f"{res['description']}; batch {res['batch']} x {res['seq']} tokens.", "",
