@@ -21,3 +21,6 @@ from .partial import diff_pruning  # noqa: F401
 from .partial import threshold_mask  # noqa: F401
 from .reparameterized import qlora  # noqa: F401
 from .reparameterized import loftq  # noqa: F401
+from .reparameterized import lora_fa  # noqa: F401
+from .reparameterized import krona  # noqa: F401
+from .reparameterized import dylora  # noqa: F401
