@@ -25,13 +25,17 @@ from .methods.reparameterized.vera import VeraConfig
 from .methods.reparameterized.qlora import QLoraConfig
 from .methods.reparameterized.qa_lora import QALoraConfig
 from .methods.reparameterized.loftq import LoftQConfig
+from .methods.reparameterized.lora_fa import LoraFAConfig
+from .methods.reparameterized.dylora import DyLoraConfig
+from .methods.reparameterized.delta_lora import DeltaLoraConfig
+from .methods.reparameterized.krona import KronAConfig
 from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
     "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
-    "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "IA3Config",
-    "LoftQConfig", "LoraConfig", "MAMAdapterConfig", "MethodSpec", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
+    "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "DeltaLoraConfig", "DyLoraConfig", "IA3Config", "KronAConfig",
+    "LoftQConfig", "LoraConfig", "LoraFAConfig", "MAMAdapterConfig", "MethodSpec", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "QALoraConfig", "QLoraConfig", "ResidualAdapterConfig",
