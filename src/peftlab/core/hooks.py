@@ -52,6 +52,7 @@ class TrainingHooks:
     after_step(model, adapter, state): after the optimizer step: updates of frozen weights.
     param_groups(model, adapter, lr, weight_decay): optimizer parameter groups for the adapter's
         trainable tensors (other learning rates or weight decay for some of them).
+    resumable: the step hooks carry no state of their own across steps (see below).
     """
 
     before_training: DataPass | None = None
@@ -59,6 +60,9 @@ class TrainingHooks:
     before_step: StepHook | None = None
     after_step: StepHook | None = None
     param_groups: ParamGroups | None = None
+    # The step hooks keep nothing between optimizer steps that the model's own state (the adapter's
+    # tensors, the step count) does not hold, so a run resumed from a checkpoint continues exactly.
+    resumable: bool = False
 
     @property
     def has_step_hooks(self) -> bool:

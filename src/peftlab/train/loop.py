@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import PeftlabError
 from ..core.model import PeftModel
+from ..core.registry import get_method
 from ..core.state import atomic_write_bytes, read_tensors, save_tensors
 
 # ``probe(step, model, optimizer)`` may return a context manager to run one training step inside
@@ -242,7 +243,8 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
     if peft and (args.save_every or args.resume):
         # A step hook that keeps its own state between steps (AdaLoRA's importance scores and rank
         # budget) would restart it on resume, training a different method: refused.
-        stateful = sorted({method for method, _, _ in peft._hooks("after_step")})
+        stateful = sorted({method for method, _, _ in peft._hooks("after_step")
+                           if not get_method(method).hooks.resumable})
         if stateful:
             raise PeftlabError(f"{', '.join(stateful)} keeps state between optimizer steps that a checkpoint does not "
                                "hold, so its training cannot be resumed; train it without save_every/resume")

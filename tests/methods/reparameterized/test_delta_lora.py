@@ -345,3 +345,41 @@ def test_a_quantized_base_is_refused():
     with pytest.raises(PeftlabError, match="quantized"):
         get_peft_model(model, DeltaLoraConfig())
     assert not any(isinstance(m, DeltaModule) for m in model.modules())
+
+
+def test_a_run_resumed_after_a_crash_ends_with_the_uninterrupted_weights_and_d(tmp_path):
+    # Delta-LoRA's hooks keep nothing across steps that the adapter (D) and the step count do not hold.
+    import dataclasses
+
+    from torch.utils.data import DataLoader
+
+    from peftlab.train.loop import TrainArgs, train
+
+    from ...train import ddp_worker
+
+    class Crash(Exception):
+        pass
+
+    def crash(done, loss):
+        if done == 4:
+            raise Crash
+
+    def model():
+        torch.manual_seed(0)
+        return get_peft_model(tiny_bert(), DeltaLoraConfig(r=4, start_steps=1, modules_to_save=("classifier",)))
+
+    def data():
+        return DataLoader(ddp_worker.rows()[:24], batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))
+
+    args = TrainArgs(epochs=2, lr=1e-3, warmup_ratio=0.2, progress=False)
+    whole = model()
+    train(whole, data(), args)
+    saving = dataclasses.replace(args, save_every=1, checkpoint_dir=str(tmp_path))
+    with pytest.raises(Crash):
+        train(model(), data(), saving, on_step=crash)
+    resumed = model()
+    train(resumed, data(), dataclasses.replace(saving, resume=True))
+    want, got = whole.adapter_state_dict(), resumed.adapter_state_dict()
+    assert want.keys() == got.keys() and any("delta_lora" in k for k in want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-7)

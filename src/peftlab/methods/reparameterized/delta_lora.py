@@ -250,5 +250,6 @@ SPEC = register(MethodSpec(
     attach=attach,
     paper="Zi et al. 2023, Delta-LoRA: Fine-Tuning High-Rank Parameters with the Delta of Low-Rank Matrices",
     mergeable=True, merge_tolerance=1e-4, default_lr=5e-4,
-    hooks=TrainingHooks(before_step=_before_step, after_step=_after_step),
+    # D is adapter state and the factors are copied within one step: a checkpoint holds everything.
+    hooks=TrainingHooks(before_step=_before_step, after_step=_after_step, resumable=True),
 ))
