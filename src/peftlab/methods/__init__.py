@@ -26,3 +26,4 @@ from .reparameterized import krona  # noqa: F401
 from .reparameterized import dylora  # noqa: F401
 from .reparameterized import delta_lora  # noqa: F401
 from .reparameterized import increlora  # noqa: F401
+from .reparameterized import intrinsic_said  # noqa: F401
