@@ -29,13 +29,16 @@ from .methods.reparameterized.lora_fa import LoraFAConfig
 from .methods.reparameterized.dylora import DyLoraConfig
 from .methods.reparameterized.delta_lora import DeltaLoraConfig
 from .methods.reparameterized.krona import KronAConfig
+from .methods.reparameterized.increlora import IncreLoraConfig
+from .methods.reparameterized.intrinsic_said import IntrinsicSaidConfig
+from .methods.reparameterized.loraprune import LoraPruneConfig
 from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
     "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
-    "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "DeltaLoraConfig", "DyLoraConfig", "IA3Config", "KronAConfig",
-    "LoftQConfig", "LoraConfig", "LoraFAConfig", "MAMAdapterConfig", "MethodSpec", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
+    "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "DeltaLoraConfig", "DyLoraConfig", "IA3Config", "IncreLoraConfig", "IntrinsicSaidConfig", "KronAConfig",
+    "LoftQConfig", "LoraConfig", "LoraFAConfig", "LoraPruneConfig", "MAMAdapterConfig", "MethodSpec", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "QALoraConfig", "QLoraConfig", "ResidualAdapterConfig",

@@ -25,5 +25,6 @@ from .reparameterized import lora_fa  # noqa: F401
 from .reparameterized import krona  # noqa: F401
 from .reparameterized import dylora  # noqa: F401
 from .reparameterized import delta_lora  # noqa: F401
-from .reparameterized import increlora  # noqa: F401
 from .reparameterized import intrinsic_said  # noqa: F401
+from .reparameterized import loraprune  # noqa: F401
+from .reparameterized import increlora  # noqa: F401
