@@ -135,13 +135,20 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
         torch.set_num_threads(threads)
     result.workers, result.threads = workers, threads
     jobs.progress = progress and workers == 1  # bars of parallel runs would interleave
-    with _sigterm_interrupts():
-        if workers == 1:
-            for i in todo:
-                bar.set_postfix_str(_key(plan[i]))
-                finish(i, jobs.run(*plan[i]))
-        else:
-            _run_in_workers(suite, out, plan, todo, workers, threads, finish, bar)
+    try:
+        with _sigterm_interrupts():
+            if workers == 1:
+                for i in todo:
+                    bar.set_postfix_str(_key(plan[i]))
+                    finish(i, jobs.run(*plan[i]))
+            else:
+                _run_in_workers(suite, out, plan, todo, workers, threads, finish, bar)
+    except KeyboardInterrupt:
+        # The signal may land between storing a run and rewriting the tables: the tables of an
+        # interrupted suite still cover every run it stored.
+        if result.records:
+            _write_tables(result, started, cpu_started, plots=False)
+        raise
     bar.close()
     _write_tables(result, started, cpu_started, plots=plots)
     echo(result.summary)
