@@ -122,8 +122,9 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
                position=0)
 
     def finish(i: int, record: dict[str, Any]) -> None:
+        record["baseline"] = jobs.baseline(plan[i][0])
+        store.save(record)  # stored before it is reported: the tables never name an unstored run
         keep(i, record)
-        store.save(record)
         result.ran += 1
         if record["status"] != "ok":
             tqdm.write(f"peftlab assess: {_key(plan[i])} failed: {record['error']}")
