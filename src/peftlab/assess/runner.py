@@ -122,13 +122,15 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
                position=0)
 
     def finish(i: int, record: dict[str, Any]) -> None:
-        record["baseline"] = jobs.baseline(plan[i][0])
-        store.save(record)  # stored before it is reported: the tables never name an unstored run
-        keep(i, record)
-        result.ran += 1
-        if record["status"] != "ok":
-            tqdm.write(f"peftlab assess: {_key(plan[i])} failed: {record['error']}")
-        _write_tables(result, started, cpu_started, plots=False)
+        # Storing a run and rewriting the tables happen together: a Ctrl-C or SIGTERM waits for both,
+        # so the tables of an interrupted suite name exactly the runs it stored.
+        with _signals_held():
+            keep(i, record)
+            store.save(record)
+            result.ran += 1
+            if record["status"] != "ok":
+                tqdm.write(f"peftlab assess: {_key(plan[i])} failed: {record['error']}")
+            _write_tables(result, started, cpu_started, plots=False)
         bar.update(1)
 
     workers = min(workers, max(len(todo), 1))
@@ -145,9 +147,7 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
             else:
                 _run_in_workers(suite, out, plan, todo, workers, threads, finish, bar)
     except KeyboardInterrupt:
-        # The signal may land between storing a run and rewriting the tables: the tables of an
-        # interrupted suite still cover every run it stored.
-        if result.records:
+        if result.records:  # the tables of an interrupted suite are complete (see finish)
             _write_tables(result, started, cpu_started, plots=False)
         raise
     bar.close()
@@ -160,6 +160,19 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
 def _key(entry: tuple[TaskSpec, str, int]) -> str:
     task, method, seed = entry
     return f"{task.name}/{method}/seed{seed}"
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM are held (delivered on exit) within, where the platform allows it."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class Terminated(KeyboardInterrupt):
