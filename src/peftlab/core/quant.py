@@ -99,7 +99,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
                        "Linear4bit and peftlab's own quantized layers")
 
 
-def _params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, like: Any = None) -> Any:
+def _params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool) -> Any:
     bnb = require_bitsandbytes()
     param = bnb.nn.Params4bit(weight.detach().float().contiguous().cpu(), requires_grad=False,
                               compress_statistics=double_quant, quant_type=quant_type, blocksize=BLOCKSIZE)
@@ -107,9 +107,9 @@ def _params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, like:
 
 
 def quantize_linear(linear: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
-                    double_quant: bool = True, weight: torch.Tensor | None = None) -> nn.Module:
+                    double_quant: bool = True) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` computing as ``linear`` (an ``nn.Linear``, or GPT-2's ``Conv1D``,
-    whose weight is stored transposed) with its weight — or ``weight``, out x in — quantized. The bias
+    whose weight is stored transposed) with its weight quantized. The bias
     stays in full precision and frozen, as transformers' 4-bit loading keeps it."""
     from .targets import Conv1D
 
@@ -128,7 +128,7 @@ def quantize_linear(linear: nn.Module, quant_type: str = "nf4", compute_dtype: t
                            f"{type(linear).__name__}. Narrow the targets to linear layers")
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
                               compress_statistics=double_quant, quant_type=quant_type, device="meta")
-    layer.weight = _params4bit(source if weight is None else weight, quant_type, double_quant)
+    layer.weight = _params4bit(source, quant_type, double_quant)
     keep_format(layer)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

@@ -149,20 +149,12 @@ class LoftQInit(NamedTuple):
     lora_B: torch.Tensor   # out x r, float32
 
 
-_BNB: Any = None
 _CODES: dict[tuple[str, str], torch.Tensor] = {}
-
-
-def _bitsandbytes() -> Any:
-    global _BNB
-    if _BNB is None:
-        _BNB = quant.require_bitsandbytes()
-    return _BNB
 
 
 def _quant_state(absmax: torch.Tensor, shape: tuple[int, int], quant_type: str) -> Any:
     """bitsandbytes' description of a 4-bit weight of ``shape`` (out x in) with block scales ``absmax``."""
-    bnb = _bitsandbytes()
+    bnb = quant.require_bitsandbytes()
     key = (quant_type, str(absmax.device))
     if key not in _CODES:
         _CODES[key] = bnb.functional.get_4bit_type(quant_type, device=absmax.device)
@@ -173,7 +165,7 @@ def _quant_state(absmax: torch.Tensor, shape: tuple[int, int], quant_type: str) 
 def dequantize(qweight: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int],
                quant_type: str = "nf4") -> torch.Tensor:
     """The float32 weight (out x in) that packed 4-bit codes and their block scales stand for."""
-    return _bitsandbytes().functional.dequantize_4bit(qweight, _quant_state(absmax, shape, quant_type))
+    return quant.require_bitsandbytes().functional.dequantize_4bit(qweight, _quant_state(absmax, shape, quant_type))
 
 
 @torch.no_grad()
@@ -185,7 +177,7 @@ def loftq_init(weight: torch.Tensor, r: int, iterations: int, scale: float = 1.0
         raise PeftlabError(f"iterations={iterations!r}: LoftQ needs at least one alternating step")
     if not scale > 0:
         raise PeftlabError(f"scale={scale!r}: the LoRA scale must be positive")
-    functional = _bitsandbytes().functional
+    functional = quant.require_bitsandbytes().functional
     w = weight.detach().float()
     low = torch.zeros_like(w)  # s B_{t-1} A_{t-1}
     for _ in range(iterations):
@@ -210,22 +202,20 @@ def _weight_out_in(module: nn.Module) -> torch.Tensor:
 def four_bit_layer(original: nn.Module, init: LoftQInit, quant_type: str) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` computing ``dequant(Q) x + bias`` for the full-precision layer
     ``original`` (Linear or Conv1D), holding ``init``'s very codes and scales (no copy)."""
-    bnb = _bitsandbytes()
+    bnb = quant.require_bitsandbytes()
     in_features, out_features, _ = linear_io(original)
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=original.bias is not None, compute_dtype=torch.float32,
                               compress_statistics=False, quant_type=quant_type, device="meta")
     _set_codes(layer, init.qweight, init.absmax, quant_type)
     if original.bias is not None:
         layer.bias = nn.Parameter(original.bias.detach().clone(), requires_grad=False)
-    # bitsandbytes would repack the weight in place for its bfloat16 CPU kernel at the first
-    # no-grad forward in eval mode: other numbers than in training, and a format nothing else reads.
-    layer.support_avx512bf16_for_cpu = False
+    quant.keep_format(layer)
     layer.train(original.training)
     return layer
 
 
 def _set_codes(layer: nn.Module, qweight: torch.Tensor, absmax: torch.Tensor, quant_type: str) -> None:
-    bnb = _bitsandbytes()
+    bnb = quant.require_bitsandbytes()
     state = _quant_state(absmax, (layer.out_features, layer.in_features), quant_type)
     layer.weight = bnb.nn.Params4bit(qweight, requires_grad=False, quant_state=state, blocksize=quant.BLOCKSIZE,
                                      compress_statistics=False, quant_type=quant_type, bnb_quantized=True, module=layer)
@@ -327,7 +317,7 @@ class LoftQLayer(LoraLayer):
         ``Linear4bit`` of a released layer computes it."""
         bias = self.base_layer.bias
         state = _quant_state(self.loftq_absmax[name], (self.out_features, self.in_features), self.quant_types[name])
-        out = _bitsandbytes().matmul_4bit(x.float(), self.loftq_qweight[name], quant_state=state,
+        out = quant.require_bitsandbytes().matmul_4bit(x.float(), self.loftq_qweight[name], quant_state=state,
                                           bias=None if bias is None else bias.float())
         return out.to(x.dtype)
 
@@ -443,7 +433,7 @@ def _plan(model: nn.Module, config: LoftQConfig) -> list[tuple[str, nn.Module | 
     """Every targeted layer checked, then its LoftQ start computed (or, on a released layer, taken
     from the ``Q`` it holds): (path, full-precision layer or None, init, whether to release it).
     Nothing in the model changes here, so a refusal leaves it as it was."""
-    _bitsandbytes()
+    quant.require_bitsandbytes()
     paths = resolve_targets(model, config.targets, allowed_types=LINEAR_TYPES)
     holders: list[tuple[str, nn.Module | None, LoftQLayer | None, bool]] = []
     for path in paths:
