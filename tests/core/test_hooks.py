@@ -82,6 +82,10 @@ def _after(model, name, state):
     LOG.append(("after", state.step))
 
 
+def _end(model, name, data):
+    LOG.append(("end", sum(1 for _ in data), model.training_state.step))
+
+
 def _groups(model, name, lr, weight_decay):
     return [{"params": [_layer(model, name).gain[name]], "lr": lr * 10, "weight_decay": 0.0}]
 
@@ -96,7 +100,8 @@ def probe():
     spec = registry.register(registry.MethodSpec(
         name="hook_probe", family="additive", subcategory="test", config_cls=ProbeConfig, trains="a gain",
         attach=_attach, hooks=TrainingHooks(before_training=_data_pass, loss=_loss, before_step=_before,
-                                            after_step=_after, param_groups=_groups)))
+                                            after_step=_after, param_groups=_groups,
+                                            after_training=_end)))
     LOG.clear()
     yield spec
     registry._REGISTRY.pop("hook_probe")
@@ -109,7 +114,8 @@ def _batches():
              "labels": (ids[i:i + 2, 0] > 50).long()} for i in range(0, STEPS * 2, 2)]
 
 
-EXPECTED = [("data", STEPS)] + [e for s in range(STEPS) for e in (("before", s, STEPS, True), ("after", s))]
+EXPECTED = ([("data", STEPS)] + [e for s in range(STEPS) for e in (("before", s, STEPS, True), ("after", s))]
+            + [("end", STEPS, STEPS)])
 
 
 def test_plain_loop_with_one_call_per_step(probe):
@@ -129,6 +135,7 @@ def test_plain_loop_with_one_call_per_step(probe):
         out.loss.backward()
         pm.optimizer_step(optimizer)
         optimizer.zero_grad()
+    pm.end_training(_batches())
     assert LOG == EXPECTED
     assert pm.training_state.step == STEPS
 
@@ -201,3 +208,54 @@ def test_frozen_state_is_saved_loaded_and_never_trained(probe, tmp_path):
     save_file(state, tmp_path / "adapter_model.safetensors")
     with pytest.raises(PeftlabError, match="missing key .*seen"):
         PeftModel.from_pretrained(tiny_bert(), tmp_path)
+
+
+# -- methods that run the forward themselves (around_forward, forward_kwargs) ---------------------
+
+def _scaled(host, name, forward, args, kwargs, extra):
+    """Multiply the logits by ``scale=`` (default 1); record what the hook saw."""
+    LOG.append(("around", name, sorted(kwargs), extra.get("scale")))
+    out = forward(*args, **kwargs)
+    out["logits"] = out.logits * extra.get("scale", 1.0)
+    return out
+
+
+@pytest.fixture
+def scaler():
+    spec = registry.register(registry.MethodSpec(
+        name="forward_probe", family="additive", subcategory="test", config_cls=ProbeConfig, trains="a gain",
+        attach=_attach, around_forward=_scaled, forward_kwargs=("scale",)))
+    LOG.clear()
+    yield spec
+    registry._REGISTRY.pop("forward_probe")
+
+
+def test_around_forward_wraps_the_call_and_takes_its_keyword(scaler):
+    pm = get_peft_model(tiny_bert(), ProbeConfig()).eval()
+    batch = {k: v for k, v in _batches()[0].items() if k != "labels"}
+    with torch.no_grad():
+        plain = pm(**batch).logits
+        scaled = pm(**batch, scale=3.0).logits
+        with pm.disable_adapter():
+            base = pm(**batch).logits
+            # Nothing reads the keyword while the adapter is off: refused, not silently dropped.
+            with pytest.raises(PeftlabError, match=r"scale= but no active, unmerged, enabled adapter reads it"):
+                pm(**batch, scale=3.0)
+    torch.testing.assert_close(scaled, 3.0 * plain)
+    torch.testing.assert_close(plain, base)  # the gain starts at 1
+    # The base model never saw ``scale``; the hook ran once per call with the adapter active.
+    assert LOG == [("around", "default", ["attention_mask", "input_ids"], None),
+                   ("around", "default", ["attention_mask", "input_ids"], 3.0)]
+
+
+def test_around_forward_hooks_nest_in_active_order(scaler):
+    pm = get_peft_model(tiny_bert(), ProbeConfig())
+    pm.add_adapter("second", ProbeConfig())
+    pm.set_adapter(["default", "second"])
+    pm.eval()
+    batch = {k: v for k, v in _batches()[0].items() if k != "labels"}
+    with torch.no_grad():
+        plain = pm.base_model(**batch).logits
+        out = pm(**batch, scale=2.0).logits
+    torch.testing.assert_close(out, 4.0 * plain)  # each active adapter applied its hook once
+    assert [entry[1] for entry in LOG] == ["default", "second"]  # the first active outermost

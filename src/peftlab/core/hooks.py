@@ -17,6 +17,7 @@ its trainable adapters. Three ways to drive them, all ending in the same calls:
           loss.backward()
           model.optimizer_step(optimizer)            # before-step hooks, optimizer.step(), after-step hooks
           optimizer.zero_grad()
+      model.end_training(loader)                     # post-hoc fits (Laplace)
 
 A model whose adapter has step hooks refuses a training forward pass before ``begin_training``:
 forgetting the call would otherwise train a different method without a word.
@@ -46,6 +47,8 @@ class TrainingHooks:
 
     before_training(model, adapter, data): a pass over training batches before the first step
         (Fisher information, importance scores). ``data`` yields the same batches as training.
+    after_training(model, adapter, data): a pass over training batches after the last step
+        (post-hoc fits such as a Laplace approximation); run by ``PeftModel.end_training(data)``.
     loss(model, adapter): a term added to the task loss of every training forward pass.
     before_step(model, adapter, state): after backward (gradients present), before the optimizer
         step: gradient masks, rank allocation.
@@ -56,6 +59,7 @@ class TrainingHooks:
     """
 
     before_training: DataPass | None = None
+    after_training: DataPass | None = None
     loss: LossTerm | None = None
     before_step: StepHook | None = None
     after_step: StepHook | None = None

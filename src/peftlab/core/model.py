@@ -94,6 +94,10 @@ def _with_label_names(fn: Any, label_names: tuple[str, ...]) -> Any:
     return forward
 
 
+def _around(hook: Any, host: Any, name: str, inner: Any, extra: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    return hook(host, name, inner, args, kwargs, extra)
+
+
 def _submodules(model: nn.Module) -> dict[tuple[str, str], nn.Module]:
     """Every (parent path, attribute) -> child module of ``model``: references only, no copies."""
     return {(path, name): child for path, module in model.named_modules() for name, child in module.named_children()}
@@ -182,14 +186,44 @@ class PeftModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's forward. ``adapter_names=[...]`` (one name per example, ``"__base__"``
         for none) runs each example with its own adapter in this one call (see :meth:`mixed_batch`)."""
+        extra = self._method_kwargs(kwargs)
         with self.mixed_batch(kwargs.pop("adapter_names", None)):
             for module in self._input_adapters():
                 args, kwargs = module.transform_inputs(self.base_model, args, kwargs)
-            out = self.base_model(*args, **kwargs)
+            out = self._wrapped_forward(extra)(*args, **kwargs)
         # The base model's mode: a new PeftModel is in train mode whatever mode its base is in.
         if self.base_model.training and torch.is_grad_enabled() and (self._loss_hooks or self._needs_begin):
             out = self._with_loss_terms(out)
         return out
+
+    def _around_forward(self) -> list[tuple[str, Any]]:
+        """(adapter, spec) of the live adapters (active, not merged, not disabled) whose methods run
+        the forward themselves, in active order."""
+        found = []
+        for name in self._active:
+            spec = spec_for_config(self.peft_configs[name])
+            if spec.around_forward is not None and any(name in m.live_adapters() for _, m in self._delta_modules()):
+                found.append((name, spec))
+        return found
+
+    def _method_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Take the keyword arguments that methods read (``spec.forward_kwargs``) out of ``kwargs``."""
+        declared = {key for n in self.peft_configs for key in spec_for_config(self.peft_configs[n]).forward_kwargs}
+        extra = {key: kwargs.pop(key) for key in list(kwargs) if key in declared}
+        if extra:
+            readers = {key for _, spec in self._around_forward() for key in spec.forward_kwargs}
+            unread = sorted(set(extra) - readers)
+            if unread:
+                raise PeftlabError(f"model(...) got {', '.join(k + '=' for k in unread)} but no active, unmerged, "
+                                   f"enabled adapter reads it (active: {self._active}); activate the adapter that "
+                                   "does (set_adapter) or leave the argument out")
+        return extra
+
+    def _wrapped_forward(self, extra: dict[str, Any]) -> Any:
+        call = self.base_model
+        for name, spec in reversed(self._around_forward()):
+            call = functools.partial(_around, spec.around_forward, self, name, call, extra)
+        return call
 
     @contextlib.contextmanager
     def mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -469,6 +503,17 @@ class PeftModel(nn.Module):
             run_hook(method, "before_training", self.training_state, hook, self, name, data)
         for module, mode in modes:
             module.training = mode
+
+    def end_training(self, data: Iterable[Any] | None = None) -> None:
+        """Finish a training run: run the methods' post-hoc passes (``after_training``: a Laplace fit)
+        on ``data``, the training batches. Call once after the last step; a no-op for other methods."""
+        modes = [(m, m.training) for m in self.modules()]
+        try:
+            for method, name, hook in self._hooks("after_training"):
+                run_hook(method, "after_training", self.training_state, hook, self, name, data)
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
     def before_optimizer_step(self) -> None:
         """Run after backward, before ``optimizer.step()`` (gradient masks, rank allocation)."""

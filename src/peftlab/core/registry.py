@@ -68,6 +68,14 @@ class MethodSpec:
     # (module, pip extra) it needs beyond peftlab's own dependencies, e.g. ("bitsandbytes", "quant"):
     # the study skips it with a note where the module is missing.
     requires: tuple[str, str] | None = None
+    # It runs the model's forward its own way (MoELoRA reads task ids; L-LoRA linearises around the
+    # initialisation; Laplace-LoRA returns a predictive). ``around_forward(host, adapter_name, forward,
+    # args, kwargs, extra)`` returns the output; ``forward(*args, **kwargs)`` runs the rest of the call.
+    # ``PeftModel.forward`` applies it for each active, unmerged adapter (the first active outermost).
+    around_forward: Callable[..., Any] | None = None
+    # Keyword arguments of ``model(...)`` the method reads (e.g. ``("task_ids",)``): taken out of the
+    # call before the base model sees them and handed to ``around_forward`` as ``extra``.
+    forward_kwargs: tuple[str, ...] = ()
 
     def missing_requirement(self) -> str | None:
         """Why this method cannot run here (its optional dependency is not installed), or None."""

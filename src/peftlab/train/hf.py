@@ -51,8 +51,8 @@ def _peft_model(model: nn.Module | None) -> PeftModel:
 
 
 class PeftlabCallback(TrainerCallback):
-    """Runs ``begin_training``, ``before_optimizer_step`` and ``after_optimizer_step`` of the
-    Trainer's PeftModel at the matching Trainer events."""
+    """Runs ``begin_training``, ``before_optimizer_step``, ``after_optimizer_step`` and
+    ``end_training`` of the Trainer's PeftModel at the matching Trainer events."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
@@ -60,6 +60,10 @@ class PeftlabCallback(TrainerCallback):
         peft_model.begin_training(train_dataloader, state.max_steps or None, args.learning_rate)
         # A resumed run continues the step count (schedules such as AdaLoRA's read it).
         peft_model.training_state.step = state.global_step
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                     train_dataloader: Any = None, **kwargs: Any) -> None:
+        _peft_model(model).end_training(train_dataloader)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                               **kwargs: Any) -> None:

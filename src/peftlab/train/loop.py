@@ -354,6 +354,8 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
         # Take accelerate's autocast wrapper off, so scoring runs in the model's own precision. By
         # hand: unwrap_model(keep_fp32_wrapper=False) unwraps PeftModel.forward's own __wrapped__ too.
         inner.forward = inner.__dict__.pop("_original_forward")
+    if peft:
+        peft.end_training(loader)  # post-hoc fits (a Laplace approximation) over the training batches
     return result
 
 
