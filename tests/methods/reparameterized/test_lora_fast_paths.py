@@ -258,3 +258,18 @@ def test_bf16_autocast_trains_with_fp32_adapter_weights(targets):
     for name, grad in grads[1].items():
         assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
         assert torch.allclose(grad, grads[0][name], rtol=0.1, atol=0.1 * grads[0][name].abs().max().item()), name
+
+
+def test_joint_down_projection_keeps_no_input_when_every_a_is_frozen():
+    from peftlab.methods.reparameterized.lora import _JointDown
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g, requires_grad=True)
+    a1, a2 = torch.randn(2, 5, generator=g), torch.randn(3, 5, generator=g)  # frozen
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        low1, low2 = _JointDown.apply(x, a1, a2)
+    assert not any(t is x or t.data_ptr() == x.data_ptr() for t in saved)  # only the A_i are kept
+    w1, w2 = torch.randn(6, 2, generator=g), torch.randn(6, 3, generator=g)
+    (grad_x,) = torch.autograd.grad((low1 * w1).sum() + (low2 * w2).sum(), (x,))
+    torch.testing.assert_close(grad_x, w1 @ a1 + w2 @ a2)

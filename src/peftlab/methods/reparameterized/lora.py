@@ -506,7 +506,9 @@ class _JointDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.save_for_backward(x2, *weights)
+        # x is needed only for the gradients of the A_i: with every A_i frozen it is not kept.
+        ctx.save_for_backward(x2 if any(ctx.needs_input_grad[1:]) else None, *weights)
+        ctx.x_dtype = x2.dtype
         ctx.set_materialize_grads(False)
         return F.linear(x2, torch.cat(weights)).split([w.shape[0] for w in weights], dim=1)
 
@@ -524,7 +526,7 @@ class _JointDown(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = g @ w_g if grad_x is None else grad_x.addmm_(g, w_g)
             grad_weights.append((g.T @ x2.to(g.dtype)).to(w.dtype) if ctx.needs_input_grad[i + 1] else None)
-        return (None if grad_x is None else grad_x.to(x2.dtype), *grad_weights)
+        return (None if grad_x is None else grad_x.to(ctx.x_dtype), *grad_weights)
 
 
 def _group_siblings(model: nn.Module) -> None:

@@ -16,9 +16,9 @@ How that is made true here: each adapter is a LoRA adapter of :class:`~.lora.Lor
 ``lora_A`` entry is a :class:`FrozenDown` — a module holding ``A`` as a *buffer*, not a parameter.
 So no optimizer ever sees it, ``requires_grad`` stays False whatever ``set_adapter`` does, and
 ``F.linear(x, A)`` records only ``A`` for backward (autograd saves ``x`` for a linear only when the
-weight needs a gradient). The adapter runs as a :class:`~.lora.LoraVariant`: LoRA's shared
-down-projection (``_JointDown``, one GEMM for query/key/value) saves ``x`` unconditionally, and a
-variant is never routed through it.
+weight needs a gradient). The adapter runs as a :class:`~.lora.LoraVariant`, so it takes none of
+LoRA's fast paths (the shared query/key/value down-projection ``_JointDown`` among them, which also
+keeps no ``x`` when every ``A`` is frozen).
 
 Placement, initialisation, defaults: as peftlab's LoRA (query and value, ``r = 8``, ``alpha = 16``,
 no dropout); ``A`` is drawn as LoRA draws it (Kaiming-uniform, loralib's and peft's), ``B = 0``,
