@@ -131,6 +131,17 @@ def labelled_batches(n: int = 2, seed: int = 0, size: int = 4) -> list[dict[str,
     return out
 
 
+def perturb(target, adapter: str = "default", seed: int = 0, scale: float = 0.3) -> None:
+    """Move trained tensors off their initial values by seeded noise N(0, scale^2), in place, so that an
+    adapter computes something (most start as the identity). ``target``: a PeftModel or delta module
+    (its ``adapter``'s parameters) or an iterable of tensors."""
+    params = target.adapter_parameters(adapter) if hasattr(target, "adapter_parameters") else target
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
 def no_dropout(model):
     """Keep every module in eval behaviour even where a data pass switches to train mode, so runs
     can be compared with a computation by hand; returns ``model``."""

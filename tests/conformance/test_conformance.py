@@ -13,7 +13,7 @@ from peftlab import PeftModel, PeftlabError, config_from_dict, get_peft_model
 from peftlab.core.layer import DeltaModule
 from peftlab.core.registry import all_methods
 
-from ..conftest import (TINY_MODELS, apply_method, begin_training, load_method, main_output, model_inputs,
+from ..conftest import (TINY_MODELS, apply_method, begin_training, load_method, main_output, model_inputs, perturb,
                         save_method, tiny_t5)
 
 # T5 too: an encoder-decoder model (cross-attention, relative positions, decoder inputs).
@@ -33,13 +33,6 @@ def _inputs(kind):
 def _run(model, kind):
     with torch.no_grad():
         return main_output(model(**_inputs(kind)))
-
-
-def _perturb(peft_model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in peft_model.adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
 
 
 def _build(spec, kind, adapter="default", begin=True):
@@ -83,7 +76,7 @@ class TestConformance:
             assert _close(_run(pm, kind), base, 1e-5), "declared identity at init, but the output changed"
         if spec.hooks.before_training is not None:
             begin_training(pm, kind)
-        _perturb(pm, "default", 0)
+        perturb(pm, "default", 0, scale=0.2)
         assert _differs(_run(pm, kind), base), "a perturbed adapter has no effect on the output"
 
     def test_parameter_partition_and_gradients(self, spec, kind):
@@ -94,7 +87,7 @@ class TestConformance:
         pm.check_parameter_partition()
         pm.train()
         begin_training(pm, kind)
-        _perturb(pm, "default", 0)
+        perturb(pm, "default", 0, scale=0.2)
         out = main_output(pm(**_inputs(kind)))
         out.float().pow(2).mean().backward()
         for name, p in pm.named_parameters():
@@ -129,7 +122,7 @@ class TestConformance:
 
     def test_delta_only_state_and_save_load(self, spec, kind, tmp_path):
         pm, config = _build(spec, kind)
-        _perturb(pm, "default", 0)
+        perturb(pm, "default", 0, scale=0.2)
         expected = _run(pm, kind)
         state = pm.adapter_state_dict()
         base_bytes = sum(p.numel() * p.element_size() for p in MODELS[kind]().parameters())
@@ -155,7 +148,7 @@ class TestConformance:
 
     def test_merge(self, spec, kind):
         pm, _ = _build(spec, kind)
-        _perturb(pm, "default", 0)
+        perturb(pm, "default", 0, scale=0.2)
         if not spec.mergeable:
             with pytest.raises(PeftlabError, match="cannot be merged"):
                 pm.merge_adapter()
@@ -172,7 +165,7 @@ class TestConformance:
     def test_disable_gives_base(self, spec, kind):
         base = _run(_base(spec, kind), kind)
         pm, _ = _build(spec, kind)
-        _perturb(pm, "default", 0)
+        perturb(pm, "default", 0, scale=0.2)
         with pm.disable_adapter():
             assert _close(_run(pm, kind), base, 1e-5)
         assert _differs(_run(pm, kind), base)
@@ -182,12 +175,12 @@ class TestConformance:
         base = _run(base_model, kind)
         n_base = sum(p.numel() for p in base_model.parameters())
         pm, config = _build(spec, kind)
-        _perturb(pm, "default", 0)
+        perturb(pm, "default", 0, scale=0.2)
         first = _run(pm, kind)
         with pytest.raises(PeftlabError, match="already exists"):
             pm.add_adapter("default", config)
         pm.add_adapter("second", config)
-        _perturb(pm, "second", 1)
+        perturb(pm, "second", 1, scale=0.2)
         assert _close(_run(pm, kind), first, 1e-6), "adding an inactive adapter changed the output"
         pm.set_adapter("second")
         second = _run(pm, kind)

@@ -8,7 +8,7 @@ import torch
 from peftlab import PeftlabError, get_peft_model
 from peftlab.core.registry import all_methods
 
-from ..conftest import model_inputs, tiny_llama
+from ..conftest import model_inputs, perturb, tiny_llama
 
 
 def _input_level_specs():
@@ -25,13 +25,6 @@ def _input_level_specs():
     return found
 
 
-def _perturb(params, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-
-
 def test_generate_runs_every_input_level_adapter_and_matches_greedy_forward_passes():
     specs = _input_level_specs()
     if len(specs) < 2:
@@ -39,8 +32,8 @@ def test_generate_runs_every_input_level_adapter_and_matches_greedy_forward_pass
     first, second = specs[:2]
     pm = get_peft_model(tiny_llama(), first.config_cls(), "one")
     pm.add_adapter("two", second.config_cls())
-    _perturb(pm.adapter_parameters("one"), 0)
-    _perturb(pm.adapter_parameters("two"), 1)
+    perturb(pm.adapter_parameters("one"), seed=0, scale=0.5)
+    perturb(pm.adapter_parameters("two"), seed=1, scale=0.5)
     pm.set_adapter(["one", "two"])
     pm.eval()
     pm.base_model.generation_config.eos_token_id = None

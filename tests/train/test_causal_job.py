@@ -14,6 +14,8 @@ from peftlab.tasks import E2EExample, TaskDataError
 from peftlab.train.causal_job import (GenerationRun, encode_example, encode_prompt, generation_splits,
                                       load_causal_lm, run_generation, training_pairs)
 from peftlab.train.data import make_seq2seq_loader
+
+from ..conftest import perturb
 from peftlab.train.generation import IGNORE_INDEX, generate_texts, train_tokenizer
 from peftlab.train.loop import TrainArgs, train
 
@@ -131,13 +133,6 @@ def test_run_generation_writes_predictions_and_scores_before(tmp_path):
 SPECS = all_methods()
 
 
-def _perturb(model) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.adapter_parameters("default"):
-            param.add_(torch.randn(param.shape, generator=g, dtype=param.dtype) * 0.05)
-
-
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_every_method_trains_and_generates(spec, e2e_dir):
     run = GenerationRun(model=need(STORIES), data_dir=str(e2e_dir), train_split="dev",
@@ -151,7 +146,7 @@ def test_every_method_trains_and_generates(spec, e2e_dir):
         pytest.skip(f"{spec.name} does not apply to Llama: {err}")
     # With a non-trivial adapter, left padding must not change what is generated (soft prompts and
     # prefixes shift positions and masks; this catches a misaligned one).
-    _perturb(model)
+    perturb(model, scale=0.05)
     prompts = [tok(t)["input_ids"] for t in ("Once upon a time", "The dog", "Lily and her mom went to the")]
     together = generate_texts(model, tok, prompts, decoder_only=True, batch_size=3, max_new_tokens=8)
     assert together == [generate_texts(model, tok, [p], decoder_only=True, max_new_tokens=8)[0] for p in prompts]

@@ -9,14 +9,7 @@ import torch
 from peftlab import ParallelAdapterConfig, PeftlabError, PeftModel, PrefixTuningConfig, config_from_dict, get_peft_model
 from peftlab.methods.hybrid.mam_adapter import MAMAdapterConfig
 
-from ...conftest import main_output, model_inputs, tiny_bert, tiny_llama
-
-
-def _perturb(params, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+from ...conftest import main_output, model_inputs, perturb, tiny_bert, tiny_llama
 
 
 @pytest.mark.parametrize("make, kind", [(tiny_bert, "bert"), (tiny_llama, "llama")])
@@ -24,7 +17,7 @@ def test_equals_its_two_parts_applied_together(make, kind):
     config = MAMAdapterConfig(prefix=PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=False),
                               adapter=ParallelAdapterConfig(bottleneck=4, scaling=4.0))
     mam = get_peft_model(make(), config)
-    _perturb(mam.adapter_parameters("default"))
+    perturb(mam.adapter_parameters("default"), scale=0.2)
     # The same tensors as two separate adapters, both active at once (a stack).
     parts = get_peft_model(make(), config.prefix, "prefix")
     parts.add_adapter("adapter", config.adapter)
@@ -44,7 +37,7 @@ def test_equals_its_two_parts_applied_together(make, kind):
 def test_saved_and_loaded_as_one_adapter_with_nested_config(tmp_path):
     config = MAMAdapterConfig(modules_to_save=("classifier",))
     pm = get_peft_model(tiny_bert(), config)
-    _perturb(pm.adapter_parameters("default"))
+    perturb(pm.adapter_parameters("default"), scale=0.2)
     pm.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["method"] == "mam_adapter"

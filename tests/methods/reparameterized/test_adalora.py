@@ -12,10 +12,9 @@ import torch
 from peftlab import PeftlabError, PeftModel, config_from_dict, get_peft_model
 from peftlab.methods.reparameterized.adalora import AdaLoraConfig, AdaLoraLayer
 
-from ...conftest import labelled_batches, tiny_bert, tiny_gpt2
+from ...conftest import labelled_batches, perturb, tiny_bert, tiny_gpt2
 
 N_MATRICES = 4  # tiny BERT: query and value of 2 layers
-
 
 
 def _layers(model: torch.nn.Module) -> dict[str, AdaLoraLayer]:
@@ -253,19 +252,12 @@ def test_a_trained_allocation_loads_in_peft_with_equal_outputs(trained):
         torch.testing.assert_close(theirs(**batch).logits, pm(**batch).logits, atol=1e-5, rtol=1e-4)
 
 
-def _perturb(params, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 @pytest.mark.parametrize("make,targets", [(tiny_bert, ["query", "value"]), (tiny_gpt2, ["c_attn", "c_proj"])],
                          ids=["bert", "gpt2"])
 def test_peftlab_adapter_loads_in_peft_and_back(tmp_path, make, targets):
     peft = _peft()
     ours = get_peft_model(make(), AdaLoraConfig(init_r=6, target_r=3, alpha=16, targets=targets, total_step=10))
-    _perturb(ours.adapter_parameters("default"))
+    perturb(ours.adapter_parameters("default"), scale=0.2)
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ours(input_ids=ids).logits

@@ -11,7 +11,7 @@ from peftlab import PeftModel, get_peft_model
 from peftlab.core.errors import PeftlabError
 from peftlab.methods.reparameterized.intrinsic_said import IntrinsicSaidConfig, IntrinsicSaidLayer, fwht
 
-from ...conftest import model_inputs, tiny_bert
+from ...conftest import model_inputs, perturb, tiny_bert
 
 
 def _layers(pm):
@@ -20,13 +20,6 @@ def _layers(pm):
 
 def _space(pm):
     return _layers(pm)[0].shared[0]
-
-
-def _perturb(pm, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.adapter_parameters("default"):
-            p.add_(torch.randn(p.shape, generator=g))
 
 
 def _hadamard(n):
@@ -61,7 +54,7 @@ def test_every_weight_moves_by_the_dense_fastfood_matrix(said, d):
     # Build H G Pi H B for each tensor explicitly and compare with what the layer adds to its weight.
     # LoRA (independent low-rank factors per layer) would not give these deltas.
     pm = get_peft_model(tiny_bert(), IntrinsicSaidConfig(d=d, said=said, seed=3))
-    _perturb(pm)
+    perturb(pm, scale=1.0)
     space = _space(pm)
     theta = space.said_theta["default"].detach().double()
     for index, layer in enumerate(_layers(pm)):
@@ -88,7 +81,7 @@ def test_every_weight_moves_by_the_dense_fastfood_matrix(said, d):
 
 def test_the_scales_and_the_shared_vector_act_on_every_tensor():
     pm = get_peft_model(tiny_bert(), IntrinsicSaidConfig(d=100, seed=1))
-    _perturb(pm)
+    perturb(pm, scale=1.0)
     layers = _layers(pm)
     before = [l.delta_weight("default").detach().clone() for l in layers]
     with torch.no_grad():
@@ -103,7 +96,7 @@ def test_the_scales_and_the_shared_vector_act_on_every_tensor():
 
 def test_gradients_reach_only_theta_and_the_scales():
     pm = get_peft_model(tiny_bert(), IntrinsicSaidConfig(d=100))
-    _perturb(pm)
+    perturb(pm, scale=1.0)
     pm(**model_inputs("bert")).logits.sum().backward()
     space = _space(pm)
     assert space.said_theta["default"].grad.abs().sum() > 0 and space.said_lambda["default"].grad.abs().sum() > 0
@@ -112,7 +105,7 @@ def test_gradients_reach_only_theta_and_the_scales():
 
 def test_a_fresh_load_regenerates_the_projection_exactly(tmp_path):
     pm = get_peft_model(tiny_bert(), IntrinsicSaidConfig(d=150, seed=11))
-    _perturb(pm)
+    perturb(pm, scale=1.0)
     pm.save_pretrained(tmp_path)
     from safetensors.torch import load_file
     saved = load_file(tmp_path / "adapter_model.safetensors")
@@ -127,7 +120,7 @@ def test_a_fresh_load_regenerates_the_projection_exactly(tmp_path):
 
 def test_merge_adds_the_dense_delta():
     pm = get_peft_model(tiny_bert(), IntrinsicSaidConfig(d=100))
-    _perturb(pm)
+    perturb(pm, scale=1.0)
     pm.eval()
     inputs = model_inputs("bert")
     layer = _layers(pm)[0]

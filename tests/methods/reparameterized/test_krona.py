@@ -15,18 +15,11 @@ from peftlab.methods.reparameterized.krona import (KronAConfig, KronALayer, fact
                                                    nearest_sqrt_divisor)
 from peftlab.methods.reparameterized.lora import LoraConfig
 
-from ...conftest import model_inputs, tiny_bert, tiny_gpt2
+from ...conftest import model_inputs, perturb, tiny_bert, tiny_gpt2
 
 
 def _layers(pm):
     return [m for m in pm.base_model.modules() if isinstance(m, KronALayer)]
-
-
-def _perturb(params, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _layer(out_features=12, in_features=20, **config):
@@ -65,7 +58,7 @@ def test_factor_shapes_parameter_count_and_init():
 
 def test_update_is_scaled_kronecker_product_times_x():
     layer = _layer(a1=3, a2=4, scale=0.7)
-    _perturb(layer.adapter_parameters("default"))
+    perturb(layer.adapter_parameters("default"))
     a, b = layer.krona_A["default"], layer.krona_B["default"]
     x = torch.randn(2, 3, 20)
     expected = layer.base_layer(x) + 0.7 * x @ torch.kron(a, b).T  # dense, tiny sizes
@@ -96,7 +89,7 @@ class _Shapes(TorchDispatchMode):
 @pytest.mark.parametrize("a1, a2", [(3, 4), (2, 2)])  # A first, B first
 def test_forward_and_backward_never_form_the_out_x_in_update(monkeypatch, a1, a2):
     layer = _layer(a1=a1, a2=a2)
-    _perturb(layer.adapter_parameters("default"))
+    perturb(layer.adapter_parameters("default"))
     x = torch.randn(2, 3, 20)  # 6 tokens: x has 120 entries, the output 72, the weight 240
 
     def refuse(*args, **kwargs):
@@ -121,7 +114,7 @@ def test_plain_lora_does_not_have_this_structure():
     per_layer = 4 * 4 + 8 * 8  # 32 x 32: A 4 x 4, B 8 x 8
     assert krona.get_nb_trainable_parameters()[0] == 4 * per_layer
     assert lora.get_nb_trainable_parameters()[0] == 4 * 8 * (32 + 32)
-    _perturb(krona.adapter_parameters("default"))
+    perturb(krona.adapter_parameters("default"))
     for layer in layers:  # the update is a Kronecker product of full rank, beyond r = 8
         a, b = layer.krona_A["default"], layer.krona_B["default"]
         torch.testing.assert_close(layer.delta_weight("default"), torch.kron(a, b))
@@ -135,7 +128,7 @@ def test_gpt2_conv1d_update_and_exact_merge():
     assert layers and all(l.transposed for l in layers)
     c_attn = layers[0]  # 32 -> 96 (fused q, k, v)
     assert c_attn.krona_A["default"].shape == (8, 4) and c_attn.krona_B["default"].shape == (12, 8)
-    _perturb(pm.adapter_parameters("default"))
+    perturb(pm.adapter_parameters("default"))
     x = torch.randn(2, 5, 32)
     a, b = c_attn.krona_A["default"], c_attn.krona_B["default"]
     torch.testing.assert_close(c_attn(x), c_attn.base_layer(x) + 2.0 * x @ torch.kron(a, b).T)
@@ -152,7 +145,7 @@ def test_gpt2_conv1d_update_and_exact_merge():
 
 def test_merge_unmerge_restores_weights():
     pm = get_peft_model(tiny_bert(), KronAConfig(a1=8, a2=2))
-    _perturb(pm.adapter_parameters("default"))
+    perturb(pm.adapter_parameters("default"))
     inputs = model_inputs("bert")
     layer = _layers(pm)[0]
     w0 = layer.base_layer.weight.detach().clone()
@@ -185,7 +178,7 @@ def test_factor_size_that_does_not_divide_is_refused_before_anything_changes():
 
 def test_save_load_peftlab_form_strict_and_equal(tmp_path):
     pm = get_peft_model(tiny_bert(), KronAConfig(a1=2, scale=1.5))
-    _perturb(pm.adapter_parameters("default"))
+    perturb(pm.adapter_parameters("default"))
     pm.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["method"] == "krona" and "peft_type" not in data and data["a1"] == 2
@@ -207,8 +200,8 @@ def test_two_adapters_with_different_factor_sizes():
     layer = _layers(pm)[0]
     assert layer.krona_A["default"].shape == (2, 16) and layer.krona_A["other"].shape == (16, 2)
     assert layer.krona_B["default"].shape == (16, 2) and layer.krona_B["other"].shape == (2, 16)
-    _perturb(pm.adapter_parameters("default"), seed=1)
-    _perturb(pm.adapter_parameters("other"), seed=2)
+    perturb(pm.adapter_parameters("default"), seed=1)
+    perturb(pm.adapter_parameters("other"), seed=2)
     x = torch.randn(3, 32)
     pm.set_adapter("other")
     a, b = layer.krona_A["other"], layer.krona_B["other"]
@@ -219,7 +212,7 @@ def test_two_adapters_with_different_factor_sizes():
 
 def test_dropout_applies_to_the_adapter_input_only():
     layer = _layer(a1=3, a2=4, dropout=0.5)
-    _perturb(layer.adapter_parameters("default"))
+    perturb(layer.adapter_parameters("default"))
     x = torch.randn(4, 20)
     layer.train()
     torch.manual_seed(3)

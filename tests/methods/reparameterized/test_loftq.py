@@ -15,18 +15,11 @@ from peftlab.core.layer import DeltaModule
 from peftlab.core.registry import get_method
 from peftlab.methods.reparameterized.loftq import LoftQConfig, LoftQLayer, dequantize, loftq_init, quantize_base
 
-from ...conftest import MINILM, main_output, model_inputs, require_shared, tiny_bert, tiny_gpt2, tiny_t5
+from ...conftest import MINILM, main_output, model_inputs, perturb, require_shared, tiny_bert, tiny_gpt2, tiny_t5
 
 bnb = pytest.importorskip("bitsandbytes")
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
-
-
-def _perturb(pm, name="default", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _run(model, kind="bert"):
@@ -106,7 +99,7 @@ def test_each_linear_layer_holds_q_packed_and_computes_with_it():
     codes, scales = layer.loftq_qweight["default"], layer.loftq_absmax["default"]
     assert codes.dtype == torch.uint8 and codes.numel() == 32 * 32 // 2  # two 4-bit codes per byte
     assert scales.dtype == torch.float32 and scales.numel() == 32 * 32 // 64
-    _perturb(pm)
+    perturb(pm)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     x = torch.randn(3, 5, 32)
     q = layer.dequantized("default")
@@ -136,7 +129,7 @@ def test_released_layers_are_bitsandbytes_linear4bit_and_drop_the_full_precision
         assert not any(p.is_floating_point() and p.shape == (layer.out_features, layer.in_features)
                        for p in layer.parameters() if not p.requires_grad), f"{name} kept a full-precision weight"
     # Same Q and factors: the same outputs as with the full-precision layers kept, in less memory.
-    _perturb(keep), _perturb(pm)
+    perturb(keep), perturb(pm)
     torch.testing.assert_close(_run(pm), _run(keep), atol=1e-6, rtol=0)
 
     def size(model):
@@ -173,7 +166,7 @@ def test_gpt2_conv1d_layers_read_their_weight_transposed(keep):
     assert layer.transposed == keep  # the Linear4bit that replaces it holds out x in
     init = loftq_init(conv.weight.T, 4, 5)
     assert torch.equal(layer.loftq_qweight["default"], init.qweight)
-    _perturb(pm)
+    perturb(pm)
     x = torch.randn(2, 3, 32)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     torch.testing.assert_close(layer(x), x @ layer.dequantized("default").T + conv.bias + (x @ a.T) @ b.T,
@@ -206,7 +199,7 @@ def test_t5_keeps_wo_full_precision_as_transformers_4bit_loading_does_and_still_
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     torch.testing.assert_close(layer(x), x @ layer.dequantized("default").T + 2.0 * (x @ a.T) @ b.T,
                                atol=1e-5, rtol=1e-5)
-    _perturb(pm)
+    perturb(pm)
     with torch.no_grad():
         expected = main_output(pm(**inputs))
     pm.save_pretrained(tmp_path)
@@ -219,7 +212,7 @@ def test_t5_keeps_wo_full_precision_as_transformers_4bit_loading_does_and_still_
 @pytest.mark.parametrize("keep", [True, False])
 def test_saved_adapter_loads_onto_a_fresh_full_precision_model_exactly(keep, tmp_path):
     pm = get_peft_model(tiny_bert(), LoftQConfig(keep_full_precision=keep))
-    _perturb(pm)
+    perturb(pm)
     expected = _run(pm)
     pm.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -326,7 +319,7 @@ def test_one_quantized_layer_refuses_the_whole_adapter_and_no_other_layer_change
 
 def test_a_second_loftq_adapter_of_the_same_settings_shares_the_released_q():
     pm = get_peft_model(tiny_bert(), LoftQConfig())
-    _perturb(pm)
+    perturb(pm)
     first = _run(pm)
     pm.add_adapter("second", LoftQConfig())
     assert torch.equal(_run(pm), first), "adding an inactive adapter changed the output"
@@ -398,10 +391,10 @@ def test_kept_layers_hold_one_q_per_loftq_adapter_and_run_one_at_a_time():
 
 def test_plain_lora_stacks_on_a_released_layer():
     pm = get_peft_model(tiny_bert(), LoftQConfig())
-    _perturb(pm)
+    perturb(pm)
     loftq_only = _run(pm)
     pm.add_adapter("lora", LoraConfig(targets=("query", "value")))
-    _perturb(pm, "lora", 1)
+    perturb(pm, "lora", 1)
     pm.set_adapter(["default", "lora"])
     assert not torch.allclose(_run(pm), loftq_only)
     pm.delete_adapter("lora")
@@ -416,7 +409,7 @@ def test_released_adapter_disabled_or_deleted_computes_as_quantize_base():
     assert isinstance(bare.get_submodule(QUERY), bnb.nn.Linear4bit)
     expected = _run(bare)
     pm = get_peft_model(tiny_bert(), config)
-    _perturb(pm)
+    perturb(pm)
     with pm.disable_adapter():
         torch.testing.assert_close(_run(pm), expected, atol=0, rtol=0)
     pm.delete_adapter("default")
@@ -432,7 +425,7 @@ def test_released_adapter_disabled_or_deleted_computes_as_quantize_base():
 @pytest.mark.parametrize("make,kind", [(tiny_bert, "bert"), (tiny_gpt2, "gpt2")])
 def test_kept_layers_merge_q_plus_the_update_and_unmerge_restores_w(make, kind):
     pm = get_peft_model(make(), LoftQConfig(keep_full_precision=True))
-    _perturb(pm)
+    perturb(pm)
     expected = _run(pm, kind)
     weights = {n: m.base_layer.weight.detach().clone() for n, m in _layers(pm).items()}
     pm.merge_adapter()
@@ -455,7 +448,7 @@ def test_kept_layers_merge_q_plus_the_update_and_unmerge_restores_w(make, kind):
 @pytest.mark.parametrize("make,kind", [(tiny_bert, "bert"), (tiny_gpt2, "gpt2")])
 def test_merging_a_released_layer_is_exact_and_unmerges_to_the_4bit_layer(make, kind):
     pm = get_peft_model(make(), LoftQConfig())
-    _perturb(pm)
+    perturb(pm)
     expected = _run(pm, kind)
     codes = {n: m.base_layer.weight.detach().clone() for n, m in _layers(pm).items()}
     pm.merge_adapter()

@@ -8,20 +8,13 @@ import torch
 from peftlab import LoraConfig, PeftlabError, PeftModel, get_peft_model
 from peftlab.methods.reparameterized.lora import LoraLayer
 
-from ...conftest import main_output, model_inputs, tiny_bert, tiny_gpt2, tiny_llama
+from ...conftest import main_output, model_inputs, perturb, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
 
 def _layer(pm, suffix="layer.0.attention.self.query"):
     return next(m for n, m in pm.base_model.named_modules() if isinstance(m, LoraLayer) and n.endswith(suffix))
-
-
-def _perturb(pm, name="default", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def test_identity_at_init_and_the_magnitude_starts_at_the_row_norms():
@@ -35,7 +28,7 @@ def test_identity_at_init_and_the_magnitude_starts_at_the_row_norms():
 
 def test_layer_output_is_magnitude_times_normalised_direction_by_hand():
     pm = get_peft_model(tiny_bert(), LoraConfig(r=4, alpha=8, use_dora=True))
-    _perturb(pm)
+    perturb(pm)
     layer = _layer(pm)
     w0, bias = layer.base_layer.weight, layer.base_layer.bias
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -59,7 +52,7 @@ def test_layer_output_is_magnitude_times_normalised_direction_by_hand():
 @pytest.mark.parametrize("make,kind", [(tiny_bert, "bert"), (tiny_gpt2, "gpt2"), (tiny_llama, "llama")])
 def test_merge_is_exact_and_unmerge_restores_the_weights(make, kind):
     pm = get_peft_model(make(), LoraConfig(r=4, use_dora=True, targets=("@query", "@value", "@ffn_out")))
-    _perturb(pm)
+    perturb(pm)
     inputs = model_inputs(kind)
     weights = {n: p.detach().clone() for n, p in pm.base_model.named_parameters() if not p.requires_grad}
     with torch.no_grad():
@@ -76,8 +69,8 @@ def test_merge_is_exact_and_unmerge_restores_the_weights(make, kind):
 def test_a_dora_and_a_plain_adapter_stack_and_mixed_batches_are_refused():
     pm = get_peft_model(tiny_bert(), LoraConfig(r=4, use_dora=True), "dora")
     pm.add_adapter("plain", LoraConfig(r=4))
-    _perturb(pm, "dora", 0)
-    _perturb(pm, "plain", 1)
+    perturb(pm, "dora", 0)
+    perturb(pm, "plain", 1)
     layer = _layer(pm)
     x = torch.randn(2, 3, 32)
     with torch.no_grad():
@@ -92,7 +85,7 @@ def test_a_dora_and_a_plain_adapter_stack_and_mixed_batches_are_refused():
 
 def test_peft_reads_peftlab_dora_and_the_reverse(tmp_path):
     ours = get_peft_model(tiny_bert(), LoraConfig(r=4, use_dora=True, modules_to_save=("classifier",)))
-    _perturb(ours)
+    perturb(ours)
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
     inputs = model_inputs("bert")

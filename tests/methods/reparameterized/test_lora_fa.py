@@ -13,18 +13,11 @@ from peftlab import LoraConfig, PeftlabError, PeftModel, get_peft_model
 from peftlab.methods.reparameterized.lora import LoraLayer
 from peftlab.methods.reparameterized.lora_fa import FrozenDown, LoraFAConfig
 
-from ...conftest import labelled_batches, main_output, model_inputs, tiny_bert, tiny_gpt2, tiny_llama
+from ...conftest import labelled_batches, main_output, model_inputs, perturb, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _layer(pm, suffix="layer.0.attention.self.query"):
     return next(m for n, m in pm.base_model.named_modules() if isinstance(m, LoraLayer) and n.endswith(suffix))
-
-
-def _perturb_b(pm, name="default", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _a_tensors(pm, name="default"):
@@ -91,7 +84,7 @@ def test_optimizer_steps_move_b_and_never_a():
 
 def test_layer_output_and_gradients_by_hand():
     pm = get_peft_model(tiny_bert(), LoraFAConfig(r=4, alpha=8))
-    _perturb_b(pm)
+    perturb(pm)
     layer = _layer(pm)
     w0, bias = layer.base_layer.weight, layer.base_layer.bias
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -146,7 +139,7 @@ def test_a_model_saves_less_than_lora_with_sibling_layers_sharing_x():
 @pytest.mark.parametrize("make,kind", [(tiny_bert, "bert"), (tiny_gpt2, "gpt2"), (tiny_llama, "llama")])
 def test_merge_is_exact_and_unmerge_restores_the_weights(make, kind):
     pm = get_peft_model(make(), LoraFAConfig(r=4, targets=("@query", "@value", "@ffn_out")))
-    _perturb_b(pm)
+    perturb(pm)
     inputs = model_inputs(kind)
     weights = {n: p.detach().clone() for n, p in pm.base_model.named_parameters() if not p.requires_grad}
     with torch.no_grad():
@@ -163,8 +156,8 @@ def test_merge_is_exact_and_unmerge_restores_the_weights(make, kind):
 def test_stacks_with_a_plain_lora_adapter_on_the_same_layers():
     pm = get_peft_model(tiny_bert(), LoraFAConfig(r=4), "fa")
     pm.add_adapter("plain", LoraConfig(r=4))
-    _perturb_b(pm, "fa", 0)
-    _perturb_b(pm, "plain", 1)
+    perturb(pm, "fa", 0)
+    perturb(pm, "plain", 1)
     layer = _layer(pm)
     x = torch.randn(2, 3, 32)
     with torch.no_grad():
@@ -182,7 +175,7 @@ def test_stacks_with_a_plain_lora_adapter_on_the_same_layers():
 
 def test_save_load_round_trip_restores_a_and_b(tmp_path):
     ours = get_peft_model(tiny_bert(), LoraFAConfig(r=4, modules_to_save=("classifier",)))
-    _perturb_b(ours)
+    perturb(ours)
     ours.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["peft_type"] == "LORA" and written["peftlab"] == {"method": "lora_fa"}
@@ -205,7 +198,7 @@ def test_save_load_round_trip_restores_a_and_b(tmp_path):
 def test_peft_reads_lora_fa_as_lora_and_its_lora_fa_optimizer_adapter_loads_here(tmp_path):
     peft = pytest.importorskip("peft")
     ours = get_peft_model(tiny_bert(), LoraFAConfig(r=4, modules_to_save=("classifier",)))
-    _perturb_b(ours)
+    perturb(ours)
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
     inputs = model_inputs("bert")

@@ -13,15 +13,12 @@ from torch import nn
 from peftlab import LoraConfig, get_peft_model
 from peftlab.methods.reparameterized.lora import LoraLayer
 
-from ...conftest import TINY_MODELS, main_output, model_inputs
+from ...conftest import TINY_MODELS, main_output, model_inputs, perturb
 
 
 def _perturbed(kind, config):
     pm = get_peft_model(TINY_MODELS[kind](), config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pm.adapter_parameters("default"):
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    perturb(pm)
     return pm
 
 

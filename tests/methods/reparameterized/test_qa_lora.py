@@ -16,16 +16,9 @@ from peftlab.methods.reparameterized.lora import LoraLayer
 from peftlab.methods.reparameterized.qa_lora import (GroupIntLinear, QALoraConfig, pack_codes, quantize_base,
                                                       unpack_codes)
 
-from ...conftest import labelled_batches, main_output, model_inputs, tiny_bert, tiny_gpt2
+from ...conftest import labelled_batches, main_output, model_inputs, perturb, tiny_bert, tiny_gpt2
 
 TOLERANCE = get_method("qa_lora").merge_tolerance
-
-
-def _perturb(pm, name="default", seed=0, size=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * size)
 
 
 def _quantized(model):
@@ -122,7 +115,7 @@ def test_the_weight_attribute_is_a_read_only_dequantized_copy():
 
 def test_the_update_is_b_a_times_the_group_means_of_the_input():
     pm = get_peft_model(tiny_bert(), QALoraConfig(r=4, alpha=8, group_size=8))
-    _perturb(pm)
+    perturb(pm)
     layer = _layer(pm)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     assert a.shape == (4, 32 // 8) and b.shape == (32, 4)
@@ -138,8 +131,8 @@ def test_the_update_is_b_a_times_the_group_means_of_the_input():
 def test_only_group_means_matter_which_plain_lora_on_the_same_int4_base_fails():
     pm = get_peft_model(tiny_bert(), QALoraConfig(r=4, group_size=8))
     pm.add_adapter("plain", LoraConfig(r=4, targets=("@query",)))  # the neighbour, on the same INT4 layer
-    _perturb(pm, "default", 0)
-    _perturb(pm, "plain", 1)
+    perturb(pm, "default", 0)
+    perturb(pm, "plain", 1)
     layer = _layer(pm)
     assert isinstance(layer.base_layer, GroupIntLinear)
     x = torch.randn(2, 6, 32)
@@ -205,7 +198,7 @@ def _hidden(model):
 def test_an_update_that_is_not_group_constant_is_refused_and_changes_nothing():
     pm = get_peft_model(tiny_bert(), QALoraConfig(r=4))
     pm.add_adapter("plain", LoraConfig(r=4, targets=("@query",)))
-    _perturb(pm, "plain")
+    perturb(pm, "plain")
     layer = _layer(pm).base_layer
     offsets = layer.offsets.clone()
     with pytest.raises(PeftlabError, match="only merges group-constant updates"):

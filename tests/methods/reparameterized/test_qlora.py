@@ -14,16 +14,9 @@ from peftlab.core import quant
 from peftlab.methods.reparameterized.lora import LoraLayer
 from peftlab.methods.reparameterized.qlora import QLoraConfig
 
-from ...conftest import MINILM, main_output, model_inputs, require_shared, tiny_bert, tiny_gpt2
+from ...conftest import MINILM, main_output, model_inputs, perturb, require_shared, tiny_bert, tiny_gpt2
 
 bnb = pytest.importorskip("bitsandbytes")
-
-
-def _perturb(pm, name="default", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _layers(pm):
@@ -51,7 +44,7 @@ def test_every_linear_layer_but_the_head_is_4bit_nf4_with_double_quantization():
 
 def test_output_is_the_dequantized_base_plus_the_low_rank_update():
     pm = get_peft_model(tiny_bert(), QLoraConfig(r=4, alpha=8))
-    _perturb(pm)
+    perturb(pm)
     layer = _layers(pm)["bert.encoder.layer.0.attention.self.query"]
     w = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -112,7 +105,7 @@ def test_peftlab_quantization_equals_transformers_4bit_loading_and_adapters_move
     q_theirs = theirs.bert.encoder.layer[3].intermediate.dense.weight
     assert torch.equal(q_ours.data, q_theirs.data)  # the very same packed codes
 
-    _perturb(ours)
+    perturb(ours)
     inputs = {"input_ids": torch.tensor([[101, 2023, 3185, 2001, 2307, 102]]), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
     with torch.no_grad():
         expected = ours(**inputs).logits
@@ -150,7 +143,7 @@ def test_peftlab_quantization_equals_transformers_4bit_loading_and_adapters_move
 
 def test_merge_is_exact_in_full_precision_and_unmerge_puts_the_4bit_layer_back():
     pm = get_peft_model(tiny_bert(), QLoraConfig())
-    _perturb(pm)
+    perturb(pm)
     expected = _run(pm)
     layer = _layers(pm)["bert.encoder.layer.1.output.dense"]
     four_bit = layer.base_layer
@@ -217,7 +210,7 @@ def test_lora_on_a_transformers_4bit_model_is_plain_lora_over_4bit_layers():
     model = tiny_bert()
     quant.quantize_model(model, skip=("classifier",))
     pm = get_peft_model(model, LoraConfig(targets="all-linear"))
-    _perturb(pm)
+    perturb(pm)
     expected = _run(pm)
     pm.merge_adapter()
     torch.testing.assert_close(_run(pm), expected, atol=1e-5, rtol=1e-5)
@@ -228,7 +221,7 @@ def test_dora_over_4bit_weights_reads_the_dequantized_base_and_merges_exactly():
     layer = _layers(pm)["bert.encoder.layer.0.attention.self.query"]
     w = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
     torch.testing.assert_close(layer.lora_magnitude_vector["default"], w.norm(dim=1))  # ||dequant(W0)||, not ||W0||
-    _perturb(pm)
+    perturb(pm)
     expected = _run(pm)
     pm.merge_adapter()
     torch.testing.assert_close(_run(pm), expected, atol=1e-5, rtol=1e-5)

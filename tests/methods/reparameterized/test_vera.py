@@ -9,20 +9,13 @@ from safetensors.torch import load_file
 from peftlab import PeftModel, get_peft_model
 from peftlab.methods.reparameterized.vera import VeraConfig, VeraLayer
 
-from ...conftest import model_inputs, tiny_bert
+from ...conftest import model_inputs, perturb, tiny_bert
 
 peft = pytest.importorskip("peft")
 
 
 def _layers(pm):
     return [m for m in pm.base_model.modules() if isinstance(m, VeraLayer)]
-
-
-def _perturb(params, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def test_one_frozen_shared_pair_and_two_trained_vectors_per_layer_by_hand():
@@ -35,7 +28,7 @@ def test_one_frozen_shared_pair_and_two_trained_vectors_per_layer_by_hand():
     trainable = [p for p in pm.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == sum(l.out_features + 16 for l in layers)
     assert not any(t.requires_grad for t in (shared.vera_A["default"], shared.vera_B["default"]))
-    _perturb(trainable)
+    perturb(trainable)
     layer = layers[0]  # query: 32 -> 32, slices A[:, :32], B[:32]
     x = torch.randn(2, 5, 32)
     a, b = shared.vera_A["default"][:, :32], shared.vera_B["default"][:32]
@@ -56,7 +49,7 @@ def test_peft_reads_peftlab_vera_and_the_reverse(save_projection, tmp_path):
     # The head is saved with the adapter: peft expects it in a SEQ_CLS checkpoint.
     ours = get_peft_model(tiny_bert(), VeraConfig(r=8, targets=("query", "value"), save_projection=save_projection,
                                                   modules_to_save=("classifier",)))
-    _perturb(ours.adapter_parameters("default"))
+    perturb(ours.adapter_parameters("default"))
     ours.save_pretrained(tmp_path / "ours")
     saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert ("base_model.vera_A" in saved) == save_projection  # else regenerated from projection_prng_key
@@ -68,7 +61,7 @@ def test_peft_reads_peftlab_vera_and_the_reverse(save_projection, tmp_path):
     trained = peft.get_peft_model(tiny_bert(), peft.VeraConfig(r=8, target_modules=["query", "value"],
                                                                save_projection=save_projection, projection_prng_key=7,
                                                                modules_to_save=["classifier"]))
-    _perturb([p for p in trained.parameters() if p.requires_grad], seed=2)
+    perturb([p for p in trained.parameters() if p.requires_grad], seed=2)
     trained.save_pretrained(tmp_path / "theirs")
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "theirs")
     trained.eval()
