@@ -8,6 +8,7 @@ method's parameter group at its own learning rate.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import pytest
@@ -242,6 +243,8 @@ def test_around_forward_wraps_the_call_and_takes_its_keyword(scaler):
             with pytest.raises(PeftlabError, match=r"scale= but no active, unmerged, enabled adapter reads it"):
                 pm(**batch, scale=3.0)
     torch.testing.assert_close(scaled, 3.0 * plain)
+    # The forward's signature names the keyword, so the HF Trainer's column filter keeps it.
+    assert "scale" in inspect.signature(pm.forward).parameters
     torch.testing.assert_close(plain, base)  # the gain starts at 1
     # The base model never saw ``scale``; the hook ran once per call with the adapter active.
     assert LOG == [("around", "default", ["attention_mask", "input_ids"], None),

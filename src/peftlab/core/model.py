@@ -176,11 +176,20 @@ class PeftModel(nn.Module):
         return [m for m in self.model_adapters.values() if m.live_adapters() and hasattr(m, "transform_inputs")]
 
     def _forward_signature(self) -> inspect.Signature:
+        """The base model's forward signature plus the keywords the adapters' methods read
+        (``spec.forward_kwargs``), so the HF Trainer keeps a ``task_ids`` column."""
+        declared = tuple(sorted({k for c in self.peft_configs.values() for k in spec_for_config(c).forward_kwargs}))
         cached = self.__dict__.get("_signature")
-        if cached is None or cached[0] is not self.base_model:
-            cached = (self.base_model, inspect.signature(self.base_model.forward))
+        if cached is None or cached[0] is not self.base_model or cached[1] != declared:
+            signature = inspect.signature(self.base_model.forward)
+            params = list(signature.parameters.values())
+            known = {p.name for p in params}
+            var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+            added = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in declared if k not in known]
+            signature = signature.replace(parameters=[p for p in params if p not in var_kw] + added + var_kw)
+            cached = (self.base_model, declared, signature)
             self.__dict__["_signature"] = cached
-        return cached[1]
+        return cached[2]
 
     @_carries_base_signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
