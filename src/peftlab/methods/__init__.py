@@ -28,3 +28,7 @@ from .reparameterized import delta_lora  # noqa: F401
 from .reparameterized import intrinsic_said  # noqa: F401
 from .reparameterized import loraprune  # noqa: F401
 from .reparameterized import increlora  # noqa: F401
+from .reparameterized import kernel_mix  # noqa: F401
+from .reparameterized import l_lora  # noqa: F401
+from .reparameterized import moelora  # noqa: F401
+from .additive import hadamard_adapter  # noqa: F401
