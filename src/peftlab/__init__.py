@@ -36,16 +36,19 @@ from .methods.reparameterized.kernel_mix import KernelMixConfig
 from .methods.reparameterized.moelora import MoELoraConfig
 from .methods.reparameterized.l_lora import LLoraConfig
 from .methods.additive.hadamard_adapter import HadamardAdapterConfig
+from .methods.reparameterized.laplace_lora import LaplaceLoraConfig
+from .methods.additive.p_tuning import PTuningConfig
+from .methods.additive.p_tuning_v2 import PTuningV2Config
 from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
     "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
-    "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "DeltaLoraConfig", "DyLoraConfig", "HadamardAdapterConfig", "IA3Config", "IncreLoraConfig", "IntrinsicSaidConfig", "KernelMixConfig", "KronAConfig",
+    "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "DeltaLoraConfig", "DyLoraConfig", "HadamardAdapterConfig", "IA3Config", "IncreLoraConfig", "IntrinsicSaidConfig", "KernelMixConfig", "KronAConfig", "LaplaceLoraConfig",
     "LLoraConfig", "LoftQConfig", "LoraConfig", "LoraFAConfig", "LoraPruneConfig", "MAMAdapterConfig", "MethodSpec", "MoELoraConfig", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "QALoraConfig", "QLoraConfig", "ResidualAdapterConfig",
+    "PTuningConfig", "PTuningV2Config", "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "QALoraConfig", "QLoraConfig", "ResidualAdapterConfig",
     "SequentialAdapterConfig", "TaskType", "TrainingHookError", "TrainingHooks", "VeraConfig", "config_from_dict", "dequantize_model", "get_method",
     "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "load_config",
     "quantize_model", "register", "set_peft_model_state_dict",

@@ -31,7 +31,8 @@ else the base model's ``name_or_path``).
 How the inputs change (:meth:`SoftPrompt.transform_inputs`): ``attention_mask`` gets ``p`` ones in
 front, ``token_type_ids`` ``p`` zeros, ``position_ids`` ``0..p-1`` followed by the given ids shifted
 by ``p``, and labels with one entry per input token (causal LM, token classification) ``p`` times
--100. For an encoder-decoder model the prompt goes in front of the encoder input only.
+-100. For an encoder-decoder model the prompt goes in front of the encoder input only. An input the
+prompt pushes past the model's ``max_position_embeddings`` is refused before the model runs.
 
 Like HF peft, the output keeps the ``p`` prompt positions: a causal LM returns ``p + n`` logits per
 sequence (peft returns the same; parity checked to 1e-5 on a pretrained Llama). ``generate`` returns
@@ -152,13 +153,19 @@ class PromptTuningConfig(PeftConfig):
 
 class SoftPrompt(DeltaModule):
     """Model-level module holding one prompt ``P`` (p x d) per adapter; it sits in
-    ``PeftModel.model_adapters`` and rewrites the inputs of every forward/generate call."""
+    ``PeftModel.model_adapters`` and rewrites the inputs of every forward/generate call.
 
-    adapter_attrs = ("prompt_embeddings",)
+    An adapter's rows are a parameter (``prompt_embeddings``) or the output of a module called
+    without arguments (``prompt_encoder``: a reparameterisation such as P-tuning's encoder). Either
+    way the checkpoint holds the rows, ``prompt_embeddings`` (p x d); loading one into a module
+    adapter replaces the module by the loaded rows."""
+
+    adapter_attrs = ("prompt_embeddings", "prompt_encoder")
 
     def __init__(self, encoder_decoder: bool) -> None:
         super().__init__()
         self.prompt_embeddings = nn.ParameterDict()
+        self.prompt_encoder = nn.ModuleDict()
         self.encoder_decoder = encoder_decoder
 
     def add(self, name: str, config: PromptTuningConfig, model: nn.Module) -> None:
@@ -179,12 +186,33 @@ class SoftPrompt(DeltaModule):
             prompt = torch.cat([torch.stack(labels), rows]) if labels else rows
         self.prompt_embeddings[name] = nn.Parameter(prompt.detach().clone())
 
+    def rows(self, name: str) -> torch.Tensor:
+        """Adapter ``name``'s prompt (p x d): its parameter, or its encoder's output."""
+        if name in self.prompt_encoder:
+            return self.prompt_encoder[name]()
+        return self.prompt_embeddings[name]
+
     def prompt(self) -> torch.Tensor:
         """The live prompt (p x d); several live adapters are concatenated in order."""
         live = self.live_adapters()
         if len(live) == 1:
-            return self.prompt_embeddings[live[0]]
-        return torch.cat([self.prompt_embeddings[n] for n in live], dim=0)
+            return self.rows(live[0])
+        return torch.cat([self.rows(n) for n in live], dim=0)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.prompt_encoder:
+            return super().adapter_state(name)
+        with torch.no_grad():  # the checkpoint form: the encoder's output
+            return {"prompt_embeddings": self.rows(name).detach()}
+
+    def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        if name not in self.prompt_encoder:
+            super().load_adapter_state(name, tensors)
+            return
+        like = next(self.prompt_encoder[name].parameters())
+        value = tensors["prompt_embeddings"].to(dtype=like.dtype, device=like.device).clone()
+        del self.prompt_encoder[name]
+        self.prompt_embeddings[name] = nn.Parameter(value, requires_grad=like.requires_grad)
 
     # -- the input rewrite -------------------------------------------------------------------
     def transform_inputs(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -227,6 +255,7 @@ class SoftPrompt(DeltaModule):
                 raise PeftlabError("prompt tuning needs input_ids or inputs_embeds to put the prompt in front of")
             embeds = model.get_input_embeddings()(ids)
         batch, n, p = embeds.shape[0], embeds.shape[1], prompt.shape[0]
+        _check_positions(model, p, n, kwargs.get("position_ids"))
         kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
         mask = kwargs.get("attention_mask")
         if mask is not None:
@@ -264,6 +293,21 @@ def bind_arguments(model: nn.Module, method: str, args: tuple, kwargs: dict[str,
 def _positional_names(cls: type, method: str) -> list[str]:
     params = list(inspect.signature(getattr(cls, method)).parameters.values())[1:]  # drop self
     return [prm.name for prm in params if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD)]
+
+
+def _check_positions(model: nn.Module, p: int, n: int, positions: torch.Tensor | None) -> None:
+    """Refuse, before the model runs, an input that the prompt pushes past the model's position limit
+    (``max_position_embeddings`` / ``n_positions``; models without one, T5, are not limited)."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or (positions is not None and torch.compiler.is_compiling()):
+        return  # reading given positions under torch.compile would break the traced graph
+    last = p + (int(positions.max()) + 1 if positions is not None and positions.numel() else n)
+    if last > limit:
+        raise PeftlabError(f"the soft prompt's {p} positions plus this input ({n} tokens) need {last} positions; "
+                           f"{type(model).__name__} has {limit} (max_position_embeddings). Truncate inputs to at "
+                           f"most {max(limit - p, 0)} tokens, or use fewer virtual tokens.")
 
 
 def _pad_front(x: torch.Tensor, p: int, value: int) -> torch.Tensor:
