@@ -18,12 +18,17 @@ def require_shared(path: Path) -> Path:
     return path
 
 
+# tiny BERT's [CLS] and [SEP] (pad is 0): named in its config, and framing its ``model_inputs``.
+BERT_CLS, BERT_SEP = 1, 2
+
+
 def tiny_bert(num_labels: int = 2):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
+                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                     cls_token_id=BERT_CLS, sep_token_id=BERT_SEP)
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -60,6 +65,9 @@ def model_inputs(kind: str, batch: int = 2, length: int = 8) -> dict[str, torch.
     ids = torch.randint(3, 100, (batch, length), generator=g)
     mask = torch.ones_like(ids)
     mask[0, -2:] = 0  # some padding, so masks are exercised
+    if kind == "bert":  # [CLS] text [SEP], as a BERT tokenizer frames it (methods may act on them)
+        ids[:, 0] = BERT_CLS
+        ids[torch.arange(batch), mask.sum(dim=1) - 1] = BERT_SEP
     return {"input_ids": ids, "attention_mask": mask}
 
 

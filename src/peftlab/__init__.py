@@ -39,13 +39,14 @@ from .methods.additive.hadamard_adapter import HadamardAdapterConfig
 from .methods.reparameterized.laplace_lora import LaplaceLoraConfig
 from .methods.additive.p_tuning import PTuningConfig
 from .methods.additive.p_tuning_v2 import PTuningV2Config
+from .methods.additive.pasta import PastaConfig
 from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
     "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "DeltaLoraConfig", "DyLoraConfig", "HadamardAdapterConfig", "IA3Config", "IncreLoraConfig", "IntrinsicSaidConfig", "KernelMixConfig", "KronAConfig", "LaplaceLoraConfig",
-    "LLoraConfig", "LoftQConfig", "LoraConfig", "LoraFAConfig", "LoraPruneConfig", "MAMAdapterConfig", "MethodSpec", "MoELoraConfig", "ParallelAdapterConfig", "ParameterReport", "PeftConfig",
+    "LLoraConfig", "LoftQConfig", "LoraConfig", "LoraFAConfig", "LoraPruneConfig", "MAMAdapterConfig", "MethodSpec", "MoELoraConfig", "ParallelAdapterConfig", "PastaConfig", "ParameterReport", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PTuningConfig", "PTuningV2Config", "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "QALoraConfig", "QLoraConfig", "ResidualAdapterConfig",

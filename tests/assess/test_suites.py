@@ -181,3 +181,24 @@ def test_a_method_whose_optional_dependency_is_missing_is_skipped_with_a_note_or
     assert any(needing[0].name in n and f"peftlab[{needing[0].requires[1]}]" in n for n in notes)
     with pytest.raises(PeftlabError, match=r"pip install 'peftlab\["):
         suite.replace(methods=(needing[0].name,), explicit_methods=True).method_plan()
+
+
+def test_an_encoder_only_method_is_left_out_of_decoder_and_seq2seq_runs_by_its_declaration():
+    from peftlab.assess.jobs import jobs_for
+    from peftlab.core.registry import all_methods
+
+    encoder_only = [s.name for s in all_methods() if s.encoder_only and s.example is None]
+    if not encoder_only:
+        pytest.skip("no registered method declares encoder_only")
+    name = encoder_only[0]
+    assert name in get_suite("taxonomy").method_plan()[0]  # GLUE runs an encoder: it takes part
+    for suite in ("mt", "nlg"):
+        methods, notes = get_suite(suite).replace(methods=("all",)).method_plan()
+        assert name not in methods and any(name in n and "encoder models only" in n for n in notes)
+        with pytest.raises(PeftlabError, match=rf"{name!r} applies to encoder models only.*drop it"):
+            get_suite(suite).replace(methods=(name,), explicit_methods=True).method_plan()
+    efficiency = get_suite("efficiency").replace(methods=(name, "lora"))
+    jobs = jobs_for(efficiency, progress=False)
+    by_size = {t.name: jobs.methods_for(t, [name, "lora", FULL]) for t in efficiency.tasks}
+    assert by_size["roberta-base"] == [name, "lora", FULL]
+    assert by_size["t5-base"] == by_size["llama-7b"] == ["lora", FULL]

@@ -2,7 +2,8 @@
 
 Each method is used with its config's defaults (targets default to architecture attach points),
 on tiny BERT and GPT-2 models (strict) and a tiny Llama and T5 (skipped, with the method's own
-error shown, when the method cannot apply to a model without biases).
+error shown, when the method cannot apply to a model without biases). A method that declares
+``encoder_only`` is skipped the same way on every model but BERT.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def _build(spec, kind, adapter="default", begin=True):
     except PeftlabError as err:
         if kind in ("llama", "t5"):
             pytest.skip(f"{spec.name} does not apply to {kind}: {err}")  # models without biases
+        if spec.encoder_only and kind != "bert":
+            pytest.skip(f"{spec.name} applies to encoder models only, not {kind}: {err}")
         raise
     if begin and spec.hooks.before_training is not None:
         begin_training(pm, kind)

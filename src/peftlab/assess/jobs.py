@@ -381,10 +381,21 @@ class EfficiencyJobs(Jobs):
             self._plan[task.name] = (peft_ok, full_ok)
             if note:
                 self.notes.append(note)
+            for method in self._encoder_only(size, methods):
+                self.notes.append(f"{task.name}: method {method!r} applies to encoder models only, so it is "
+                                  f"skipped on this {size.kind} model")
 
     def methods_for(self, task: TaskSpec, methods: list[str]) -> list[str]:
         peft_ok, full_ok = self._plan.get(task.name, (True, True))
-        return [m for m in methods if (full_ok if m == FULL else peft_ok)]
+        skip = self._encoder_only(get_size(task.name), methods)
+        return [m for m in methods if (full_ok if m == FULL else peft_ok and m not in skip)]
+
+    @staticmethod
+    def _encoder_only(size: Any, methods: list[str]) -> list[str]:
+        """The methods that declare ``encoder_only``, where ``size`` is not an encoder."""
+        if size.kind == "encoder":
+            return []
+        return [m for m in methods if m != FULL and get_method(m).encoder_only]
 
     def settings(self, task: TaskSpec, method: str, seed: int) -> dict[str, Any]:
         out = super().settings(task, method, seed)

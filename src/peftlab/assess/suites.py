@@ -111,7 +111,8 @@ class Suite:
         """(methods to run, notes about requested methods that are not registered)."""
         registered = [s.name for s in all_methods()]
         wanted = list(self.methods)
-        if any(m.lower() == "all" for m in wanted):
+        every = any(m.lower() == "all" for m in wanted)
+        if every:
             wanted = registered
         chosen: list[str] = []
         notes: list[str] = []
@@ -131,6 +132,13 @@ class Suite:
                 if self.explicit_methods:
                     raise PeftlabError(missing)
                 notes.append(f"method {spec.name!r} skipped: {missing}")
+                continue
+            if spec.encoder_only and self.kind in ("translation", "generation"):
+                why = (f"method {spec.name!r} applies to encoder models only; the {self.name} suite's {self.kind} "
+                       "model is a decoder or encoder-decoder")
+                if self.explicit_methods and not every:
+                    raise PeftlabError(f"{why}: drop it from methods")
+                notes.append(f"{why}, so it is skipped here")
                 continue
             if spec.example is not None:  # it combines adapters trained before; one run trains one from scratch
                 notes.append(f"method {spec.name!r} builds on other trained adapters; a study run trains one "

@@ -76,6 +76,9 @@ class MethodSpec:
     # Keyword arguments of ``model(...)`` the method reads (e.g. ``("task_ids",)``): taken out of the
     # call before the base model sees them and handed to ``around_forward`` as ``extra``.
     forward_kwargs: tuple[str, ...] = ()
+    # It applies to bidirectional encoder models only (PASTA reads the special tokens' states): it
+    # refuses decoders and encoder-decoders, and the suites skip or omit it on those.
+    encoder_only: bool = False
 
     def missing_requirement(self) -> str | None:
         """Why this method cannot run here (its optional dependency is not installed), or None."""

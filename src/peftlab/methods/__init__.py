@@ -31,7 +31,8 @@ from .reparameterized import increlora  # noqa: F401
 from .reparameterized import kernel_mix  # noqa: F401
 from .reparameterized import l_lora  # noqa: F401
 from .reparameterized import moelora  # noqa: F401
-from .additive import hadamard_adapter  # noqa: F401
 from .reparameterized import laplace_lora  # noqa: F401
+from .additive import hadamard_adapter  # noqa: F401
 from .additive import p_tuning  # noqa: F401
 from .additive import p_tuning_v2  # noqa: F401
+from .additive import pasta  # noqa: F401
