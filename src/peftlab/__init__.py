@@ -40,17 +40,20 @@ from .methods.reparameterized.laplace_lora import LaplaceLoraConfig
 from .methods.additive.p_tuning import PTuningConfig
 from .methods.additive.p_tuning_v2 import PTuningV2Config
 from .methods.additive.pasta import PastaConfig
+from .methods.additive.adapter_drop import AdapterDropConfig
+from .methods.additive.warp import WarpConfig
+from .methods.additive.tiny_attention import TinyAttentionConfig
 from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
-    "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AdapterDropConfig", "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "DeltaLoraConfig", "DyLoraConfig", "HadamardAdapterConfig", "IA3Config", "IncreLoraConfig", "IntrinsicSaidConfig", "KernelMixConfig", "KronAConfig", "LaplaceLoraConfig",
     "LLoraConfig", "LoftQConfig", "LoraConfig", "LoraFAConfig", "LoraPruneConfig", "MAMAdapterConfig", "MethodSpec", "MoELoraConfig", "ParallelAdapterConfig", "PastaConfig", "ParameterReport", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PTuningConfig", "PTuningV2Config", "PeftlabError", "PrefixTuningConfig", "PromptTuningConfig", "QALoraConfig", "QLoraConfig", "ResidualAdapterConfig",
-    "SequentialAdapterConfig", "TaskType", "TrainingHookError", "TrainingHooks", "VeraConfig", "config_from_dict", "dequantize_model", "get_method",
+    "SequentialAdapterConfig", "TaskType", "TinyAttentionConfig", "TrainingHookError", "TrainingHooks", "VeraConfig", "WarpConfig", "config_from_dict", "dequantize_model", "get_method",
     "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "list_methods", "load_config",
     "quantize_model", "register", "set_peft_model_state_dict",
 ]

@@ -408,7 +408,8 @@ class EfficiencyJobs(Jobs):
         size = get_size(task.name)
         model = build(size, seed, self._device())
         config = self.suite.method_config(method)
-        if config is not None and size.kind == "encoder" and not config.modules_to_save:
+        if (config is not None and size.kind == "encoder" and not config.modules_to_save
+                and not get_method(method).replaces_head):
             config = config.replace(modules_to_save=HEADS)
         try:
             return self._measure(model, size, task, method, config, seed)

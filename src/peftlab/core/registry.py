@@ -79,6 +79,9 @@ class MethodSpec:
     # It applies to bidirectional encoder models only (PASTA reads the special tokens' states): it
     # refuses decoders and encoder-decoders, and the suites skip or omit it on those.
     encoder_only: bool = False
+    # It scores the classes itself (WARP's verbalizer), so the model's classification head is never
+    # read: training jobs do not add the head to ``modules_to_save`` for it.
+    replaces_head: bool = False
 
     def missing_requirement(self) -> str | None:
         """Why this method cannot run here (its optional dependency is not installed), or None."""

@@ -36,3 +36,6 @@ from .additive import hadamard_adapter  # noqa: F401
 from .additive import p_tuning  # noqa: F401
 from .additive import p_tuning_v2  # noqa: F401
 from .additive import pasta  # noqa: F401
+from .additive import adapter_drop  # noqa: F401
+from .additive import warp  # noqa: F401
+from .additive import tiny_attention  # noqa: F401

@@ -15,6 +15,7 @@ import torch
 
 from ..core.config import PeftConfig
 from ..core.errors import PeftlabError
+from ..core.registry import spec_for_config
 from ..core.model import get_peft_model
 from ..tasks.errors import TaskDataError, describe_folder
 from ..tasks.glue import Example, GlueTask, get_glue_task, glue_metrics, load_glue
@@ -126,7 +127,7 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     torch.manual_seed(args.seed)
     model, tokenizer = load_classifier(run.model, task.num_labels)
     if config is not None:
-        if not config.modules_to_save:
+        if not config.modules_to_save and not spec_for_config(config).replaces_head:
             config = config.replace(modules_to_save=HEADS)
         model = get_peft_model(model, config)
     else:

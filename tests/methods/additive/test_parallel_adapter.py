@@ -196,3 +196,51 @@ def test_minilm_report():
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_option_saves_loads_disables_and_deletes(kind, tmp_path):
     check_lifecycle(kind, ParallelAdapterConfig(bottleneck=4, placement="attention"), tmp_path)
+
+
+def _sublayer_trace(kind: str, placement: str) -> list[dict[str, torch.Tensor]]:
+    """Per block of a whole-model forward: the block's input, the attention's input and output (first
+    element), the hidden state after the attention's residual add, and the adapter's input and scaled output."""
+    from peftlab.methods.additive.sequential_adapter import Bottleneck
+
+    model = BUILDERS[kind]()
+    blocks = model.transformer.h if kind == "gpt2" else model.model.layers
+    attentions = [b.attn if kind == "gpt2" else b.self_attn for b in blocks]  # the modules themselves
+    pm = get_peft_model(model, ParallelAdapterConfig(bottleneck=8, placement=placement, scaling=3.0))
+    perturb(pm)
+    trace = [{} for _ in blocks]
+    first = lambda args, kwargs: kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # noqa: E731
+    handles = []
+    for i, block in enumerate(blocks):
+        norm = block.ln_2 if kind == "gpt2" else block.post_attention_layernorm
+        handles += [
+            block.register_forward_pre_hook(lambda m, a, k, i=i: trace[i].__setitem__("block_in", first(a, k)),
+                                            with_kwargs=True),
+            attentions[i].register_forward_pre_hook(lambda m, a, k, i=i: trace[i].__setitem__("attn_in", first(a, k)),
+                                                    with_kwargs=True),
+            attentions[i].register_forward_hook(lambda m, a, o, i=i: trace[i].__setitem__("attn_out", o[0])),
+            norm.register_forward_pre_hook(lambda m, a, i=i: trace[i].__setitem__("after_attn", a[0])),
+        ]
+        adapters = [m for m in block.modules() if isinstance(m, Bottleneck)]
+        assert len(adapters) == 1
+        handles.append(adapters[0].register_forward_hook(
+            lambda m, a, o, i=i: trace[i].update(adapter_in=a[0], adapter_out=o)))
+    run(pm, kind)
+    for h in handles:
+        h.remove()
+    return trace
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_attention_placement_reads_the_attention_input_and_adds_to_its_output(kind):
+    """In a whole-model forward, placement='attention': the adapter's input is the attention sublayer's
+    input (after the pre-LN norm) and its scaled output joins the attention output before the residual add.
+    The FFN placement (the default) fails both checks: it reads the FFN input and adds after this point."""
+    def holds(t):
+        return (t["adapter_in"].shape == t["attn_in"].shape and torch.allclose(t["adapter_in"], t["attn_in"])
+                and torch.allclose(t["after_attn"], t["block_in"] + t["attn_out"] + t["adapter_out"], atol=1e-5))
+
+    attention, ffn = _sublayer_trace(kind, "attention"), _sublayer_trace(kind, "ffn")
+    assert all(holds(t) for t in attention)
+    assert all(t["adapter_out"].abs().max() > 1e-3 for t in attention)  # the adapter contributes
+    assert not any(holds(t) for t in ffn)

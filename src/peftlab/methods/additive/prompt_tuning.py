@@ -226,7 +226,7 @@ class SoftPrompt(DeltaModule):
             if kwargs.get("attention_mask") is not None:
                 kwargs["attention_mask"] = _pad_front(kwargs["attention_mask"], prompt.shape[0], 1)
             return (), kwargs
-        return (), self._prepend(model, prompt, kwargs, labels=not self.encoder_decoder)
+        return (), self.prepend(model, prompt, kwargs, labels=not self.encoder_decoder)
 
     def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], call: Any) -> Any:
         """``call`` (the next input-level adapter's generate, or the model's) with the prompt in front."""
@@ -237,7 +237,7 @@ class SoftPrompt(DeltaModule):
         if ids is not None and ids.is_floating_point():
             raise PeftlabError("generate(inputs=...) got a float tensor; pass input_ids=... or inputs_embeds=...")
         kwargs["input_ids"] = ids
-        kwargs = self._prepend(model, self.prompt(), kwargs, labels=False)
+        kwargs = self.prepend(model, self.prompt(), kwargs, labels=False)
         out = call(**kwargs)
         if self.encoder_decoder or ids is None:
             return out  # decoder tokens only / only new tokens, as the base model returns them
@@ -247,7 +247,10 @@ class SoftPrompt(DeltaModule):
         out.sequences = torch.cat([ids, out.sequences.to(ids.device)], dim=1)
         return out
 
-    def _prepend(self, model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any], labels: bool) -> dict[str, Any]:
+    @staticmethod
+    def prepend(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any], labels: bool) -> dict[str, Any]:
+        """``kwargs`` (by name) with ``prompt`` (p x d) in front of the input embeddings and the mask, token
+        types, positions and (``labels=True``) per-token labels extended to match; also used by WARP."""
         ids = kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
