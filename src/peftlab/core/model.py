@@ -205,15 +205,15 @@ class PeftModel(nn.Module):
             out = self._with_loss_terms(out)
         return out
 
+    def _live_specs(self) -> list[tuple[str, Any]]:
+        """(adapter, spec) of the live adapters (active, not merged, not disabled), in active order."""
+        modules = [m for _, m in self._delta_modules()]
+        return [(name, spec_for_config(self.peft_configs[name])) for name in self._active
+                if any(name in m.live_adapters() for m in modules)]
+
     def _around_forward(self) -> list[tuple[str, Any]]:
-        """(adapter, spec) of the live adapters (active, not merged, not disabled) whose methods run
-        the forward themselves, in active order."""
-        found = []
-        for name in self._active:
-            spec = spec_for_config(self.peft_configs[name])
-            if spec.around_forward is not None and any(name in m.live_adapters() for _, m in self._delta_modules()):
-                found.append((name, spec))
-        return found
+        """(adapter, spec) of the live adapters whose methods run the forward themselves."""
+        return [(name, spec) for name, spec in self._live_specs() if spec.around_forward is not None]
 
     def _method_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Take the keyword arguments that methods read (``spec.forward_kwargs``) out of ``kwargs``."""
@@ -267,7 +267,10 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate`` with every live input-level adapter (soft prompts, prefixes):
-        each rewrites the call and hands it to the next, the last to the base model."""
+        each rewrites the call and hands it to the next, the last to the base model. With a live adapter
+        whose method keeps no KV cache (``spec.needs_full_sequence``) it decodes without the cache."""
+        if any(spec.needs_full_sequence for _, spec in self._live_specs()):
+            kwargs.setdefault("use_cache", False)
         modules = self._input_adapters()
 
         def through(i: int) -> Any:

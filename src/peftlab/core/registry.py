@@ -82,6 +82,9 @@ class MethodSpec:
     # It scores the classes itself (WARP's verbalizer), so the model's classification head is never
     # read: training jobs do not add the head to ``modules_to_save`` for it.
     replaces_head: bool = False
+    # It attends over the whole sequence and keeps no KV cache (Tiny-Attention): ``PeftModel.generate``
+    # decodes without the cache (``use_cache=False``) while it is live.
+    needs_full_sequence: bool = False
 
     def missing_requirement(self) -> str | None:
         """Why this method cannot run here (its optional dependency is not installed), or None."""

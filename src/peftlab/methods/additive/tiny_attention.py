@@ -61,7 +61,8 @@ Deviations, and why:
   output (structure ``m0``); the paper presents the parallel structure (its Figure 3), used here.
 - The reference averages heads to evaluate a checkpoint while training continues with four; here
   averaging is a deliberate, in-place step (:func:`average_heads`) that one undoes by reloading.
-- Incremental decoding with a KV cache is refused (an error, naming ``use_cache=False``): the adapter
+- Incremental decoding with a KV cache is refused (an error, naming ``use_cache=False``; the spec
+  declares ``needs_full_sequence``, so ``PeftModel.generate`` decodes without the cache): the adapter
   keeps no cache of its own, so with earlier tokens only in the cache it would attend to the new tokens
   alone and silently compute something else. (The reference's GPT-2/BART variants carry their own cache.)
 """
@@ -351,5 +352,5 @@ SPEC = register(MethodSpec(
     trains="tiny multi-head attention (per-head width 1) beside each self-attention sublayer, reading its input",
     attach=attach,
     paper="Zhao, Tan and Mei 2022, Tiny-Attention Adapter: Contexts Are More Important Than the Number of Parameters",
-    mergeable=False, identity_at_init=True, default_lr=1e-3,
+    mergeable=False, identity_at_init=True, default_lr=1e-3, needs_full_sequence=True,
 ))
