@@ -147,6 +147,13 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
             else:
                 _run_in_workers(suite, out, plan, todo, workers, threads, finish, bar)
     except KeyboardInterrupt:
+        # A worker stores its run before the parent receives it: pick up those the stop overtook,
+        # so the tables of an interrupted suite name every run it leaves on disk.
+        for i in todo:
+            if i not in done and (record := store.finished(suite.model, plan[i][0].name, plan[i][1], plan[i][2],
+                                                           fingerprint(jobs.settings(*plan[i])))) is not None:
+                keep(i, record)
+                result.ran += 1
         if result.records:  # the tables of an interrupted suite are complete (see finish)
             _write_tables(result, started, cpu_started, plots=False)
         raise
