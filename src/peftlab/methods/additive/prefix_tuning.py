@@ -43,7 +43,8 @@ and in peft, the real tokens sit at positions p, p+1, ...: ``forward`` and ``gen
 queries are rotated but the prefix keys are not, so a query's score against the prefix depends on
 its absolute position. With the shift, peftlab and peft give the same outputs from the same
 checkpoint (Llama, BERT: checked to 1e-5). Models with learned absolute positions then take at most
-``max_position_embeddings - p`` tokens, as in peft; calling ``base_model`` directly skips the shift.
+``max_position_embeddings - p`` tokens, as in peft (a longer input is refused before the model runs,
+naming the limit); calling ``base_model`` directly skips the shift.
 Encoder-decoder models (T5: relative position bias) keep their positions, and the prefix columns
 get no position bias. As in the paper (BART: encoder, decoder and cross-attention prefixes), they get
 a prefix in every encoder self-attention, decoder self-attention and decoder cross-attention (layers
@@ -76,7 +77,7 @@ from ...core.errors import PeftlabError
 from ...core.layer import DeltaModule, base_of
 from ...core.registry import MethodSpec, register
 from ...core.targets import resolve_targets
-from .prompt_tuning import _cached_length, bind_arguments, given_cache
+from .prompt_tuning import _cached_length, _check_positions, bind_arguments, given_cache
 
 _KEY = "prefix_tuning"          # this method's entry in PeftModel.model_adapters
 _PREFIX = "peftlab_prefix_"     # attention implementation name = _PREFIX + original name
@@ -330,6 +331,7 @@ class PrefixKV(DeltaModule):
             cache = given_cache(kwargs)
             past = _cached_length(cache) if cache is not None else 0
             positions = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
+        _check_positions(model, self.live_length(), tokens.shape[1], positions)  # not an index error inside
         kwargs["position_ids"] = positions + self.live_length()
         return (), kwargs
 
@@ -351,6 +353,7 @@ class PrefixKV(DeltaModule):
             else:
                 positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
             kwargs["position_ids"] = positions
+        _check_positions(model, self.live_length(), kwargs["position_ids"].shape[-1], kwargs["position_ids"])
         # generate extends position_ids by one per new token; the shift carries over.
         kwargs["position_ids"] = kwargs["position_ids"] + self.live_length()
         return call(**kwargs)
