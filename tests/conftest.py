@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
@@ -160,3 +161,21 @@ def no_dropout(model):
 
 def main_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
+
+
+class OpShapes(TorchDispatchMode):
+    """Within the block, records (op, shape) of every tensor an op returns, except those sharing the
+    storage of ``weight`` (views of a frozen base weight): shows whether a method ever forms a tensor
+    as large as the weight it adapts (a dense update) in its forward or backward."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight_storage = weight.untyped_storage().data_ptr()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != self.weight_storage:
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out

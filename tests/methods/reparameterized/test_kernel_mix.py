@@ -8,14 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftlab import CheckpointError, PeftModel, get_peft_model
 from peftlab.core.errors import PeftlabError
 from peftlab.methods.reparameterized.kernel_mix import KernelMixConfig, KernelMixLayer, Part, parameter_count
 from peftlab.methods.reparameterized.lora import LoraConfig, LoraLayer
 
-from ...conftest import MINILM, model_inputs, require_shared, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from ...conftest import MINILM, OpShapes, model_inputs, require_shared, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 
 def _layers(pm):
@@ -140,28 +139,12 @@ def test_shared_rank_zero_keeps_per_head_parts_only():
     assert pm.get_nb_trainable_parameters()[0] == 4 * parameter_count(32, 4, 8, 0, 2)
 
 
-class _Shapes(TorchDispatchMode):
-    """Records the shape of every tensor an op returns, except views of the frozen base weight."""
-
-    def __init__(self, weight):
-        super().__init__()
-        self.weight_storage = weight.untyped_storage().data_ptr()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != self.weight_storage:
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
-
-
 def test_forward_and_backward_never_form_the_dense_update(monkeypatch):
     layer = _layer(heads=3, head_dim=4, in_features=20, shared_rank=2, head_rank=1)
     _perturb(layer.adapter_parameters("default"))
     monkeypatch.setattr(KernelMixLayer, "delta_weight", lambda *a: pytest.fail("delta_weight called in forward"))
     x = torch.randn(2, 3, 20)
-    with _Shapes(layer.base_layer.weight) as probe:
+    with OpShapes(layer.base_layer.weight) as probe:
         layer(x).square().sum().backward()
     assert probe.shapes, "the probe saw no ops"
     # Nothing out x in (12 x 20) but the base weight itself; the largest adapter-side tensor is

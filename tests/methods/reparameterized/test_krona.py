@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftlab import PeftModel, get_peft_model
 from peftlab.core.errors import PeftlabError
@@ -15,7 +14,7 @@ from peftlab.methods.reparameterized.krona import (KronAConfig, KronALayer, fact
                                                    nearest_sqrt_divisor)
 from peftlab.methods.reparameterized.lora import LoraConfig
 
-from ...conftest import model_inputs, perturb, tiny_bert, tiny_gpt2
+from ...conftest import OpShapes, model_inputs, perturb, tiny_bert, tiny_gpt2
 
 
 def _layers(pm):
@@ -69,23 +68,6 @@ def test_update_is_scaled_kronecker_product_times_x():
     assert torch.linalg.matrix_rank(layer.delta_weight("default").detach().double()) == 12
 
 
-class _Shapes(TorchDispatchMode):
-    """Records the shape of every tensor an op returns, except views of the frozen base weight
-    (the base layer's own ``W0^T``)."""
-
-    def __init__(self, weight):
-        super().__init__()
-        self.weight_storage = weight.untyped_storage().data_ptr()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != self.weight_storage:
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
-
-
 @pytest.mark.parametrize("a1, a2", [(3, 4), (2, 2)])  # A first, B first
 def test_forward_and_backward_never_form_the_out_x_in_update(monkeypatch, a1, a2):
     layer = _layer(a1=a1, a2=a2)
@@ -96,7 +78,7 @@ def test_forward_and_backward_never_form_the_out_x_in_update(monkeypatch, a1, a2
         raise AssertionError("torch.kron called in forward")
 
     monkeypatch.setattr(torch, "kron", refuse)
-    with _Shapes(layer.base_layer.weight) as probe:
+    with OpShapes(layer.base_layer.weight) as probe:
         layer(x).square().sum().backward()
     assert probe.shapes, "the probe saw no ops"
     biggest = max(probe.shapes, key=lambda s: torch.Size(s[1]).numel())
