@@ -10,7 +10,7 @@ from torch import nn
 
 from peftlab import (CheckpointError, LoraConfig, PeftlabError, PeftModel, SequentialAdapterConfig, config_from_dict,
                      get_peft_model)
-from peftlab.methods.additive.adapter_drop import AdapterDropConfig, layer_of
+from peftlab.methods.additive.adapter_drop import AdapterDropConfig, layer_of, multi_task_forward
 from peftlab.methods.additive.sequential_adapter import LayerNormDelta, SequentialAdapterLayer
 
 from ...conftest import main_output, model_inputs
@@ -117,6 +117,54 @@ def test_several_tasks_share_the_lower_layers():
     second = layer_outputs(pm, "bert")
     for key in first:
         assert torch.equal(first[key], second[key]) == (key[1] < 2), key
+
+
+@pytest.mark.parametrize("kind,sampling", [("bert4", False), ("bert4", True), ("llama", False)])
+def test_multi_task_forward_runs_the_lower_layers_once_and_equals_separate_calls(kind, sampling):
+    model = bert(4) if kind == "bert4" else BUILDERS[kind]().eval()
+    n = 2 if kind == "bert4" else 1
+    pm = get_peft_model(model, AdapterDropConfig(drop_layers=n, drop_sampling=sampling)).eval()
+    for name in ["b", "c"]:
+        pm.add_adapter(name, AdapterDropConfig(drop_layers=n, drop_sampling=sampling))
+    for seed, name in enumerate(["default", "b", "c"]):
+        perturb(pm, name, seed=seed)
+    pm.set_adapter("c", trainable=[])
+    inputs = model_inputs("bert" if kind == "bert4" else kind)
+    expected = {}
+    with torch.no_grad():
+        for name in ["default", "b", "c"]:
+            pm.set_adapter(name)
+            expected[name] = main_output(pm(**inputs))
+        pm.set_adapter("c", trainable=[])
+        _, layers = stacks(pm)[0]
+        calls = {i: 0 for i in range(len(layers))}
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+        got = multi_task_forward(pm, ["default", "b", "c"], **inputs)
+    assert list(got) == ["default", "b", "c"]
+    for name in got:
+        torch.testing.assert_close(main_output(got[name]), expected[name], atol=1e-6, rtol=0)
+    assert len({main_output(o).sum().item() for o in got.values()}) == 3  # the tasks do differ
+    assert calls == {i: 1 if i < n else 3 for i in calls}  # the lowest n layers ran once for three tasks
+    assert pm.active_adapters == ["c"] and not any(p.requires_grad for p in pm.parameters())  # restored
+
+
+def test_multi_task_forward_refuses_what_it_cannot_share():
+    pm = get_peft_model(bert(4), AdapterDropConfig(drop_layers=2))
+    pm.add_adapter("one", AdapterDropConfig(drop_layers=1))
+    pm.add_adapter("lora", LoraConfig())
+    inputs = model_inputs("bert")
+    pm.train()
+    with pytest.raises(PeftlabError, match="model.eval"):
+        multi_task_forward(pm, ["default"], **inputs)
+    pm.eval()
+    with pytest.raises(PeftlabError, match=r"'one'\].*n in \[1, 2\]"):
+        multi_task_forward(pm, ["default", "one"], **inputs)
+    with pytest.raises(PeftlabError, match="'lora' is LoraConfig; expected AdapterDrop"):
+        multi_task_forward(pm, ["default", "lora"], **inputs)
+    with pytest.raises(PeftlabError, match="distinct"):
+        multi_task_forward(pm, ["default", "default"], **inputs)
+    assert pm.active_adapters == ["default"]
 
 
 def test_default_drops_the_papers_share_of_any_depth():

@@ -13,7 +13,8 @@ during training and at inference. With ``h_i`` the output of a projection the ad
 What this buys (the paper's point): the lowest trainable tensor sits in layer ``n``, so the hidden
 states entering layer ``n`` do not require grad and autograd neither records nor runs a backward
 pass through layers ``0..n-1``; at inference, several tasks' adapters with the same ``n`` share the
-lower layers' outputs, which equal the base model's (compute them once, then branch per task).
+lower layers' outputs, which equal the base model's (compute them once, then branch per task:
+:func:`multi_task_forward`).
 
 Config: ``adapter`` is a :class:`SequentialAdapterConfig` (its width, activation, init, targets and
 ``train_layernorm``); ``drop_layers`` is ``n``; when it is ``None``, ``n = round(drop_fraction * L)``,
@@ -187,6 +188,78 @@ def around_forward(host: Any, adapter_name: str, forward: Any, args: tuple, kwar
     finally:
         for module, active in zip(skipped, saved):
             module.active_adapters = active
+
+
+class _Replay(nn.Module):
+    """Stands in for a lower layer during a branch pass: returns what the last shared layer returned
+    (whatever it is given), so ``n`` replays in a row hand layer ``n`` the shared hidden states."""
+
+    def __init__(self, output: Any):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+def multi_task_forward(model: Any, adapter_names: list[str], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run one input through several tasks' AdapterDrop adapters, computing the lowest ``n`` layers once.
+
+    The paper's multi-task inference: the lower layers carry no adapter, so their output is the same
+    for every task. The first adapter's pass runs the whole model and keeps layer ``n - 1``'s output;
+    each further pass replays it in place of layers ``0..n-1`` (embeddings and upper layers run again).
+    Returns ``{adapter name: output}``, equal to ``set_adapter(name); model(...)`` for each name.
+    Inference only (eval mode: dropout in the lower layers would differ per task); the adapters must
+    all be AdapterDrop adapters with the same ``n`` in a model with one layer stack; the active
+    adapters are restored afterwards."""
+    names = list(adapter_names)
+    if not names or len(set(names)) != len(names):
+        raise PeftlabError(f"multi_task_forward: adapter_names={adapter_names!r}; expected distinct adapter names")
+    if model.base_model.training:
+        raise PeftlabError("multi_task_forward shares the lower layers' output between tasks, which dropout in "
+                           "training mode would make differ per task; call model.eval() first")
+    stacks, drops = set(), set()
+    for name in names:
+        config = model.peft_configs.get(name)
+        if not isinstance(config, AdapterDropConfig):
+            raise PeftlabError(f"multi_task_forward: adapter {name!r} is "
+                               f"{type(config).__name__ if config else 'not on this model'}; expected AdapterDrop "
+                               f"adapters (the model has {sorted(model.peft_configs)})")
+        for path, module in model.base_model.named_modules():
+            if isinstance(module, SequentialAdapterLayer) and name in module.adapter_names():
+                if (where := layer_of(model.base_model, path)) is not None:
+                    stacks.add(where[0])
+                    drops.add(config.dropped(where[2]))
+    if len(stacks) != 1 or len(drops) != 1:
+        raise PeftlabError(f"multi_task_forward needs adapters in one layer stack with one n; adapters {names} "
+                           f"sit in stacks {sorted(stacks)} with n in {sorted(drops)}. Give adapters with the same "
+                           "drop_layers (or drop_fraction) on a model with a single stack (an encoder or a decoder)")
+    stack, n = model.base_model.get_submodule(stacks.pop()), drops.pop()
+    active, trainable = model.active_adapters, model._trainable
+    shared: list[Any] = []
+    outputs = {}
+    try:
+        model.set_adapter(names[0])
+        handle = stack[n - 1].register_forward_hook(lambda module, a, out: shared.append(out)) if n else None
+        try:
+            outputs[names[0]] = model(*args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        lower = list(stack[:n])
+        for name in names[1:]:
+            model.set_adapter(name)
+            for i in range(n):
+                stack[i] = _Replay(shared[0])
+            try:
+                outputs[name] = model(*args, **kwargs)
+            finally:
+                for i, layer in enumerate(lower):
+                    stack[i] = layer
+    finally:
+        if active:
+            model.set_adapter(active, trainable)
+    return outputs
 
 
 SPEC = register(MethodSpec(
