@@ -39,3 +39,8 @@ from .additive import pasta  # noqa: F401
 from .additive import adapter_drop  # noqa: F401
 from .additive import warp  # noqa: F401
 from .additive import tiny_attention  # noqa: F401
+from .additive import attention_fusion  # noqa: F401
+from .additive import lst  # noqa: F401
+from .additive import ciat  # noqa: F401
+from .additive import coda  # noqa: F401
+from .hybrid import compacter  # noqa: F401
