@@ -43,10 +43,17 @@ from .methods.additive.pasta import PastaConfig
 from .methods.additive.adapter_drop import AdapterDropConfig
 from .methods.additive.warp import WarpConfig
 from .methods.additive.tiny_attention import TinyAttentionConfig
+from .methods.additive.coda import CodaConfig
+from .methods.additive.ciat import CiatConfig
+from .methods.additive.lst import LstConfig
+from .methods.additive.attention_fusion import AttentionFusionConfig
+from .methods.hybrid.compacter import CompacterConfig, CompacterPlusPlusConfig
+from .methods.hybrid.unipelt import UniPELTConfig
 from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
-    "AdapterDropConfig", "AdapterFusionConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AdapterDropConfig", "AdapterFusionConfig", "AttentionFusionConfig", "CiatConfig", "CodaConfig", "CompacterConfig",
+    "CompacterPlusPlusConfig", "LstConfig", "UniPELTConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "DeltaLoraConfig", "DyLoraConfig", "HadamardAdapterConfig", "IA3Config", "IncreLoraConfig", "IntrinsicSaidConfig", "KernelMixConfig", "KronAConfig", "LaplaceLoraConfig",
     "LLoraConfig", "LoftQConfig", "LoraConfig", "LoraFAConfig", "LoraPruneConfig", "MAMAdapterConfig", "MethodSpec", "MoELoraConfig", "ParallelAdapterConfig", "PastaConfig", "ParameterReport", "PeftConfig",
