@@ -44,3 +44,4 @@ from .additive import lst  # noqa: F401
 from .additive import ciat  # noqa: F401
 from .additive import coda  # noqa: F401
 from .hybrid import compacter  # noqa: F401
+from .hybrid import unipelt  # noqa: F401
