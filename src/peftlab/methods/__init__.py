@@ -45,3 +45,6 @@ from .additive import ciat  # noqa: F401
 from .additive import coda  # noqa: F401
 from .hybrid import compacter  # noqa: F401
 from .hybrid import unipelt  # noqa: F401
+from .unified import propetl  # noqa: F401
+from .unified import sparse_adapter  # noqa: F401
+from .unified import adamix  # noqa: F401
