@@ -49,11 +49,14 @@ from .methods.additive.lst import LstConfig
 from .methods.additive.attention_fusion import AttentionFusionConfig
 from .methods.hybrid.compacter import CompacterConfig, CompacterPlusPlusConfig
 from .methods.hybrid.unipelt import UniPELTConfig
+from .methods.unified.adamix import AdaMixConfig
+from .methods.unified.sparse_adapter import SparseAdapterConfig
+from .methods.unified.propetl import ProPETLConfig
 from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
     "AdapterDropConfig", "AdapterFusionConfig", "AttentionFusionConfig", "CiatConfig", "CodaConfig", "CompacterConfig",
-    "CompacterPlusPlusConfig", "LstConfig", "UniPELTConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "CompacterPlusPlusConfig", "LstConfig", "UniPELTConfig", "AdaMixConfig", "SparseAdapterConfig", "ProPETLConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "DeltaLoraConfig", "DyLoraConfig", "HadamardAdapterConfig", "IA3Config", "IncreLoraConfig", "IntrinsicSaidConfig", "KernelMixConfig", "KronAConfig", "LaplaceLoraConfig",
     "LLoraConfig", "LoftQConfig", "LoraConfig", "LoraFAConfig", "LoraPruneConfig", "MAMAdapterConfig", "MethodSpec", "MoELoraConfig", "ParallelAdapterConfig", "PastaConfig", "ParameterReport", "PeftConfig",
