@@ -18,7 +18,7 @@ from ...conftest import MINILM, model_inputs, require_shared
 from ._adapters import BUILDERS, D, check_lifecycle, perturb, run, wrapped
 
 EMBEDDINGS = {
-    "bert": ["bert.embeddings.word_embeddings"],
+    "bert": ["bert.embeddings"],  # the whole embedding (LN of word + position + type): what layer 0 reads
     "gpt2": ["transformer.wte"],
     "llama": ["model.embed_tokens"],
     "t5": ["encoder.embed_tokens", "decoder.embed_tokens"],
@@ -57,10 +57,10 @@ def test_placement_count_and_init(kind):
     m = D // 2  # the paper's width
     expected = len(EMBEDDINGS[kind]) * embedding_params(D, m) + len(LAYER_SITES[kind]) * layer_params(D, m)
     assert pm.trainable_parameters_report().trainable == expected
-    # The paper's Glorot W_up: not the identity at init; init="identity" is.
-    assert not torch.allclose(run(pm, kind), base, atol=1e-3)
-    exact = get_peft_model(BUILDERS[kind](), CiatConfig(init="identity"))
-    assert torch.equal(run(exact, kind), base)
+    # W_up = 0 by default: exactly the identity; the reference code's Glorot W_up (init="glorot") is not.
+    assert torch.equal(run(pm, kind), base)
+    glorot = get_peft_model(BUILDERS[kind](), CiatConfig(init="glorot"))
+    assert not torch.allclose(run(glorot, kind), base, atol=1e-3)
 
 
 def test_t5_embedding_adapters_are_separate_networks_on_the_tied_table():
@@ -190,6 +190,7 @@ def test_language_pairs_are_adapter_names():
 
 def test_dropout_acts_in_training_only():
     pm = get_peft_model(BUILDERS["llama"](), CiatConfig(bottleneck=8, dropout=0.5))
+    perturb(pm)  # W_up starts at zero: no dropout could show
     emb = pm.base_model.model.embed_tokens
     ids = model_inputs("llama")["input_ids"]
     with torch.no_grad():
