@@ -7,7 +7,7 @@ keep the module they wrap as ``base_layer``.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -251,3 +251,19 @@ def base_of(module: nn.Module) -> nn.Module:
         module = module.base_layer
     return module
 
+
+
+def built_once_without_grad(owner: nn.Module, key: Any, sources: tuple[torch.Tensor, ...],
+                            build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()``, kept on ``owner`` and reused while no gradient is wanted and ``sources`` are unchanged
+    (same storage, same in-place version). For a weight a method rebuilds from its parameters on every
+    call (masked, scattered): at inference it then costs what a stored weight costs. With gradients on
+    (training) or under ``torch.compile`` it is built every call, as before."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return build()
+    cache = owner.__dict__.setdefault("_built_without_grad", {})
+    stamp = tuple((t.data_ptr(), t._version) for t in sources)
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = cache[key] = (stamp, build())
+    return hit[1]

@@ -208,3 +208,25 @@ def test_minilm_size_counts_match_the_paper_accounting():
     assert pm.trainable_parameters_report().trainable == prototype + mask_bits == 172_448
     state = pm.adapter_state_dict()
     assert sum(t.numel() * t.element_size() for t in state.values()) == 4 * prototype + mask_bits // 8 == 118_400
+
+
+def test_inference_reuses_the_masked_prototype_and_sees_every_update():
+    """At inference the masked weights are built once per change (top-k and product skipped), never stale."""
+    from peftlab import get_peft_model
+    from peftlab.methods.unified.propetl import ProPETLConfig, ProPETLLayer
+
+    from ...conftest import main_output, model_inputs, tiny_bert
+
+    pm = get_peft_model(tiny_bert(), ProPETLConfig())
+    layer = next(m for m in pm.modules() if isinstance(m, ProPETLLayer))
+    inputs = model_inputs("bert")
+    with torch.no_grad():
+        before = main_output(pm(**inputs))
+        built = dict(layer._built_without_grad)
+        main_output(pm(**inputs))
+        assert all(layer._built_without_grad[k][1] is built[k][1] for k in built)  # reused
+        for p in pm.adapter_parameters("default"):
+            p.add_(0.05 * torch.randn_like(p))
+        after = main_output(pm(**inputs))
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, main_output(pm(**inputs)))  # with grad: built afresh, same numbers

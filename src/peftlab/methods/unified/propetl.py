@@ -77,7 +77,7 @@ from ...core.config import PeftConfig
 from ...core.errors import CheckpointError, PeftlabError
 from ...core.hooks import TrainingHooks
 from ...core.inject import wrap
-from ...core.layer import DeltaModule, linear_io
+from ...core.layer import DeltaModule, built_once_without_grad, linear_io
 from ...core.registry import MethodSpec, register
 from ...core.targets import LINEAR_TYPES, resolve_targets
 from ..additive.sequential_adapter import ACTIVATIONS, factory_kwargs
@@ -225,8 +225,10 @@ class ProPETLLayer(DeltaModule):
 
     def masked(self, name: str, key: str) -> torch.Tensor:
         """The prototype tensor ``key`` under this layer's mask (straight-through to the scores)."""
-        tensor = getattr(self.prototype(name), key)
-        return tensor * binary_mask(self.propetl_scores[name][key], self.settings[name][2]).to(tensor.dtype)
+        tensor, scores = getattr(self.prototype(name), key), self.propetl_scores[name][key]
+        # At inference the top-k and the product are redone only when the prototype or scores change.
+        return built_once_without_grad(self, (name, key), (tensor, scores), lambda: tensor * binary_mask(
+            scores, self.settings[name][2]).to(tensor.dtype))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)

@@ -65,7 +65,7 @@ from ...core.config import PeftConfig
 from ...core.errors import CheckpointError, PeftlabError
 from ...core.hooks import TrainingHooks
 from ...core.inject import wrap
-from ...core.layer import BufferDict, DeltaModule
+from ...core.layer import BufferDict, DeltaModule, built_once_without_grad
 from ...core.registry import MethodSpec, register
 from ...core.targets import LINEAR_TYPES, resolve_targets
 from ..additive.sequential_adapter import ACTIVATIONS, factory_kwargs, linear_features, validate_bottleneck_fields
@@ -169,9 +169,11 @@ class SparseAdapterLayer(DeltaModule):
 
     def weight_of(self, name: str, part: str) -> torch.Tensor:
         """The dense weight matrix (zero at pruned entries), differentiable in the kept values."""
-        values = self.values(part)[name]
+        values, indices = self.values(part)[name], self.indices(part)[name]
         rows, cols = self.shape(name, part)
-        return values.new_zeros(rows * cols).index_add(0, self.indices(part)[name], values).view(rows, cols)
+        # At inference the scatter is redone only when the kept values or their positions change.
+        return built_once_without_grad(self, (name, part), (values, indices), lambda: values.new_zeros(
+            rows * cols).index_add(0, indices, values).view(rows, cols))
 
     def dense_entries(self, name: str) -> int:
         return sum(math.prod(self.shape(name, part)) for part in PARTS) if name in self.settings else 0
