@@ -179,3 +179,23 @@ class OpShapes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != self.weight_storage:
                 self.shapes.append((str(func), tuple(t.shape)))
         return out
+
+
+def check_position_limit(pm, kind: str) -> None:
+    """``pm`` puts 20 soft positions in front of the tiny models' 64: 45 tokens (65 positions) are
+    refused before the base model runs, by forward, given positions and generate; 44 tokens run."""
+    from peftlab import PeftlabError
+
+    calls = []
+    pm.base_model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    ids = torch.randint(3, 100, (1, 45))
+    with pytest.raises(PeftlabError, match=r"65 positions.*has 64 \(max_position_embeddings\).*at most 44 tokens"):
+        pm(input_ids=ids)
+    with pytest.raises(PeftlabError, match="max_position_embeddings"):  # given positions count too
+        pm(input_ids=ids[:, :10], position_ids=torch.arange(40, 50).unsqueeze(0))
+    if kind != "bert":
+        with pytest.raises(PeftlabError, match="max_position_embeddings"):
+            pm.generate(input_ids=ids, max_new_tokens=1)
+    assert not calls, "the model ran"
+    with torch.no_grad():
+        assert main_output(pm(input_ids=ids[:, :44])).shape[0] == 1  # 64 positions: allowed

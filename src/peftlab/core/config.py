@@ -18,6 +18,11 @@ from typing import Any, ClassVar
 from .errors import PeftlabError
 
 
+def is_positive_int(value: Any) -> bool:
+    """An int above 0 (``True`` is not a width): for ``validate()`` checks and model config fields."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
     """Fields every method has.

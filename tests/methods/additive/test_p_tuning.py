@@ -15,8 +15,8 @@ from peftlab.core.registry import get_method
 from peftlab.methods.additive.p_tuning import BiLSTM, PromptEncoder, PTuningConfig
 from peftlab.methods.additive.prompt_tuning import SoftPrompt
 
-from ...conftest import (MINILM, STORIES, labelled_batches, main_output, model_inputs, perturb, require_shared,
-                         tiny_bert, tiny_gpt2, tiny_llama, tiny_t5)
+from ...conftest import (MINILM, STORIES, check_position_limit, labelled_batches, model_inputs, perturb,
+                         require_shared, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5)
 
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 P = 3
@@ -225,20 +225,7 @@ def test_stacks_with_a_prompt_tuning_adapter():
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_an_input_pushed_past_the_position_limit_is_refused_before_the_forward(kind):
     """The tiny models have 64 positions: 20 virtual tokens + 45 tokens need 65."""
-    pm = get_peft_model(BUILDERS[kind](), PTuningConfig(num_virtual_tokens=20))
-    calls = []
-    pm.base_model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    ids = torch.randint(3, 100, (1, 45))
-    with pytest.raises(PeftlabError, match=r"65 positions.*has 64 \(max_position_embeddings\).*at most 44 tokens"):
-        pm(input_ids=ids)
-    with pytest.raises(PeftlabError, match="max_position_embeddings"):  # given positions count too
-        pm(input_ids=ids[:, :10], position_ids=torch.arange(40, 50).unsqueeze(0))
-    if kind != "bert":
-        with pytest.raises(PeftlabError, match="max_position_embeddings"):
-            pm.generate(input_ids=ids, max_new_tokens=1)
-    assert not calls, "the model ran"
-    with torch.no_grad():
-        assert main_output(pm(input_ids=ids[:, :44])).shape[0] == 1  # 64 positions: allowed
+    check_position_limit(get_peft_model(BUILDERS[kind](), PTuningConfig(num_virtual_tokens=20)), kind)
 
 
 # -- 4. checkpoints ---------------------------------------------------------------------------------------

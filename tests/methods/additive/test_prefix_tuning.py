@@ -17,7 +17,7 @@ from peftlab.methods.additive import prefix_tuning
 from peftlab.methods.additive.prompt_tuning import cache_argument
 from peftlab.methods.additive.prefix_tuning import _SITE_ATTR, PAPER_HIDDEN, PrefixKV, _model_configs
 
-from ...conftest import STORIES, model_inputs, require_shared, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from ...conftest import STORIES, check_position_limit, model_inputs, require_shared, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 P = 3
@@ -498,17 +498,4 @@ def test_a_prefix_on_every_layer_keeps_peft_form(tmp_path):
 def test_an_input_pushed_past_the_position_limit_is_refused_before_the_forward(kind):
     """Real tokens sit after the prefix's p positions: 20 + 45 tokens need 65 of the tiny models' 64."""
     model = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}[kind]()
-    pm = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=20))
-    calls = []
-    pm.base_model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    ids = torch.randint(3, 100, (1, 45))
-    with pytest.raises(PeftlabError, match=r"65 positions.*has 64 \(max_position_embeddings\).*at most 44 tokens"):
-        pm(input_ids=ids)
-    with pytest.raises(PeftlabError, match="max_position_embeddings"):  # given positions count too
-        pm(input_ids=ids[:, :10], position_ids=torch.arange(40, 50).unsqueeze(0))
-    if kind != "bert":
-        with pytest.raises(PeftlabError, match="max_position_embeddings"):
-            pm.generate(input_ids=ids, max_new_tokens=1)
-    assert not calls, "the model ran"
-    with torch.no_grad():
-        assert pm(input_ids=ids[:, :44])[0].shape[0] == 1  # 64 positions: allowed
+    check_position_limit(get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=20)), kind)

@@ -269,13 +269,8 @@ def attach(model: nn.Module, name: str, config: AttentionFusionConfig, host: Any
                            "has none (get_input_embeddings()). Use a transformers encoder such as BERT or RoBERTa.")
     if _KEY not in host.model_adapters:
         host.model_adapters[_KEY] = LayerAttentionFusion()
-    try:
-        host.model_adapters[_KEY].add(name, config, model)
-    except BaseException:
-        if not host.model_adapters[_KEY].adapter_names():
-            host.model_adapters[_KEY].release(model)
-            del host.model_adapters[_KEY]
-        raise
+    # A failed add leaves an empty module, which PeftModel.add_adapter releases and removes.
+    host.model_adapters[_KEY].add(name, config, model)
 
 
 SPEC = register(MethodSpec(

@@ -91,7 +91,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.config import PeftConfig
+from ...core.config import PeftConfig, is_positive_int
 from ...core.errors import PeftlabError
 from ...core.inject import wrap
 from ...core.layer import DeltaModule, base_of
@@ -118,8 +118,7 @@ class CiatConfig(PeftConfig):
     cross_attention: bool = False
 
     def validate(self) -> None:
-        self._require(self.bottleneck is None or (isinstance(self.bottleneck, int)
-                                                   and not isinstance(self.bottleneck, bool) and self.bottleneck > 0),
+        self._require(self.bottleneck is None or is_positive_int(self.bottleneck),
                       "bottleneck", "a positive integer width m such as 64, or None (m = hidden // reduction_factor)")
         rf = self.reduction_factor
         self._require(isinstance(rf, (int, float)) and not isinstance(rf, bool) and math.isfinite(rf) and rf >= 1,

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.config import PeftConfig
+from ...core.config import PeftConfig, is_positive_int
 from ...core.errors import PeftlabError
 from ...core.inject import wrap
 from ...core.layer import DeltaModule, base_of
@@ -92,10 +92,6 @@ SUPPORTED = ("bert",)
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +117,7 @@ class CodaConfig(PeftConfig):
     def validate(self) -> None:
         self._require(_number(self.reduction_factor) and self.reduction_factor >= 1, "reduction_factor",
                       "a number r >= 1 (the heavy layer runs on ceil(n / r) tokens; the paper uses 3)")
-        self._require(self.bottleneck is None or _positive_int(self.bottleneck), "bottleneck",
+        self._require(self.bottleneck is None or is_positive_int(self.bottleneck), "bottleneck",
                       "a positive integer adapter width m, or None (hidden // 16)")
         self._require(self.activation in ACTIVATIONS, "activation", f"one of {sorted(ACTIVATIONS)}")
         self._require(_number(self.init_scale) and self.init_scale > 0, "init_scale",
@@ -132,7 +128,7 @@ class CodaConfig(PeftConfig):
                       "a positive starting eps for eps-scaling, such as 4.0")
         self._require(_number(self.epsilon_decay) and 0 < self.epsilon_decay <= 1, "epsilon_decay",
                       "a factor in (0, 1] applied to eps each step, such as 0.7 (1: no eps-scaling)")
-        self._require(_positive_int(self.iterations), "iterations",
+        self._require(is_positive_int(self.iterations), "iterations",
                       "a positive number of soft top-k coordinate-descent steps, such as 20")
 
     def selected(self, length: int) -> int:
@@ -303,7 +299,7 @@ def _encoder_layers(model: nn.Module) -> list[str]:
 
 def _hidden_size(model: nn.Module) -> int:
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not _positive_int(hidden):
+    if not is_positive_int(hidden):
         raise PeftlabError(f"coda needs the model's hidden size, but {type(model).__name__}.config has no positive "
                            f"integer hidden_size (got {hidden!r}); use a transformers encoder model")
     return int(hidden)

@@ -68,7 +68,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...core.config import PeftConfig
+from ...core.config import PeftConfig, is_positive_int
 from ...core.errors import PeftlabError
 from ...core.registry import MethodSpec, register
 from .prompt_tuning import SoftPrompt, _input_embedding_weight
@@ -97,13 +97,13 @@ class PTuningConfig(PeftConfig):
     def validate(self) -> None:
         self._require(self.targets is None, "targets",
                       "None: the virtual tokens are prepended to the input and touch no module")
-        self._require(_positive_int(self.num_virtual_tokens), "num_virtual_tokens", "a positive integer such as 20")
+        self._require(is_positive_int(self.num_virtual_tokens), "num_virtual_tokens", "a positive integer such as 20")
         self._require(self.encoder_reparameterization_type in ENCODER_TYPES, "encoder_reparameterization_type",
                       f"one of {ENCODER_TYPES} (upper case, as peft writes it)")
-        self._require(self.encoder_hidden_size is None or _positive_int(self.encoder_hidden_size),
+        self._require(self.encoder_hidden_size is None or is_positive_int(self.encoder_hidden_size),
                       "encoder_hidden_size", "None (d // 2 for the LSTM, d for the MLP) or a positive integer")
         lstm = self.encoder_reparameterization_type == "LSTM"
-        self._require(_positive_int(self.encoder_num_layers) and (lstm or self.encoder_num_layers == 2),
+        self._require(is_positive_int(self.encoder_num_layers) and (lstm or self.encoder_num_layers == 2),
                       "encoder_num_layers", "a positive integer (the LSTM's depth); with the MLP encoder, whose "
                       "depth is fixed, leave it at 2")
         dropout = self.encoder_dropout
@@ -144,10 +144,6 @@ class PTuningConfig(PeftConfig):
         return cls(num_virtual_tokens=int(data["num_virtual_tokens"]), encoder_reparameterization_type=kind,
                    encoder_hidden_size=data.get("encoder_hidden_size"), encoder_num_layers=layers,
                    encoder_dropout=dropout, modules_to_save=tuple(data.get("modules_to_save") or ()))
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class PromptEncoder(nn.Module):

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.config import PeftConfig
+from ...core.config import PeftConfig, is_positive_int
 from ...core.errors import PeftlabError
 from ...core.inject import wrap
 from ...core.layer import DeltaModule, base_of
@@ -86,10 +86,6 @@ from ...core.targets import architecture_of, resolve_targets
 from .sequential_adapter import factory_kwargs
 
 _LN_EPS = 1e-5  # nn.LayerNorm's default, as the reference's LayerNorm
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _finite_number(value: Any) -> bool:
@@ -115,9 +111,9 @@ class TinyAttentionConfig(PeftConfig):
     head_init_noise: float = 1e-6
 
     def validate(self) -> None:
-        self._require(_positive_int(self.num_heads), "num_heads",
+        self._require(is_positive_int(self.num_heads), "num_heads",
                       "a positive integer H, the tiny-attention heads per site (the reference averages 4)")
-        self._require(_positive_int(self.head_dim), "head_dim",
+        self._require(is_positive_int(self.head_dim), "head_dim",
                       "a positive integer e, each head's query/key/value width (the paper's tiny attention uses 1)")
         self._require(_finite_number(self.dropout) and 0 <= self.dropout < 1, "dropout",
                       "a probability in [0, 1) for the attention-probability dropout (the reference uses 0.1)")
@@ -319,7 +315,7 @@ def _sites(model: nn.Module, config: TinyAttentionConfig) -> list[str]:
 
 def _hidden_size(model: nn.Module) -> int:
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not _positive_int(hidden):
+    if not is_positive_int(hidden):
         raise PeftlabError(f"tiny_attention needs the model's hidden size, but {type(model).__name__}.config has "
                            f"no positive integer hidden_size (got {hidden!r}); use a transformers model")
     return int(hidden)

@@ -68,7 +68,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...core.config import PeftConfig
+from ...core.config import PeftConfig, is_positive_int
 from ...core.errors import PeftlabError
 from ...core.layer import BufferDict, DeltaModule
 from ...core.registry import MethodSpec, register
@@ -76,10 +76,6 @@ from .prompt_tuning import SoftPrompt, _input_embedding_weight, _load_tokenizer,
 
 PROMPT_INITS = ("mask", "vocab")
 _KEY = "warp"  # this method's entry in PeftModel.model_adapters
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +98,8 @@ class WarpConfig(PeftConfig):
     def validate(self) -> None:
         self._require(self.targets is None, "targets",
                       "None: WARP puts its prompts around the input and touches no module")
-        self._require(_positive_int(self.num_virtual_tokens), "num_virtual_tokens", "a positive integer such as 8")
-        self._require(self.num_labels is None or _positive_int(self.num_labels), "num_labels",
+        self._require(is_positive_int(self.num_virtual_tokens), "num_virtual_tokens", "a positive integer such as 8")
+        self._require(self.num_labels is None or is_positive_int(self.num_labels), "num_labels",
                       "None (the model config's num_labels) or a positive integer (the number of classes)")
         words = self.label_words
         self._require(isinstance(words, tuple) and all(isinstance(w, str) and w.strip() for w in words), "label_words",
@@ -142,7 +138,7 @@ class WarpPrompt(DeltaModule):
     def add(self, name: str, config: WarpConfig, model: nn.Module) -> None:
         weight = _input_embedding_weight(model)
         classes = config.num_labels or getattr(getattr(model, "config", None), "num_labels", None)
-        if not _positive_int(classes):
+        if not is_positive_int(classes):
             raise PeftlabError(f"WARP needs the number of classes; {type(model).__name__}'s config gives "
                                f"num_labels={classes!r}. Set WarpConfig(num_labels=...)")
         if config.label_words and len(config.label_words) != classes:
@@ -278,12 +274,8 @@ def attach(model: nn.Module, name: str, config: WarpConfig, host: Any) -> None:
                            "BERT or RoBERTa, or prompt tuning for this model.")
     if _KEY not in host.model_adapters:
         host.model_adapters[_KEY] = WarpPrompt()
-    try:
-        host.model_adapters[_KEY].add(name, config, model)
-    except BaseException:
-        if not host.model_adapters[_KEY].adapter_names():
-            del host.model_adapters[_KEY]
-        raise
+    # A failed add leaves an empty module, which PeftModel.add_adapter releases and removes.
+    host.model_adapters[_KEY].add(name, config, model)
 
 
 def _is_masked_lm_family(model_config: Any) -> bool:

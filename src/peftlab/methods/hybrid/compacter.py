@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.config import PeftConfig
+from ...core.config import PeftConfig, is_positive_int
 from ...core.errors import PeftlabError
 from ...core.inject import wrap
 from ...core.layer import DeltaModule
@@ -71,10 +71,6 @@ from ..additive.sequential_adapter import (ACTIVATIONS, LayerNormDelta, Sequenti
 
 _KEY = "compacter"  # this method's entry in PeftModel.model_adapters (Compacter and Compacter++ share it)
 DEFAULT_REDUCTION_FACTOR = 32  # the paper's (m = 24 on T5-base, 12 on MiniLM)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +93,9 @@ class CompacterConfig(PeftConfig):
     train_layernorm: bool = True
 
     def validate(self) -> None:
-        self._require(_positive_int(self.phm_dim), "phm_dim", "a positive integer n such as 4 (the paper's)")
-        self._require(_positive_int(self.phm_rank), "phm_rank", "a positive integer rank r such as 1 (the paper's)")
-        multiple = _positive_int(self.bottleneck) and self.bottleneck % self.phm_dim == 0
+        self._require(is_positive_int(self.phm_dim), "phm_dim", "a positive integer n such as 4 (the paper's)")
+        self._require(is_positive_int(self.phm_rank), "phm_rank", "a positive integer rank r such as 1 (the paper's)")
+        multiple = is_positive_int(self.bottleneck) and self.bottleneck % self.phm_dim == 0
         self._require(self.bottleneck is None or multiple,
                       "bottleneck", f"a positive multiple of phm_dim={self.phm_dim} such as {8 * self.phm_dim}, "
                       "or None (m from reduction_factor)")

@@ -92,6 +92,20 @@ def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
     return ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].bool()
 
 
+def read_mask(bits: torch.Tensor, shape: torch.Size, label: str, what: str, mismatch: str) -> torch.Tensor:
+    """The bool mask of ``shape`` that :func:`pack_bits` wrote as ``bits`` (checkpoint key ``label``,
+    holding ``what``); a wrong size or dtype is refused with ``mismatch`` (its likely cause), set
+    padding bits as damage."""
+    numel = math.prod(shape)
+    size = math.ceil(numel / 8)
+    if bits.dtype != torch.uint8 or tuple(bits.shape) != (size,):
+        raise CheckpointError(f"{label}: {what} of shape {tuple(shape)} is {size} packed bytes (uint8); found "
+                              f"{bits.dtype} {tuple(bits.shape)}. {mismatch}")
+    if numel % 8 and int(bits[-1]) >> (numel % 8):
+        raise CheckpointError(f"{label}: padding bits past the {numel} mask entries are set; the file is damaged")
+    return unpack_bits(bits, numel).view(shape)
+
+
 class ThresholdMaskLayer(DeltaModule):
     """Wraps an ``nn.Linear`` or GPT-2 ``Conv1D`` (under any wrappers); runs it with ``W0 * M``."""
 
@@ -138,18 +152,10 @@ class ThresholdMaskLayer(DeltaModule):
         return {BITS_KEY: pack_bits(~self.dropped(name))} if name in self.scores else {}
 
     def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        bits, scores = tensors[BITS_KEY], self.scores[name]
-        size = math.ceil(scores.numel() / 8)
-        if bits.dtype != torch.uint8 or tuple(bits.shape) != (size,):
-            raise CheckpointError(f"{BITS_KEY}: expected {size} packed bytes (uint8) for a mask of shape "
-                                  f"{tuple(scores.shape)}, found {bits.dtype} {tuple(bits.shape)}; the file is damaged "
-                                  "or was saved for another model")
-        bits = bits.to(scores.device)
-        if scores.numel() % 8 and int(bits[-1]) >> (scores.numel() % 8):
-            raise CheckpointError(f"{BITS_KEY}: padding bits past the {scores.numel()} mask entries are set; "
-                                  "the file is damaged")
+        scores = self.scores[name]
+        kept = read_mask(tensors[BITS_KEY].to(scores.device), scores.shape, BITS_KEY, "a mask",
+                         "The file is damaged or was saved for another model.")
         threshold, init = self.settings[name]
-        kept = unpack_bits(bits, scores.numel()).view_as(scores)
         with torch.no_grad():
             scores.copy_(torch.where(kept, init, 2 * threshold - init))
 

@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.config import PeftConfig
+from ...core.config import PeftConfig, is_positive_int
 from ...core.errors import CheckpointError, PeftlabError
 from ...core.hooks import TrainingHooks
 from ...core.inject import wrap
@@ -81,7 +81,7 @@ from ...core.layer import DeltaModule, built_once_without_grad, linear_io
 from ...core.registry import MethodSpec, register
 from ...core.targets import LINEAR_TYPES, resolve_targets
 from ..additive.sequential_adapter import ACTIVATIONS, factory_kwargs
-from ..partial.threshold_mask import pack_bits, unpack_bits
+from ..partial.threshold_mask import pack_bits, read_mask
 
 _KEY = "propetl"  # this method's entry in PeftModel.model_adapters
 FORMS = ("adapter", "lora")
@@ -132,7 +132,7 @@ class ProPETLConfig(PeftConfig):
         self._require(self.activation in ACTIVATIONS, "activation", f"one of {sorted(ACTIVATIONS)}")
         self._require(_number(self.init_scale) and self.init_scale > 0, "init_scale",
                       "a positive std for the adapter prototype's weights such as 0.02")
-        self._require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r",
+        self._require(is_positive_int(self.r), "r",
                       "a positive integer LoRA rank such as 32")
         self._require(_number(self.alpha) and self.alpha > 0, "alpha", "a positive LoRA alpha such as 48")
 
@@ -255,17 +255,10 @@ class ProPETLLayer(DeltaModule):
     def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         form, _, density = self.settings[name][:3]
         for key, scores in self.propetl_scores[name].items():
-            label, bits = f"propetl_mask.{key}.bits", tensors[f"propetl_mask.{key}.bits"]
-            size, keep = math.ceil(scores.numel() / 8), kept_count(scores.numel(), density)
-            if bits.dtype != torch.uint8 or tuple(bits.shape) != (size,):
-                raise CheckpointError(f"{label}: a mask over the prototype's {key} of shape {tuple(scores.shape)} is "
-                                      f"{size} packed bytes (uint8); found {bits.dtype} {tuple(bits.shape)}. The mask "
-                                      "does not match the prototype: was it saved with another width, rank or model?")
-            bits = bits.to(scores.device)
-            if scores.numel() % 8 and int(bits[-1]) >> (scores.numel() % 8):
-                raise CheckpointError(f"{label}: padding bits past the {scores.numel()} mask entries are set; "
-                                      "the file is damaged")
-            kept = unpack_bits(bits, scores.numel()).view_as(scores)
+            label, keep = f"propetl_mask.{key}.bits", kept_count(scores.numel(), density)
+            kept = read_mask(tensors[label].to(scores.device), scores.shape, label,
+                             f"a mask over the prototype's {key}", "The mask does not match the prototype: was it "
+                             "saved with another width, rank or model?")
             if int(kept.sum()) != keep:
                 raise CheckpointError(f"{label}: the mask keeps {int(kept.sum())} of {scores.numel()} entries, but "
                                       f"density={density} keeps {keep}; load it with the density it was saved with")
