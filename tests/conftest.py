@@ -199,3 +199,23 @@ def check_position_limit(pm, kind: str) -> None:
     assert not calls, "the model ran"
     with torch.no_grad():
         assert main_output(pm(input_ids=ids[:, :44])).shape[0] == 1  # 64 positions: allowed
+
+
+def tiny_search_context(seed: int = 0, batches: int = 4):
+    """A search context over :func:`tiny_bert` and :func:`labelled_batches` (held-out batches scored by
+    accuracy): what the search methods' tests train their candidates in."""
+    from peftlab.train.loop import TrainArgs
+    from peftlab.train.search import LoopSearchContext
+
+    train_batches = labelled_batches(batches, seed=seed)
+    held_out = labelled_batches(2, seed=seed + 1000)
+
+    def accuracy(model) -> float:
+        model.eval()
+        with torch.no_grad():
+            hits = [(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
+                     == b["labels"]).float().mean() for b in held_out]
+        return float(torch.stack(hits).mean())
+
+    args = TrainArgs(lr=1e-2, max_steps=batches, warmup_ratio=0.0, seed=seed, progress=False)
+    return LoopSearchContext(tiny_bert(), lambda: train_batches, accuracy, args, head=("classifier",))

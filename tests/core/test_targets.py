@@ -77,3 +77,27 @@ def test_bad_regex_target_is_a_peftlab_error_naming_the_pattern(targets):
     # A whole-config regex string and a 're:' entry of a list alike: never a bare re.error.
     with pytest.raises(PeftlabError, match=r"target regex '\(' is not a valid regular expression"):
         resolve_targets(tiny_bert(), targets)
+
+
+def test_sites_restricted_to_listed_layers():
+    model = tiny_bert()
+    assert resolve_targets(model, ("@ffn_out[1]",)) == ["bert.encoder.layer.1.output.dense"]
+    assert resolve_targets(model, ("@query[0-1]",)) == resolve_targets(model, ("@query",))
+    t5 = tiny_t5()  # an index picks that layer in the encoder and the decoder stack
+    assert resolve_targets(t5, ("@ffn_out[0]",)) == ["encoder.block.0.layer.1.DenseReluDense.wo",
+                                                       "decoder.block.0.layer.2.DenseReluDense.wo"]
+    with pytest.raises(PeftlabError, match=r"'@ffn_out\[5\]': layer 5 does not exist.*2 layers"):
+        resolve_targets(model, ("@ffn_out[5]",))
+    with pytest.raises(PeftlabError, match="'3-1'"):
+        resolve_targets(model, ("@ffn_out[3-1]",))
+    with pytest.raises(PeftlabError, match="unknown attach point '@nope\\[0\\]'"):
+        resolve_targets(model, ("@nope[0]",))
+
+
+def test_layer_of_names_the_stack_and_index():
+    from peftlab.core.targets import layer_block, layer_of
+
+    model = tiny_bert()
+    assert layer_of(model, "bert.encoder.layer.1.attention.self.query") == ("bert.encoder.layer", 1, 2)
+    assert layer_block(model, "bert.encoder.layer.1.output.dense") == "bert.encoder.layer.1"
+    assert layer_of(model, "bert.embeddings.word_embeddings") is None

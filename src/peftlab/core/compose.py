@@ -23,15 +23,17 @@ def parts_of(config: PeftConfig) -> list[PeftConfig]:
     return [getattr(config, f.name) for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), PeftConfig)]
 
 
-def validate_parts(config: PeftConfig) -> None:
-    """A hybrid holds at least two parts of different methods; parts keep no head of their own
-    (the hybrid's ``modules_to_save`` does) and declare no training hooks (their hooks read the
-    adapter's config, which is the hybrid's)."""
+def validate_parts(config: PeftConfig, min_parts: int = 2) -> None:
+    """A hybrid holds at least ``min_parts`` parts of different methods (a searched combination may
+    keep one: its unused parts are ``None``); parts keep no head of their own (the hybrid's
+    ``modules_to_save`` does) and declare no training hooks (their hooks read the adapter's config,
+    which is the hybrid's)."""
     name = type(config).__name__
     fields = [f.name for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), PeftConfig)]
     methods = [spec_for_config(getattr(config, f)).name for f in fields]
-    if len(fields) < 2 or len(set(methods)) != len(methods):
-        raise PeftlabError(f"{name}: expected parts of at least two different methods, got {methods}")
+    if len(fields) < min_parts or len(set(methods)) != len(methods):
+        need = "one part" if min_parts == 1 else f"parts of at least {min_parts} different methods"
+        raise PeftlabError(f"{name}: expected {need}, got {methods or 'none'}")
     for field in fields:
         part = getattr(config, field)
         if part.modules_to_save:

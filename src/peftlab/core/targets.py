@@ -5,7 +5,11 @@ A target is one of:
 - ``"re:<regex>"`` (full match on the module name), or a whole-config regex string;
 - ``"all-linear"``: every linear layer (``nn.Linear``, GPT-2 ``Conv1D``) except the output head;
 - ``"@<site>"``: an architecture-level attach point, translated per model family in
-  :data:`ARCHITECTURES` so methods never know BERT from Llama naming.
+  :data:`ARCHITECTURES` so methods never know BERT from Llama naming;
+- ``"@<site>[<layers>]"``: the same in the listed layers only, e.g. ``"@ffn_out[0,3,6-11]"`` (indices in
+  each layer stack; an encoder-decoder's index picks that layer in both stacks). Searches over placement
+  (AutoPEFT, S3Delta-M, S4) write their choices this way, so a found config reads the same on any model
+  of a family.
 """
 from __future__ import annotations
 
@@ -137,6 +141,42 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in out.items() if n not in hidden}
 
 
+def layer_of(model: nn.Module, path: str) -> tuple[str, int, int] | None:
+    """(stack path, index, depth) of the transformer layer holding module ``path``: the first
+    ``nn.ModuleList`` element on the path (``bert.encoder.layer.3``, ``encoder.block.3``); ``None``
+    for modules outside the layer stacks (embeddings, final norm, head)."""
+    parts = path.split(".")
+    for i, part in enumerate(parts[1:], start=1):
+        if part.isdigit():
+            parent = model.get_submodule(".".join(parts[:i]))
+            if isinstance(parent, nn.ModuleList):
+                return logical_name(".".join(parts[:i])), int(part), len(parent)
+    return None
+
+
+def layer_block(model: nn.Module, path: str) -> str | None:
+    """The path of the layer block (``bert.encoder.layer.3``) holding module ``path``, or ``None``."""
+    where = layer_of(model, path)
+    return None if where is None else f"{where[0]}.{where[1]}"
+
+
+_LAYERED_SITE = re.compile(r"@(\w+)\[([\d,\s-]+)\]")
+
+
+def parse_layers(spec: str, entry: str) -> set[int]:
+    """``"0,3,6-11"`` -> {0, 3, 6, ..., 11}; ``entry`` names the target in the error."""
+    chosen: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
+            raise PeftlabError(f"target {entry!r}: layer list {spec!r} has {part!r}; expected indices and "
+                               "ranges such as '0,3,6-11'")
+        chosen |= set(range(int(low), int(high or low) + 1))
+    if not chosen:
+        raise PeftlabError(f"target {entry!r}: the layer list is empty; name at least one layer, e.g. '@ffn_out[0]'")
+    return chosen
+
+
 def logical_name(path: str) -> str:
     """The module's name in the unwrapped model: what users and site patterns refer to."""
     return path.replace(".base_layer", "")
@@ -189,12 +229,23 @@ def _match(model: nn.Module, entry: str, candidates: dict[str, nn.Module]) -> se
         heads = _output_head_names(model, candidates)
         return {n for n, m in candidates.items() if isinstance(base_of(m), LINEAR_TYPES) and n not in heads}
     if entry.startswith("@"):
-        site = entry[1:]
+        layered = _LAYERED_SITE.fullmatch(entry)
+        site = layered.group(1) if layered else entry[1:]
         arch = architecture_of(model)
         if site not in arch.sites:
-            raise PeftlabError(f"unknown attach point {entry!r}; known: {', '.join('@' + s for s in SITES)}")
+            raise PeftlabError(f"unknown attach point {entry!r}; known: {', '.join('@' + s for s in SITES)}, "
+                               "each optionally with a layer list such as '@ffn_out[0,3,6-11]'")
         pattern = re.compile(arch.sites[site])
-        return {n for n in candidates if pattern.search(logical_name(n))}
+        found = {n for n in candidates if pattern.search(logical_name(n))}
+        if layered:
+            layers = parse_layers(layered.group(2), entry)
+            where = {n: layer_of(model, n) for n in found}
+            depth = max((w[2] for w in where.values() if w), default=0)
+            if max(layers) >= depth:
+                raise PeftlabError(f"target {entry!r}: layer {max(layers)} does not exist; {type(model).__name__}'s "
+                                   f"{site} layer stacks have {depth} layers (0-{depth - 1})")
+            found = {n for n, w in where.items() if w is not None and w[1] in layers}
+        return found
     if entry.startswith("re:"):
         pattern = _compile(entry[3:])
         return {n for n in candidates if pattern.fullmatch(logical_name(n))}

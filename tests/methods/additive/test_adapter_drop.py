@@ -10,7 +10,8 @@ from torch import nn
 
 from peftlab import (CheckpointError, LoraConfig, PeftlabError, PeftModel, SequentialAdapterConfig, config_from_dict,
                      get_peft_model)
-from peftlab.methods.additive.adapter_drop import AdapterDropConfig, layer_of, multi_task_forward
+from peftlab.core.targets import layer_of
+from peftlab.methods.additive.adapter_drop import AdapterDropConfig, multi_task_forward
 from peftlab.methods.additive.sequential_adapter import LayerNormDelta, SequentialAdapterLayer
 
 from ...conftest import main_output, model_inputs

@@ -61,7 +61,7 @@ from ...core.errors import PeftlabError
 from ...core.inject import wrap
 from ...core.layer import DeltaModule
 from ...core.registry import MethodSpec, register
-from ...core.targets import LINEAR_TYPES, logical_name, resolve_targets
+from ...core.targets import LINEAR_TYPES, layer_of, logical_name, resolve_targets
 from .sequential_adapter import LayerNormDelta, SequentialAdapterConfig, SequentialAdapterLayer
 
 PAPER_FRACTION = 5 / 12  # the paper drops the first 5 of 12 layers for its speed measurements
@@ -108,17 +108,6 @@ class AdapterDropConfig(PeftConfig):
         return self.drop_layers
 
 
-def layer_of(model: nn.Module, path: str) -> tuple[str, int, int] | None:
-    """(stack path, index, depth) of the transformer layer holding module ``path``: the first
-    ``nn.ModuleList`` element on the path (``bert.encoder.layer.3``, ``encoder.block.3``); ``None``
-    for modules outside the layer stacks (embeddings, final norm, head)."""
-    parts = path.split(".")
-    for i, part in enumerate(parts[1:], start=1):
-        if part.isdigit():
-            parent = model.get_submodule(".".join(parts[:i]))
-            if isinstance(parent, nn.ModuleList):
-                return logical_name(".".join(parts[:i])), int(part), len(parent)
-    return None
 
 
 def _kept_sites(model: nn.Module, config: AdapterDropConfig, paths: list[str], strict: bool) -> list[tuple[str, int]]:

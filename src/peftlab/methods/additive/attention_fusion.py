@@ -77,7 +77,7 @@ from ...core.config import PeftConfig
 from ...core.errors import PeftlabError
 from ...core.layer import DeltaModule, base_of
 from ...core.registry import MethodSpec, register
-from ...core.targets import resolve_targets
+from ...core.targets import layer_block, resolve_targets
 
 _KEY = "attention_fusion"
 INITS = ("zeros", "ones")
@@ -229,7 +229,7 @@ def _encoder_and_layers(model: nn.Module, config: AttentionFusionConfig) -> tupl
                                f"NLU models); {path!r} ({type(module).__name__}) is causal attention, as in GPT-2 "
                                "or Llama, whose cached decoding keeps no per-layer states of earlier tokens. Use "
                                "an encoder model, or another method for decoders.")
-        block = _enclosing_list_entry(model, path)
+        block = layer_block(model, path)
         if block is None:
             raise PeftlabError(f"attention_fusion target {path!r} sits in no layer list (nn.ModuleList) of "
                                f"{type(model).__name__}; name modules inside transformer layers, e.g. "
@@ -250,14 +250,6 @@ def _encoder_and_layers(model: nn.Module, config: AttentionFusionConfig) -> tupl
     return encoder, blocks
 
 
-def _enclosing_list_entry(model: nn.Module, path: str) -> str | None:
-    parts = path.split(".")
-    for end in range(len(parts), 0, -1):
-        if parts[end - 1].isdigit():
-            parent = model.get_submodule(".".join(parts[:end - 1]))
-            if isinstance(parent, nn.ModuleList):
-                return ".".join(parts[:end])
-    return None
 
 
 def attach(model: nn.Module, name: str, config: AttentionFusionConfig, host: Any) -> None:

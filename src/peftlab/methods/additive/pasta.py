@@ -76,7 +76,7 @@ from ...core.config import PeftConfig
 from ...core.errors import PeftlabError
 from ...core.layer import DeltaModule, base_of
 from ...core.registry import MethodSpec, register
-from ...core.targets import resolve_targets
+from ...core.targets import layer_block, resolve_targets
 
 _KEY = "pasta"
 INITS = ("normal", "zeros")
@@ -246,7 +246,7 @@ def _layer_blocks(model: nn.Module, config: PastaConfig) -> list[str]:
                                f"({type(module).__name__}) is causal attention, as in GPT-2 or Llama, where a KV "
                                "cache hides earlier special tokens and only later tokens see a special one. Use "
                                "an encoder model, or another method for decoders.")
-        block = _enclosing_list_entry(model, path)
+        block = layer_block(model, path)
         if block is None:
             raise PeftlabError(f"PASTA target {path!r} sits in no layer list (nn.ModuleList) of "
                                f"{type(model).__name__}; name modules inside transformer layers, e.g. '@self_attention'")
@@ -255,14 +255,6 @@ def _layer_blocks(model: nn.Module, config: PastaConfig) -> list[str]:
     return blocks
 
 
-def _enclosing_list_entry(model: nn.Module, path: str) -> str | None:
-    parts = path.split(".")
-    for end in range(len(parts), 0, -1):
-        if parts[end - 1].isdigit():
-            parent = model.get_submodule(".".join(parts[:end - 1]))
-            if isinstance(parent, nn.ModuleList):
-                return ".".join(parts[:end])
-    return None
 
 
 def _special_ids(model: nn.Module, config: PastaConfig) -> tuple[int, ...]:
