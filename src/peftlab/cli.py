@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: ``methods``, ``train``, ``eval``, ``assess``."""
+"""The ``peftlab`` command: ``methods``, ``train``, ``eval``, ``search``, ``assess``."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,8 @@ from .core.registry import all_methods, get_method
 from .tasks.errors import TaskDataError, describe_folder
 
 # --help shows this as typed: plain text, no reStructuredText markup (the module docstring has some).
-DESCRIPTION = "peftlab: list PEFT methods, train one on a GLUE task, score an adapter, run the side-by-side study."
+DESCRIPTION = ("peftlab: list PEFT methods, train one on a GLUE task, score an adapter, search a configuration, "
+               "run the side-by-side study.")
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
@@ -103,7 +104,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise PeftlabError(f"--out {args.out} holds a checkpoint of an earlier run ({found}); add --resume to "
                            f"continue it, or delete {checkpoints} to start afresh")
     config = None
-    if args.method != "full":
+    if args.config:
+        if args.opt or args.targets:
+            raise PeftlabError("--config names the whole method config; drop --opt/--targets, or edit the file")
+        from .core.config import load_config
+
+        config = load_config(args.config)
+        args.method = type(config).method
+    elif args.method != "full":
         options = _options(args.opt)
         if args.targets:
             options["targets"] = args.targets
@@ -120,6 +128,39 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({summary['trainable_percent']:.4f}%)")
     print("dev " + "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items()))
     print(f"saved adapter and metrics.json to {args.out}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .assess.jobs import check_model
+    from .core.search import SearchBudget
+    from .tasks.glue import get_glue_task
+    from .train.glue_job import GlueRun
+    from .train.loop import TrainArgs
+    from .train.search import glue_search_context
+
+    task, root = _task_and_root(args.task, args.data_dir)
+    _check_out(args.out)
+    spec = get_method(args.method)
+    if spec.search is None:
+        searched = ", ".join(s.name for s in all_methods() if s.search is not None)
+        raise PeftlabError(f"--method {args.method}: {spec.name} has no search; methods found by a search: {searched}")
+    config = config_from_options(spec.name, _options(args.opt))
+    budget = SearchBudget(trials=args.trials, steps=args.steps, minutes=args.minutes)
+    check_model(args.model, "sequence classification", f"GLUE {get_glue_task(task).dir_name}")
+    run = GlueRun(model=args.model, task=task, data_dir=root, train_limit=args.train_limit,
+                  batch_size=args.batch_size, max_length=args.max_length)
+    context = glue_search_context(run, TrainArgs(lr=args.lr or spec.default_lr, seed=args.seed, progress=False),
+                                  holdout=args.holdout)
+    result = spec.search(context, budget, config)
+    saved = result.save(args.out)
+    for i, trial in enumerate(result.trials):
+        mark = "  front" if i in result.front else ""
+        print(f"trial {i}: held-out {trial.score:.4f}  trainable {trial.trainable:,}  {trial.seconds:.0f} s{mark}")
+    for note in result.notes:
+        print(note)
+    print(f"searched {len(result.trials)} candidate(s) in {result.seconds:.0f} s; the chosen config and every trial "
+          f"are in {saved.parent}. Train it: peftlab train --config {saved.parent / 'config.json'} --model ... --task ...")
     return 0
 
 
@@ -257,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune with a PEFT method on a GLUE task")
     common(train)
     train.add_argument("--method", default="lora", help="a name listed by 'peftlab methods', or 'full'")
+    train.add_argument("--config", default=None, metavar="FILE",
+                       help="a method config file (e.g. the config.json 'peftlab search' writes) instead of --method")
     train.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     train.add_argument("--targets", default=None, help="comma-separated targets, e.g. query,value or @ffn_out")
     train.add_argument("--train-limit", type=_LIMIT, default=None, help="use the first N training examples")
@@ -279,6 +322,27 @@ def build_parser() -> argparse.ArgumentParser:
     common(evaluate)
     evaluate.add_argument("--adapter", required=True, help="folder written by 'peftlab train'")
     evaluate.set_defaults(func=cmd_eval)
+
+    search = sub.add_parser("search", help="search a method's configuration (AutoPEFT, S3Delta-M, S4) on a GLUE task; "
+                            "candidates are scored on held-out training examples")
+    search.add_argument("--model", required=True, help="model folder or hub id")
+    search.add_argument("--task", required=True, help="GLUE task folder, or a task name such as sst2 with --data-dir")
+    search.add_argument("--data-dir", default=None, help="folder holding the task folders, or the task's own folder")
+    search.add_argument("--method", required=True, help="a method found by a search (see 'peftlab methods')")
+    search.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="option of the method's config (its search-space settings), repeatable")
+    search.add_argument("--trials", type=_positive(int), default=8, help="candidate configurations to train")
+    search.add_argument("--steps", type=_positive(int), default=None,
+                        help="optimizer steps per candidate (default: one epoch of the search's training examples)")
+    search.add_argument("--minutes", type=_positive(float), default=None, help="start no candidate after this long")
+    search.add_argument("--holdout", type=float, default=0.2, help="share of the training examples scored (0-1)")
+    search.add_argument("--train-limit", type=_LIMIT, default=None, help="use the first N training examples")
+    search.add_argument("--max-length", type=_positive(int), default=64, help="maximum sequence length (tokens)")
+    search.add_argument("--batch-size", type=_positive(int), default=32)
+    search.add_argument("--lr", type=_positive(float), default=None, help="default: the method's own default_lr")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--out", default="runs/search", help="folder for search.json and the chosen config.json")
+    search.set_defaults(func=cmd_search)
 
     assess = sub.add_parser("assess", help="the side-by-side study: methods x tasks, scores, memory, speed",
                             description="Run a suite of (model, tasks, methods, seeds); resumable. Flags override "

@@ -114,6 +114,7 @@ class Measured:
     score: float | None
     score_metric: str | None
     metrics: dict[str, float]
+    search: dict[str, Any] | None = None  # a search method's search (SearchResult.to_dict) before the run
 
 
 class Jobs:
@@ -150,7 +151,9 @@ class Jobs:
                 "weight_decay": suite.weight_decay, "seed": seed, "timed_steps": suite.timed_steps,
                 # Scores move with the thread count (reduction order) and times with the machine:
                 # a run made under other ones is not reused.
-                "threads": self.threads or torch.get_num_threads(), "machine": machine()}
+                "threads": self.threads or torch.get_num_threads(), "machine": machine(),
+                **({"search": {"trials": suite.search_trials, "steps": suite.search_steps,
+                               "minutes": suite.search_minutes}} if config is not None and _searched(method) else {})}
 
     def train_args(self, method: str, seed: int, max_steps: int | None = None) -> Any:
         from ..train.loop import TrainArgs
@@ -184,6 +187,8 @@ class Jobs:
                           traceback=traceback.format_exc(limit=8)[-4000:])
         else:
             s, probe = measured.summary, measured.probe
+            if measured.search is not None:
+                record["search"] = measured.search
             record.update(
                 status="ok", score=measured.score, score_metric=measured.score_metric, metrics=measured.metrics,
                 trainable_params=s["trainable_params"], total_params=s["total_params"],
@@ -196,6 +201,10 @@ class Jobs:
         record["cpu_s"] = time.process_time() - cpu0
         record["threads"] = torch.get_num_threads()
         return record
+
+
+def _searched(method: str) -> bool:
+    return get_method(method).search is not None
 
 
 def _clean(value: float | None) -> float | None:
@@ -259,12 +268,25 @@ class GlueJobs(Jobs):
         s = self.suite
         run = GlueRun(model=s.model, task=task.name, data_dir=s.data_dir, train_limit=task.train_limit,
                       eval_limit=task.eval_limit, batch_size=s.batch_size, max_length=task.max_length)
+        config, search = s.method_config(method), None
+        if config is not None and _searched(method):
+            config, search = self._search(run, method, seed, config)
         probe = MemoryProbe()
-        summary = run_glue(run, s.method_config(method), self.train_args(method, seed), probe=probe)
+        summary = run_glue(run, config, self.train_args(method, seed), probe=probe)
         glue = get_glue_task(task.name)
         metrics = summary["metrics"]
         key = glue.main_metric if glue.main_metric in metrics else f"{glue.eval_splits[0]}/{glue.main_metric}"
-        return Measured(summary, probe, _clean(metrics.get(key)), glue.main_metric, metrics)
+        return Measured(summary, probe, _clean(metrics.get(key)), glue.main_metric, metrics, search)
+
+    def _search(self, run: Any, method: str, seed: int, config: Any) -> tuple[Any, dict[str, Any]]:
+        """Run the method's search on held-out training examples (the dev set stays unseen); the
+        found config then trains as the run. Its candidates train at the run's learning rate."""
+        from ..train.search import glue_search_context
+
+        context = glue_search_context(run, self.train_args(method, seed))
+        budget = self.suite.search_budget(context.run_steps)
+        result = get_method(method).search(context, budget, config)
+        return result.config, result.to_dict()
 
 
 def _is_glue(name: str) -> bool:

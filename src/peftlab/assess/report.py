@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import statistics
 from typing import Any, Iterable
@@ -175,6 +176,22 @@ def spread_notes(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{_name(r['method'])} on {task_label(r['task'])}: its {r['seeds']} seeds disagree (std {r['score_std']:.1f} "
             f"points on a mean of {r['score']:.1f}); rank it with care, or run more seeds"
             for r in rows if r.get("seeds", 0) > 1 and (r.get("score_std") or 0) > SPREAD]
+
+
+def search_notes(records: list[dict[str, Any]]) -> list[str]:
+    """What each search method's search ran and chose (the run then trained the chosen config)."""
+    notes = []
+    for r in records:
+        search = r.get("search")
+        if r.get("status") != "ok" or not search:
+            continue
+        trials = search.get("trials", [])
+        best = max((t["score"] for t in trials), default=float("nan"))
+        found = json.dumps({k: v for k, v in search["config"].items() if k != "method"}, separators=(",", ":"))
+        notes.append(f"{r['method']} on {task_label(r['task'])} (seed {r['seed']}): searched {len(trials)} candidate(s) "
+                     f"of {search['budget']['steps']} steps in {search['seconds']:.0f} s (best held-out score "
+                     f"{100 * best:.1f}); trained the chosen config {found[:400]}{'…' if len(found) > 400 else ''}")
+    return notes
 
 
 def _name(method: str) -> str:

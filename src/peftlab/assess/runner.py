@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from .jobs import jobs_for
 from .plots import write_plots
-from .report import (aggregate, baseline_notes, drift_notes, failure_notes, markdown, runs_csv, spread_notes,
-                     summary_csv, summary_text)
+from .report import (aggregate, baseline_notes, drift_notes, failure_notes, markdown, runs_csv, search_notes,
+                     spread_notes, summary_csv, summary_text)
 from .store import RunStore, fingerprint, write_json_atomic, write_text_atomic
 from .suites import Suite, TaskSpec
 from ..core.errors import PeftlabError
@@ -284,7 +284,7 @@ def _write_tables(result: SuiteResult, started: float, cpu_started: float, plots
     suite, out, records = result.suite, result.out, result.records
     rows = aggregate(records)
     notes = (result.notes + failure_notes(records) + baseline_notes(rows, suite) + spread_notes(rows)
-             + drift_notes(records))
+             + drift_notes(records) + search_notes(records))
     result.rows = rows
     result.wall_s = time.perf_counter() - started
     result.cpu_s = time.process_time() - cpu_started

@@ -87,6 +87,11 @@ class Suite:
     timed_steps: int = 2
     device: str | None = None  # None: accelerate's choice (GPU when there is one)
     explicit_methods: bool = False  # methods came from the user: unknown names are errors, not notes
+    # methods found by a search (AutoPEFT, S3Delta-M, S4): candidates trained per search, optimizer steps
+    # per candidate (None: a quarter of a run's steps) and a wall-time cap, before the found config's run
+    search_trials: int = 6
+    search_steps: int | None = None
+    search_minutes: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -97,6 +102,17 @@ class Suite:
             raise PeftlabError(f"suite {self.name!r}: lr_scale={self.lr_scale} and full_lr={self.full_lr} "
                                "must be positive")
         check_method_options(self.method_options, f"suite {self.name!r}")
+        self.search_budget(100)  # a bad search_trials / search_steps / search_minutes fails here, named
+
+    def search_budget(self, run_steps: int) -> Any:
+        """The budget of a search method's search, for runs of ``run_steps`` optimizer steps."""
+        from ..core.search import SearchBudget
+
+        try:
+            return SearchBudget(trials=self.search_trials, steps=self.search_steps or max(1, run_steps // 4),
+                                minutes=self.search_minutes)
+        except PeftlabError as err:
+            raise PeftlabError(f"suite {self.name!r}: {str(err).replace('SearchBudget.', 'search_')}") from None
 
     def replace(self, **changes: Any) -> "Suite":
         return dataclasses.replace(self, **changes)
@@ -136,6 +152,13 @@ class Suite:
             if spec.encoder_only and self.kind in ("translation", "generation"):
                 why = (f"method {spec.name!r} applies to encoder models only; the {self.name} suite's {self.kind} "
                        "model is a decoder or encoder-decoder")
+                if self.explicit_methods and not every:
+                    raise PeftlabError(f"{why}: drop it from methods")
+                notes.append(f"{why}, so it is skipped here")
+                continue
+            if spec.search is not None and self.kind != "glue":
+                why = (f"method {spec.name!r} is found by a search, which the study runs on GLUE tasks only (its "
+                       f"candidates are scored on held-out training examples); the {self.name} suite is {self.kind}")
                 if self.explicit_methods and not every:
                     raise PeftlabError(f"{why}: drop it from methods")
                 notes.append(f"{why}, so it is skipped here")

@@ -85,7 +85,7 @@ class MethodSpec:
     # It attends over the whole sequence and keeps no KV cache (Tiny-Attention): ``PeftModel.generate``
     # decodes without the cache (``use_cache=False``) while it is live.
     needs_full_sequence: bool = False
-    # It is found by a search (AutoPEFT, S3Delta-M, S4): ``search(context, budget)`` trains candidates
+    # It is found by a search (AutoPEFT, S3Delta-M, S4): ``search(context, budget, config)`` trains candidates
     # through ``context`` (a :class:`~peftlab.core.search.SearchContext`) and returns a
     # :class:`~peftlab.core.search.SearchResult` whose ``config`` is this method's config; the study
     # runs it before training the found config like any other.

@@ -6,6 +6,7 @@ GLUE task, holding part of the training split out for scoring (the dev set stays
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import random
 import time
@@ -32,6 +33,13 @@ class LoopSearchContext:
         self.base, self.train_loader, self.score, self.head = base, train_loader, score, head
         self.args = dataclasses.replace(args, progress=False, save_every=None, resume=False)
         self.seed = args.seed
+
+    @property
+    def run_steps(self) -> int:
+        """Optimizer steps of one candidate run at the context's own length (``args``)."""
+        if self.args.max_steps:
+            return self.args.max_steps
+        return max(1, math.ceil(len(self.train_loader()) * self.args.epochs / self.args.grad_accum_steps))
 
     def new_model(self) -> nn.Module:
         return copy.deepcopy(self.base)
