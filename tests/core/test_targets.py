@@ -32,6 +32,7 @@ def test_all_linear_skips_the_head():
     (tiny_llama, "@value", "model.layers.0.self_attn.v_proj"),
     (tiny_llama, "@ffn_in", "model.layers.0.mlp.gate_proj"),
     (tiny_llama, "@embeddings", "model.embed_tokens"),
+    (tiny_t5, "@embeddings", "encoder.embed_tokens"),  # what the stacks call, not the tied ``shared``
     (tiny_t5, "@query", "encoder.block.0.layer.0.SelfAttention.q"),
     (tiny_t5, "@ffn_out", "encoder.block.0.layer.1.DenseReluDense.wo"),
     (tiny_bert, "@layernorm", "bert.embeddings.LayerNorm"),
@@ -101,3 +102,16 @@ def test_layer_of_names_the_stack_and_index():
     assert layer_of(model, "bert.encoder.layer.1.attention.self.query") == ("bert.encoder.layer", 1, 2)
     assert layer_block(model, "bert.encoder.layer.1.output.dense") == "bert.encoder.layer.1"
     assert layer_of(model, "bert.embeddings.word_embeddings") is None
+
+
+def test_t5_embeddings_site_is_what_the_stacks_call():
+    model = tiny_t5()
+    assert resolve_targets(model, ("@embeddings",)) == ["encoder.embed_tokens", "decoder.embed_tokens"]
+    pm = get_peft_model(model, LoraConfig(targets=("@embeddings",), r=2))
+    for name, p in pm.named_parameters():
+        if p.requires_grad and "lora" in name:
+            torch.nn.init.normal_(p)
+    ids = torch.randint(3, 100, (2, 5))
+    out = pm(input_ids=ids, decoder_input_ids=ids).logits
+    with pm.disable_adapter():
+        assert not torch.allclose(out, pm(input_ids=ids, decoder_input_ids=ids).logits)

@@ -110,7 +110,8 @@ _T5 = Architecture(
         "attention": r"(SelfAttention|EncDecAttention)$",
         "self_attention": r"SelfAttention$",
         "layernorm": r"layer_norm$",
-        "embeddings": r"(^|\.)shared$",
+        # The modules the stacks call; ``shared`` only ties their weight and is never called.
+        "embeddings": r"(^|\.)(encoder|decoder)\.embed_tokens$",
     },
     aliases=("t5", "mt5", "umt5"),
 )

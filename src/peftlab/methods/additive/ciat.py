@@ -29,8 +29,8 @@ encoder-decoder attention is built *without* an adapter), ``models/transformer_C
 and ``configs/tune-on-en2de.yml``. There are no cross-layer adapters in that code.
 
 Placement per architecture (peftlab's ``@`` sites): encoder-decoder models (T5) get an embedding
-adapter on ``encoder.embed_tokens`` and one on ``decoder.embed_tokens`` (the modules the two stacks
-call; T5 ties their weight to ``shared``, its ``@embeddings`` site, which no stack calls), two separate
+adapter on ``encoder.embed_tokens`` and one on ``decoder.embed_tokens`` (T5's ``@embeddings``: the modules
+the two stacks call, which share their weight), two separate
 networks as the paper's encoder and decoder ones, and layer adapters beside every ``SelfAttention``
 and ``DenseReluDense``.
 Decoder-only models (GPT-2, Llama) get one embedding adapter on the token lookup (``@embeddings``),
@@ -197,23 +197,15 @@ class CiatEmbeddingAdapter(DeltaModule):
 
 
 def _embedding_sites(model: nn.Module) -> list[str]:
-    """The token-embedding module each stack calls: ``encoder.embed_tokens`` and ``decoder.embed_tokens``
-    for an encoder-decoder (T5's ``@embeddings``, ``shared``, only ties their weight), else ``@embeddings``."""
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        paths = []
-        for path in resolve_targets(model, ("@embeddings",)):
-            parent = path.rpartition(".")[0]
-            combines = parent and not any(isinstance(m, nn.ModuleList) for m in model.get_submodule(parent).modules())
-            # A parent without a layer stack combines the lookup with positions (BERT: LN(word + position
-            # + type)); its output is what the first layer reads, the reference's adapter input.
-            paths.append(parent if combines else path)
-        return paths
-    stacks = [model.get_encoder(), model.get_decoder()]
-    paths = [f"{path}.embed_tokens" for path, module in model.named_modules()
-             if any(module is stack for stack in stacks) and hasattr(module, "embed_tokens")]
-    if len(paths) != 2:
-        raise PeftlabError(f"CIAT puts an embedding adapter in the encoder and the decoder, but found "
-                           f"{paths or 'no'} 'embed_tokens' modules in {type(model).__name__}'s encoder and decoder")
+    """The token-embedding module each stack calls (``@embeddings``: T5's ``encoder.embed_tokens`` and
+    ``decoder.embed_tokens``); where its parent combines the lookup with positions and no layer stack
+    (BERT: LN(word + position + type)), that parent: its output is what the first layer reads, the
+    reference's adapter input."""
+    paths = []
+    for path in resolve_targets(model, ("@embeddings",)):
+        parent = path.rpartition(".")[0]
+        combines = parent and not any(isinstance(m, nn.ModuleList) for m in model.get_submodule(parent).modules())
+        paths.append(parent if combines else path)
     return paths
 
 
