@@ -152,7 +152,8 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
         "config": config.to_dict() if config else None, "train_args": asdict(args),
         "trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total,
         "steps": result.steps, "final_loss": result.final_loss, "median_step_s": result.median_step_s,
-        "tokens_per_s": result.tokens_per_s, "wall_s": time.perf_counter() - started, "metrics": metrics,
+        "tokens_per_s": result.tokens_per_s, "tokens": result.tokens, "train_s": result.wall_s,
+        "wall_s": time.perf_counter() - started, "metrics": metrics,
     }
     if out is not None:
         out = Path(out)

@@ -1,0 +1,202 @@
+"""The whole fine-tuning job, side by side: HF ``Trainer`` + HF ``peft`` against ``peftlab train``.
+
+    python -m benchmarks.job                          # SST-2 job below, 2 rounds, writes docs/benchmarks_job.md/.json
+    python -m benchmarks.job --train-limit 64 --repeats 1 --out /tmp/job   # smoke run
+
+The job a user would otherwise write: LoRA (r 8, alpha 16, query and value, the classification head
+trained in full) on the MiniLM, the first 5,000 SST-2 training examples, one epoch, batch 32, max
+length 64, learning rate 1e-3, seed 0, scored on the whole SST-2 dev set. The HF side is the plain
+script: ``AutoTokenizer`` + ``datasets``-free encoding, ``DataCollatorWithPadding`` (each batch padded to
+its longest example), ``TrainingArguments`` defaults otherwise (AdamW, linear decay, no warm-up),
+``Trainer.train`` then ``Trainer.predict``. The peftlab side is ``peftlab.train.glue_job.run_glue``, what
+``peftlab train`` runs, with the same hyper-parameters (``warmup_ratio=0``, as the Trainer's default).
+
+Each job runs in its own process (fresh allocator, its own peak RSS), one after the other and
+alternating (HF, peftlab, peftlab, HF, ...) so drifting machine load falls on both. Per job:
+- wall: the whole job, from reading the data to the dev score (model loading included);
+- train tokens/s: non-padding training tokens (each example's length, summed over the epoch) over the
+  training time alone (``Trainer.train`` / peftlab's loop);
+- peak RSS: the process's resident-set high-water mark (``ru_maxrss``), Python and libraries included;
+- dev accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SIDES = ("hf", "peftlab")
+
+
+def _examples(data_dir: str, limit: int | None) -> tuple[Any, list[Any], list[Any]]:
+    from peftlab.tasks.glue import get_glue_task, load_glue
+
+    task = get_glue_task("sst2")
+    return task, load_glue(task, data_dir, "train", limit), load_glue(task, data_dir, "dev", None)
+
+
+def run_hf(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    started = time.perf_counter()
+    _, train_examples, dev_examples = _examples(args.data_dir, args.train_limit)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+
+    def encode(examples: list[Any]) -> list[dict[str, Any]]:
+        enc = tokenizer([e.text_a for e in examples], truncation=True, max_length=args.max_length)
+        return [{"input_ids": ids, "attention_mask": mask, "labels": e.label}
+                for ids, mask, e in zip(enc["input_ids"], enc["attention_mask"], examples)]
+
+    train_rows, dev_rows = encode(train_examples), encode(dev_examples)
+    torch.manual_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                             lora_dropout=0.0, modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    training = TrainingArguments(output_dir=args.scratch, per_device_train_batch_size=args.batch_size,
+                                 per_device_eval_batch_size=128, num_train_epochs=1, learning_rate=args.lr,
+                                 seed=args.seed, report_to=[], save_strategy="no", logging_strategy="no",
+                                 disable_tqdm=True, use_cpu=True)
+    trainer = Trainer(model=model, args=training, train_dataset=train_rows,
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    predictions = trainer.predict(dev_rows)
+    accuracy = float(np.mean(predictions.predictions.argmax(-1) == predictions.label_ids))
+    tokens = sum(len(r["input_ids"]) for r in train_rows)
+    return {"wall_s": time.perf_counter() - started, "train_s": train_s, "tokens": tokens, "accuracy": accuracy}
+
+
+def run_peftlab(args: argparse.Namespace) -> dict[str, Any]:
+    from peftlab import LoraConfig
+    from peftlab.train.glue_job import GlueRun, run_glue
+    from peftlab.train.loop import TrainArgs
+
+    started = time.perf_counter()
+    run = GlueRun(model=args.model, task="sst2", data_dir=args.data_dir, train_limit=args.train_limit,
+                  batch_size=args.batch_size, max_length=args.max_length)
+    summary = run_glue(run, LoraConfig(r=8, alpha=16, targets=("query", "value")),
+                       TrainArgs(lr=args.lr, epochs=1, warmup_ratio=0.0, seed=args.seed, progress=False))
+    return {"wall_s": time.perf_counter() - started, "train_s": summary["train_s"], "tokens": summary["tokens"],
+            "accuracy": summary["metrics"]["accuracy"]}
+
+
+def _child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = (run_hf if args.side == "hf" else run_peftlab)(args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print("RESULT " + json.dumps(result))
+
+
+def _spawn(side: str, args: argparse.Namespace) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "benchmarks.job", "--side", side, "--model", args.model, "--data-dir",
+            args.data_dir, "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--max-length",
+            str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed), "--scratch", args.scratch]
+    if args.train_limit:
+        argv += ["--train-limit", str(args.train_limit)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"{side} job failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {"wall_s": statistics.median(r["wall_s"] for r in runs),
+            "tokens_per_s": statistics.median(r["tokens"] / r["train_s"] for r in runs),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+            "accuracy": runs[0]["accuracy"], "accuracies": [r["accuracy"] for r in runs]}
+
+
+def markdown(data: dict[str, Any]) -> str:
+    s = data["settings"]
+    hf, pl = data["summary"]["hf"], data["summary"]["peftlab"]
+    lines = [
+        "# The whole job: HF Trainer + peft against peftlab",
+        "",
+        f"Written by `python -m benchmarks.job` (edit that file, not this one) on {data['date']}. "
+        f"LoRA r 8 / alpha 16 on query and value, head trained; {s['model_name']}, SST-2 first "
+        f"{s['train_limit'] or 'all'} training examples, 1 epoch, batch {s['batch_size']}, max length "
+        f"{s['max_length']}, lr {s['lr']:g}, seed {s['seed']}, {s['threads']} thread(s); {s['repeats']} round(s), "
+        "each job in its own process, alternating sides; medians over rounds.",
+        "",
+        "| | HF Trainer + peft | peftlab | peftlab / HF |",
+        "|---|---:|---:|---:|",
+        f"| whole job wall (s) | {hf['wall_s']:.1f} | {pl['wall_s']:.1f} | {pl['wall_s'] / hf['wall_s']:.3f} |",
+        f"| training tokens/s (real tokens) | {hf['tokens_per_s']:.0f} | {pl['tokens_per_s']:.0f} | "
+        f"{pl['tokens_per_s'] / hf['tokens_per_s']:.3f} |",
+        f"| peak RSS (MB) | {hf['peak_rss_mb']:.0f} | {pl['peak_rss_mb']:.0f} | "
+        f"{pl['peak_rss_mb'] / hf['peak_rss_mb']:.3f} |",
+        f"| dev accuracy | {hf['accuracy']:.4f} | {pl['accuracy']:.4f} | {pl['accuracy'] - hf['accuracy']:+.4f} |",
+        "",
+        "Speed-up (HF wall / peftlab wall): " f"{hf['wall_s'] / pl['wall_s']:.3f}x. Every run, in the order run:",
+        "",
+        "| round | side | wall s | train s | tokens | peak RSS MB | accuracy |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r['round']} | {r['side']} | {r['wall_s']:.1f} | {r['train_s']:.1f} | {r['tokens']} | "
+              f"{r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} |" for r in data["runs"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(SHARED / "models" / "all-MiniLM-L6-v2"))
+    parser.add_argument("--data-dir", default=str(SHARED / "data" / "glue"))
+    parser.add_argument("--train-limit", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds; each runs both jobs")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_job"), help="writes OUT.md and OUT.json")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one job in this process
+    parser.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.side:
+        _child(args)
+        return None
+    import tempfile
+
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        args.scratch = scratch
+        for r in range(args.repeats):
+            for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+                result = _spawn(side, args)
+                runs.append({"round": r, "side": side, **result})
+                print(f"round {r} {side}: {result['wall_s']:.1f} s, accuracy {result['accuracy']:.4f}", flush=True)
+    settings = {k: getattr(args, k) for k in ("train_limit", "batch_size", "max_length", "lr", "seed", "threads",
+                                               "repeats")}
+    settings["model_name"] = Path(args.model).name
+    data = {"date": time.strftime("%Y-%m-%d"), "settings": settings, "runs": runs,
+            "summary": {side: _summary([r for r in runs if r["side"] == side]) for side in SIDES}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    out.with_suffix(".md").write_text(markdown(data))
+    print(markdown(data))
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The job benchmark (HF Trainer + peft against peftlab's GLUE job) on a tiny model and a few
+examples: both jobs run in their own processes and the page is written. Correctness only: no
+assertion looks at a time."""
+from __future__ import annotations
+
+import json
+
+from benchmarks.job import main
+
+from ..assess.conftest import write_glue, write_tiny_model
+
+
+def test_both_jobs_run_and_the_page_is_written(tmp_path):
+    model = write_tiny_model(tmp_path / "model")
+    data = write_glue(tmp_path / "glue", tasks=("SST-2",), n_train=24, n_dev=8)
+    out = tmp_path / "job"
+    result = main(["--model", str(model), "--data-dir", str(data), "--train-limit", "24", "--batch-size", "8",
+                   "--repeats", "1", "--threads", "1", "--out", str(out)])
+    assert [r["side"] for r in result["runs"]] == ["hf", "peftlab"]
+    for run in result["runs"]:
+        # the same examples, so the same real-token count on both sides; a score and a peak were read
+        assert run["tokens"] == result["runs"][0]["tokens"] > 0
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["peak_rss_mb"] > 0 and run["train_s"] > 0
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["train_limit"] == 24
+    assert "| whole job wall (s) |" in out.with_suffix(".md").read_text()
