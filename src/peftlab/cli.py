@@ -119,7 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_model(args.model, "sequence classification", f"GLUE {get_glue_task(task).dir_name}")
     lr = args.lr or (get_method(args.method).default_lr if config else 5e-5)
     run = GlueRun(model=args.model, task=task, data_dir=root, train_limit=args.train_limit,
-                  eval_limit=args.eval_limit, batch_size=args.batch_size, max_length=args.max_length)
+                  eval_limit=args.eval_limit, batch_size=args.batch_size, max_length=args.max_length,
+                  group_by_length=not args.no_group_by_length)
     train_args = TrainArgs(epochs=args.epochs, lr=lr, seed=args.seed, grad_accum_steps=args.grad_accum,
                            mixed_precision=args.mixed_precision, save_every=args.save_every,
                            checkpoint_dir=str(checkpoints), resume=args.resume)
@@ -154,13 +155,17 @@ def cmd_search(args: argparse.Namespace) -> int:
                                   holdout=args.holdout)
     result = spec.search(context, budget, config)
     saved = result.save(args.out)
+    if result.front:
+        from .assess.plots import write_search_front
+
+        write_search_front(result, args.out)
     for i, trial in enumerate(result.trials):
         mark = "  front" if i in result.front else ""
         print(f"trial {i}: held-out {trial.score:.4f}  trainable {trial.trainable:,}  {trial.seconds:.0f} s{mark}")
     for note in result.notes:
         print(note)
-    print(f"searched {len(result.trials)} candidate(s) in {result.seconds:.0f} s; the chosen config and every trial "
-          f"are in {saved.parent}. Train it: peftlab train --config {saved.parent / 'config.json'} --model ... --task ...")
+    print(f"searched {len(result.trials)} candidate(s) in {result.seconds:.0f} s; the chosen config, every trial "
+          f"(and the Pareto front, front.md/front.png, where the search reports one) are in {saved.parent}. Train it: peftlab train --config {saved.parent / 'config.json'} --model ... --task ...")
     return 0
 
 
@@ -169,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .core.config import PeftConfig
     from .core.model import PeftModel
     from .tasks.glue import get_glue_task, glue_metrics
-    from .train.data import encode_pairs, make_loader
+    from .train.data import encode_pairs, make_scoring_loader
     from .train.glue_job import load_classifier, load_eval_splits
     from .train.loop import predict
 
@@ -183,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = {}
     for split, examples in splits.items():
         rows = encode_pairs(examples, tokenizer, args.max_length)
-        logits, labels = predict(model, make_loader(rows, tokenizer, 128, shuffle=False), progress=True)
+        logits, labels = predict(model, make_scoring_loader(rows, tokenizer), progress=True)
         metrics[split] = glue_metrics(task, logits, labels)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -305,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-limit", type=_LIMIT, default=None, help="use the first N training examples")
     train.add_argument("--epochs", type=_positive(float), default=1.0)
     train.add_argument("--batch-size", type=_positive(int), default=32)
+    train.add_argument("--no-group-by-length", action="store_true",
+                       help="plain shuffled batches (default: shuffled batches of similar-length examples, less padding)")
     train.add_argument("--lr", type=_positive(float), default=None, help="default: the method's own default_lr")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--grad-accum", type=_positive(int), default=1, metavar="N",

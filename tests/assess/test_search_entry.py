@@ -82,6 +82,7 @@ def test_search_command_writes_the_config_that_train_reads(tmp_path, tiny_model,
     assert "searched 2 candidate(s)" in capsys.readouterr().out and CALLS == [(1, 1), (2, 1)]
     saved = json.loads((found / "search.json").read_text())
     assert len(saved["trials"]) == 2 and saved["budget"] == {"trials": 2, "steps": 1, "minutes": None}
+    assert (found / "front.png").stat().st_size > 1000 and "chosen" in (found / "front.md").read_text()
     assert main(["train", *common, "--config", str(found / "config.json"), "--epochs", "0.2", "--out",
                  str(tmp_path / "trained")]) == 0
     adapter = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())

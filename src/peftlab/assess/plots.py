@@ -102,3 +102,43 @@ def _save(fig: Any, path: Path, plt: Any) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def write_search_front(result: Any, folder: str | Path) -> tuple[Path, Path]:
+    """A search's trials (a :class:`~peftlab.core.search.SearchResult`): ``front.md`` (every trial, the
+    Pareto front marked, the chosen one in bold; a trial's ``info["summary"]`` describes it) and
+    ``front.png`` (held-out score against trained entries, log x; the front joined, the chosen ringed)."""
+    from ..core.errors import PeftlabError
+
+    if not result.trials:
+        raise PeftlabError("write_search_front: the search result holds no trials; nothing to write")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    same = [i for i, t in enumerate(result.trials) if t.config == result.config]
+    chosen = next((i for i in same if i in result.front), same[0] if same else None)
+    rows = ["| trial | held-out score | trained entries | front | configuration |", "|---:|---:|---:|:---:|:---|"]
+    for i, t in enumerate(result.trials):
+        mark = ("**chosen**" if i == chosen else "yes") if i in result.front else ("chosen" if i == chosen else "")
+        rows.append(f"| {i} | {t.score:.4f} | {t.trainable:,} | {mark} | {t.info.get('summary', t.config.method)} |")
+    table = folder / "front.md"
+    table.write_text(f"# {result.method} search: {len(result.trials)} trials, {result.seconds:.0f} s\n\n"
+                     + "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in result.notes) + "\n")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([t.trainable for t in result.trials], [t.score for t in result.trials], c="0.6", label="trials")
+    front = sorted(result.front, key=lambda i: result.trials[i].trainable)
+    ax.plot([result.trials[i].trainable for i in front], [result.trials[i].score for i in front], "o-", c="C0",
+            label="Pareto front")
+    if chosen is not None:
+        ax.scatter([result.trials[chosen].trainable], [result.trials[chosen].score], s=180, facecolors="none",
+                   edgecolors="C3", linewidths=2, label="chosen")
+    ax.set_xscale("log")
+    ax.set_xlabel("trained entries (log)")
+    ax.set_ylabel("held-out score")
+    ax.set_title(f"{result.method}: {len(result.trials)} trials")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    plot = folder / "front.png"
+    fig.savefig(plot, dpi=100)
+    plt.close(fig)
+    return table, plot

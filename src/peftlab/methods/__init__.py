@@ -48,3 +48,4 @@ from .hybrid import unipelt  # noqa: F401
 from .unified import propetl  # noqa: F401
 from .unified import sparse_adapter  # noqa: F401
 from .unified import adamix  # noqa: F401
+from .hybrid import autopeft  # noqa: F401
