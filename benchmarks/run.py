@@ -53,7 +53,8 @@ from peftlab.core.state import atomic_write_bytes
 # Configurations measured per method (default: its config's defaults), and whether the variant
 # also gets inference rows (dropout does nothing at inference, so that variant would repeat them).
 VARIANTS: dict[str, list[tuple[dict[str, Any], bool]]] = {
-    "lora": [({}, True), ({"dropout": 0.1}, False), ({"use_dora": True}, True)],
+    # all-linear: LoRAPrune's placement, so its row has LoRA at the same layers beside it
+    "lora": [({}, True), ({"dropout": 0.1}, False), ({"use_dora": True}, True), ({"targets": "all-linear"}, False)],
     "child_tuning": [({}, True), ({"mode": "F"}, False)],
     # Phase 1 (full fine-tuning in the data pass) would otherwise last the whole nominal run.
     "lt_sft": [({"dense_steps": 1}, True)],

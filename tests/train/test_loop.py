@@ -14,6 +14,7 @@ from peftlab import LoraConfig, get_peft_model
 from peftlab.core.errors import PeftlabError
 from peftlab.core.registry import get_method
 from peftlab.train.loop import TrainArgs, latest_checkpoint, train
+from peftlab.train.data import LengthGroupedBatches
 from tests.conftest import apply_method, tiny_bert
 from tests.train import ddp_worker
 
@@ -120,11 +121,17 @@ def bert_with(method: str):
     return get_peft_model(base, get_method(method).config_cls(num_samples=16))
 
 
-def loader(batch_size: int, shuffle: bool) -> DataLoader:
+def loader(batch_size: int, shuffle: bool | str) -> DataLoader:
     # Shuffled as peftlab's loaders shuffle, by their own generator. A loader without one draws
-    # each epoch's iterator seed from the global RNG (which dropout uses too).
+    # each epoch's iterator seed from the global RNG (which dropout uses too). "grouped": the
+    # length-grouped batches peftlab's GLUE job trains on, drawn by the same generator.
     generator = torch.Generator().manual_seed(3) if shuffle else None
-    return DataLoader(ddp_worker.rows()[:ROWS], batch_size=batch_size, shuffle=shuffle, generator=generator)
+    rows = ddp_worker.rows()[:ROWS]
+    if shuffle == "grouped":
+        lengths = [int(r["attention_mask"].sum()) for r in rows]
+        return DataLoader(rows, batch_sampler=LengthGroupedBatches(lengths, batch_size, generator, pool=2),
+                          generator=generator)
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
 class Crash(Exception):
@@ -144,6 +151,8 @@ def crash_at(step: int):
     ("lora", 1, 4, True),  # at step 3: the end of the first epoch
     ("lora", 1, 5, True),  # at step 4: mid second epoch
     ("lora", 1, 5, False),
+    ("lora", 1, 3, "grouped"),  # length-grouped batches: mid-epoch
+    ("lora", 1, 5, "grouped"),  # and into the second epoch (a new draw of pools and batch order)
     ("lora", 2, 2, True),  # accumulation: resumes at step 1, one batch into the epoch's second step
     ("fish_mask", 1, 5, True),  # a data pass chose the entries: kept, not chosen again
     ("child_tuning_D", 1, 5, True),  # a Fisher pass chose the child network, a hook masks gradients

@@ -147,7 +147,8 @@ class Jobs:
         return {"kind": suite.kind, "model": suite.model, "data_dir": suite.data_dir, "task": task.to_dict(),
                 "method": method, "config": config.to_dict() if config else None,
                 "lr": suite.learning_rate(method), "epochs": suite.epochs, "max_steps": suite.max_steps,
-                "batch_size": suite.batch_size, "warmup_ratio": suite.warmup_ratio,
+                "batch_size": suite.batch_size, "group_by_length": suite.group_by_length,
+                "warmup_ratio": suite.warmup_ratio,
                 "weight_decay": suite.weight_decay, "seed": seed, "timed_steps": suite.timed_steps,
                 # Scores move with the thread count (reduction order) and times with the machine:
                 # a run made under other ones is not reused.
@@ -267,7 +268,8 @@ class GlueJobs(Jobs):
 
         s = self.suite
         run = GlueRun(model=s.model, task=task.name, data_dir=s.data_dir, train_limit=task.train_limit,
-                      eval_limit=task.eval_limit, batch_size=s.batch_size, max_length=task.max_length)
+                      eval_limit=task.eval_limit, batch_size=s.batch_size, max_length=task.max_length,
+                      group_by_length=s.group_by_length)
         config, search = s.method_config(method), None
         if config is not None and _searched(method):
             config, search = self._search(run, method, seed, config)

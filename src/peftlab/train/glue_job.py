@@ -19,7 +19,7 @@ from ..core.registry import spec_for_config
 from ..core.model import get_peft_model
 from ..tasks.errors import TaskDataError, describe_folder
 from ..tasks.glue import Example, GlueTask, get_glue_task, glue_metrics, load_glue
-from .data import encode_pairs, make_loader
+from .data import encode_pairs, make_loader, make_scoring_loader
 from .loop import StepProbe, TrainArgs, predict, train
 
 # Both names peft uses for a new classification head; a model has one of them.
@@ -35,6 +35,9 @@ class GlueRun:
     eval_limit: int | None = None
     batch_size: int = 32
     max_length: int = 64
+    # Training batches of rows of similar length (shuffled): far less padding on sentences of varied
+    # length; every row still once per epoch (see peftlab.train.data.LengthGroupedBatches).
+    group_by_length: bool = True
 
     def __post_init__(self) -> None:
         # Refused here: a limit of 0 used to surface as an IndexError deep inside the tokenizer.
@@ -133,7 +136,8 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     else:
         trainable = total = sum(p.numel() for p in model.parameters())
     train_rows = encode_pairs(train_examples, tokenizer, run.max_length)
-    loader = make_loader(train_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed)
+    loader = make_loader(train_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed,
+                         group_by_length=run.group_by_length)
     started = time.perf_counter()
     result = train(model, loader, args, probe=probe)
     if config is not None:
@@ -144,7 +148,7 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     metrics: dict[str, float] = {}
     for split, examples in eval_examples.items():
         rows = encode_pairs(examples, tokenizer, run.max_length)
-        logits, labels = predict(model, make_loader(rows, tokenizer, 128, shuffle=False))
+        logits, labels = predict(model, make_scoring_loader(rows, tokenizer))
         scores = glue_metrics(task, logits, labels)
         metrics.update(scores if len(task.eval_splits) == 1 else {f"{split}/{k}": v for k, v in scores.items()})
     summary = {

@@ -64,7 +64,7 @@ def glue_search_context(run: Any, args: TrainArgs, holdout: float = 0.2) -> Loop
     training examples shuffled with ``args.seed``, ``holdout`` of them scored (the task's main metric),
     the rest trained on."""
     from ..tasks.glue import get_glue_task, glue_metrics, load_glue
-    from .data import encode_pairs, make_loader
+    from .data import encode_pairs, make_loader, make_scoring_loader
     from .glue_job import HEADS, load_classifier
 
     if not isinstance(holdout, float) or not 0.0 < holdout < 1.0:
@@ -86,10 +86,11 @@ def glue_search_context(run: Any, args: TrainArgs, holdout: float = 0.2) -> Loop
     score_rows = encode_pairs(scored, tokenizer, run.max_length)
 
     def train_loader() -> Any:
-        return make_loader(fit_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed)
+        return make_loader(fit_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed,
+                           group_by_length=run.group_by_length)
 
     def score(model: nn.Module) -> float:
-        logits, labels = predict(model, make_loader(score_rows, tokenizer, 128, shuffle=False))
+        logits, labels = predict(model, make_scoring_loader(score_rows, tokenizer))
         return glue_metrics(task, logits, labels)[task.main_metric]
 
     return LoopSearchContext(base, train_loader, score, args, head=HEADS)
