@@ -568,7 +568,7 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, log: Callable[[str],
     # tokens as the training batch where that batch is smaller (shorter sequences).
     mixed_n = max(batch_size, MIXED_EXAMPLES)
     mixed = make_batch(spec, mixed_n, max(8, batch_size * seq // mixed_n), device)
-    specs = all_methods()
+    specs = [s for s in all_methods() if not s.internal]  # a search stage is measured as its method
     only = re.compile(args.only) if args.only else None
     use_peft = not args.no_peft
     if use_peft:

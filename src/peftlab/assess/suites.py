@@ -126,11 +126,10 @@ class Suite:
     # -- methods -------------------------------------------------------------------------
     def method_plan(self) -> tuple[list[str], list[str]]:
         """(methods to run, notes about requested methods that are not registered)."""
-        registered = [s.name for s in all_methods()]
         wanted = list(self.methods)
         every = any(m.lower() == "all" for m in wanted)
-        if every:
-            wanted = registered
+        if every:  # every method of the taxonomy: a search's internal stage is not one
+            wanted = [s.name for s in all_methods() if not s.internal]
         chosen: list[str] = []
         notes: list[str] = []
         for name in wanted:

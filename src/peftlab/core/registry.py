@@ -90,6 +90,9 @@ class MethodSpec:
     # :class:`~peftlab.core.search.SearchResult` whose ``config`` is this method's config; the study
     # runs it before training the found config like any other.
     search: Callable[..., Any] | None = None
+    # A stage of another method, not a method of the taxonomy (S3Delta-M's gated supernet, which its
+    # search trains): the conformance suite tests it; the study's "all" and the benchmarks leave it out.
+    internal: bool = False
 
     def missing_requirement(self) -> str | None:
         """Why this method cannot run here (its optional dependency is not installed), or None."""

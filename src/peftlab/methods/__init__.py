@@ -49,3 +49,5 @@ from .unified import propetl  # noqa: F401
 from .unified import sparse_adapter  # noqa: F401
 from .unified import adamix  # noqa: F401
 from .hybrid import autopeft  # noqa: F401
+from .partial import ln_tuning  # noqa: F401
+from .hybrid import s3delta  # noqa: F401
