@@ -33,7 +33,9 @@ FULL = "full"
 KINDS = ("glue", "translation", "generation", "efficiency")
 # The methods the review benchmarks (its Tables 3-4) that peftlab implements; the quick and GLUE
 # suites run these unless told otherwise. A name that is not registered is skipped with a note.
-REVIEW_METHODS = ("sequential_adapter", "prompt_tuning", "prefix_tuning", "ia3", "bitfit", "lora")
+# QLoRA needs the quant extra (bitsandbytes); without it the suites skip it with a note.
+REVIEW_METHODS = ("sequential_adapter", "prompt_tuning", "prefix_tuning", "ia3", "bitfit", "child_tuning", "lora",
+                  "adalora", "qlora", "mam_adapter", "propetl")
 
 
 def shared_dir() -> Path:
@@ -229,7 +231,7 @@ def builtin_suites() -> dict[str, Suite]:
             data_dir=None,
             tasks=tuple(TaskSpec(size, max_length=32) for size in
                         ("roberta-base", "roberta-large", "t5-base", "t5-large", "llama-7b")),
-            batch_size=4, methods=REVIEW_METHODS + ("qlora",)),  # the review's memory table has QLoRA
+            batch_size=4),
     }
 
 
