@@ -51,3 +51,4 @@ from .unified import adamix  # noqa: F401
 from .hybrid import autopeft  # noqa: F401
 from .partial import ln_tuning  # noqa: F401
 from .hybrid import s3delta  # noqa: F401
+from .hybrid import s4  # noqa: F401
