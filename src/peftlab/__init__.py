@@ -52,11 +52,17 @@ from .methods.hybrid.unipelt import UniPELTConfig
 from .methods.unified.adamix import AdaMixConfig
 from .methods.unified.sparse_adapter import SparseAdapterConfig
 from .methods.unified.propetl import ProPETLConfig
+from .methods.partial.ln_tuning import LNTuningConfig
+from .methods.hybrid.autopeft import AutoPeftConfig
+from .methods.hybrid.s3delta import S3DeltaConfig
+from .methods.hybrid.s4 import S4Config
+from .core.search import SearchBudget, SearchResult
 from .core.quant import dequantize_model, quantize_model
 
 __all__ = [
     "AdapterDropConfig", "AdapterFusionConfig", "AttentionFusionConfig", "CiatConfig", "CodaConfig", "CompacterConfig",
-    "CompacterPlusPlusConfig", "LstConfig", "UniPELTConfig", "AdaMixConfig", "SparseAdapterConfig", "ProPETLConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "CompacterPlusPlusConfig", "LstConfig", "UniPELTConfig", "AdaMixConfig", "SparseAdapterConfig", "ProPETLConfig",
+    "LNTuningConfig", "AutoPeftConfig", "S3DeltaConfig", "S4Config", "SearchBudget", "SearchResult", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "BitFitConfig", "CheckpointError", "ChildTuningConfig", "DeltaLoraConfig", "DyLoraConfig", "HadamardAdapterConfig", "IA3Config", "IncreLoraConfig", "IntrinsicSaidConfig", "KernelMixConfig", "KronAConfig", "LaplaceLoraConfig",
     "LLoraConfig", "LoftQConfig", "LoraConfig", "LoraFAConfig", "LoraPruneConfig", "MAMAdapterConfig", "MethodSpec", "MoELoraConfig", "ParallelAdapterConfig", "PastaConfig", "ParameterReport", "PeftConfig",
