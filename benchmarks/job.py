@@ -1,19 +1,23 @@
-"""The whole fine-tuning job, side by side: HF ``Trainer`` + HF ``peft`` against ``peftlab train``.
+"""The whole fine-tuning job, side by side: the HF ``Trainer`` script against ``peftlab train``.
 
-    python -m benchmarks.job                          # SST-2 job below, 2 rounds, writes docs/benchmarks_job.md/.json
+    python -m benchmarks.job                          # the LoRA job below, 2 rounds, writes docs/benchmarks_job.md/.json
+    python -m benchmarks.job --methods families       # also one method of each other family
     python -m benchmarks.job --train-limit 64 --repeats 1 --out /tmp/job   # smoke run
 
 The job a user would otherwise write: LoRA (r 8, alpha 16, query and value, the classification head
 trained in full) on the MiniLM, the first 5,000 SST-2 training examples, one epoch, batch 32, max
-length 64, learning rate 1e-3, seed 0, scored on the whole SST-2 dev set. The HF side is the plain
-script: ``AutoTokenizer`` + ``datasets``-free encoding, ``DataCollatorWithPadding`` (each batch padded to
-its longest example), ``TrainingArguments`` defaults otherwise (AdamW, linear decay, no warm-up),
-``Trainer.train`` then ``Trainer.predict``. The peftlab side is ``peftlab.train.glue_job.run_glue``, what
-``peftlab train`` runs, with the same hyper-parameters (``warmup_ratio=0``, as the Trainer's default).
+length 64, learning rate 1e-3 (the method's ``default_lr`` x 2), seed 0, scored on the whole SST-2 dev
+set. The HF side is the plain script: the tokenizer over the examples, ``DataCollatorWithPadding``
+(each batch padded to its longest example), ``TrainingArguments`` defaults otherwise (AdamW, linear
+decay, no warm-up), ``Trainer.train`` then ``Trainer.predict``; the adapter is HF peft's own
+implementation where peft has the method (built from the config peftlab writes in peft's layout),
+else peftlab's adapter under ``peftlab.train.hf.Trainer`` (what a user of the HF Trainer runs). The
+peftlab side is ``peftlab.train.glue_job.run_glue``, what ``peftlab train`` runs, with the same
+hyper-parameters (``warmup_ratio=0``, as the Trainer's default).
 
 Each job runs in its own process (fresh allocator, its own peak RSS), one after the other and
 alternating (HF, peftlab, peftlab, HF, ...) so drifting machine load falls on both. Per job:
-- wall: the whole job, from reading the data to the dev score (model loading included);
+- wall: the whole job, from the process's start (imports included) to the dev score;
 - train tokens/s: non-padding training tokens (each example's length, summed over the epoch) over the
   training time alone (``Trainer.train`` / peftlab's loop);
 - peak RSS: the process's resident-set high-water mark (``ru_maxrss``), Python and libraries included;
@@ -32,9 +36,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+PROCESS_START = time.perf_counter()  # before torch, transformers and either library are imported
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SIDES = ("hf", "peftlab")
+# --methods families: the LoRA job plus one method of each other family of the taxonomy
+FAMILIES = ("lora", "sequential_adapter", "bitfit", "mam_adapter", "propetl")
 
 
 def _examples(data_dir: str, limit: int | None) -> tuple[Any, list[Any], list[Any]]:
@@ -53,7 +60,6 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    started = time.perf_counter()
     _, train_examples, dev_examples = _examples(args.data_dir, args.train_limit)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
 
@@ -65,13 +71,12 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     train_rows, dev_rows = encode(train_examples), encode(dev_examples)
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                             lora_dropout=0.0, modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    model, trainer_cls, impl = _hf_adapter(model, args)
     training = TrainingArguments(output_dir=args.scratch, per_device_train_batch_size=args.batch_size,
                                  per_device_eval_batch_size=128, num_train_epochs=1, learning_rate=args.lr,
                                  seed=args.seed, report_to=[], save_strategy="no", logging_strategy="no",
                                  disable_tqdm=True, use_cpu=True)
-    trainer = Trainer(model=model, args=training, train_dataset=train_rows,
+    trainer = (trainer_cls or Trainer)(model=model, args=training, train_dataset=train_rows,
                       data_collator=DataCollatorWithPadding(tokenizer))
     t0 = time.perf_counter()
     trainer.train()
@@ -79,21 +84,47 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     predictions = trainer.predict(dev_rows)
     accuracy = float(np.mean(predictions.predictions.argmax(-1) == predictions.label_ids))
     tokens = sum(len(r["input_ids"]) for r in train_rows)
-    return {"wall_s": time.perf_counter() - started, "train_s": train_s, "tokens": tokens, "accuracy": accuracy}
+    return {"wall_s": time.perf_counter() - PROCESS_START, "train_s": train_s, "tokens": tokens, "accuracy": accuracy,
+            "impl": impl}
+
+
+def _config(method: str) -> Any:
+    from peftlab.core.registry import get_method
+
+    return get_method(method).config_cls(modules_to_save=("classifier",))
+
+
+def _hf_adapter(model: Any, args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model, Trainer class or None for transformers', what the HF side runs): HF peft's adapter built
+    from the config peftlab writes in peft's layout where peft has the method, else peftlab's own."""
+    import copy
+
+    import peftlab
+    from peftlab.core.registry import get_method
+    from peftlab.train.hf import Trainer as PeftlabTrainer
+
+    config = _config(args.method)
+    if get_method(args.method).peft_type:
+        import peft
+
+        folder = Path(args.scratch) / f"config-{args.method}"
+        peftlab.get_peft_model(copy.deepcopy(model), config).save_pretrained(folder)
+        peft_config = peft.PeftConfig.from_pretrained(str(folder))
+        peft_config.inference_mode = False  # a saved config is marked for inference: this one trains
+        return peft.get_peft_model(model, peft_config), None, "HF peft"
+    return peftlab.get_peft_model(model, config), PeftlabTrainer, "peftlab adapter in the HF Trainer"
 
 
 def run_peftlab(args: argparse.Namespace) -> dict[str, Any]:
-    from peftlab import LoraConfig
     from peftlab.train.glue_job import GlueRun, run_glue
     from peftlab.train.loop import TrainArgs
 
-    started = time.perf_counter()
     run = GlueRun(model=args.model, task="sst2", data_dir=args.data_dir, train_limit=args.train_limit,
                   batch_size=args.batch_size, max_length=args.max_length)
-    summary = run_glue(run, LoraConfig(r=8, alpha=16, targets=("query", "value")),
+    summary = run_glue(run, _config(args.method),
                        TrainArgs(lr=args.lr, epochs=1, warmup_ratio=0.0, seed=args.seed, progress=False))
-    return {"wall_s": time.perf_counter() - started, "train_s": summary["train_s"], "tokens": summary["tokens"],
-            "accuracy": summary["metrics"]["accuracy"]}
+    return {"wall_s": time.perf_counter() - PROCESS_START, "train_s": summary["train_s"], "tokens": summary["tokens"],
+            "accuracy": summary["metrics"]["accuracy"], "impl": "peftlab train"}
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -105,54 +136,54 @@ def _child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def _spawn(side: str, args: argparse.Namespace) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "benchmarks.job", "--side", side, "--model", args.model, "--data-dir",
-            args.data_dir, "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--max-length",
-            str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed), "--scratch", args.scratch]
+def _spawn(side: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "benchmarks.job", "--side", side, "--method", method, "--model", args.model,
+            "--data-dir", args.data_dir, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+            "--max-length", str(args.max_length), "--lr-scale", str(args.lr_scale), "--seed", str(args.seed),
+            "--scratch", args.scratch]
     if args.train_limit:
         argv += ["--train-limit", str(args.train_limit)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
-        raise RuntimeError(f"{side} job failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{side} job of {method} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
 
 
-def _summary(runs: list[dict[str, Any]]) -> dict[str, float]:
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"wall_s": statistics.median(r["wall_s"] for r in runs),
             "tokens_per_s": statistics.median(r["tokens"] / r["train_s"] for r in runs),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
-            "accuracy": runs[0]["accuracy"], "accuracies": [r["accuracy"] for r in runs]}
+            "accuracy": runs[0]["accuracy"], "impl": runs[0]["impl"]}
 
 
 def markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
-    hf, pl = data["summary"]["hf"], data["summary"]["peftlab"]
     lines = [
-        "# The whole job: HF Trainer + peft against peftlab",
+        "# The whole job: the HF Trainer script against peftlab",
         "",
         f"Written by `python -m benchmarks.job` (edit that file, not this one) on {data['date']}. "
-        f"LoRA r 8 / alpha 16 on query and value, head trained; {s['model_name']}, SST-2 first "
-        f"{s['train_limit'] or 'all'} training examples, 1 epoch, batch {s['batch_size']}, max length "
-        f"{s['max_length']}, lr {s['lr']:g}, seed {s['seed']}, {s['threads']} thread(s); {s['repeats']} round(s), "
-        "each job in its own process, alternating sides; medians over rounds.",
+        f"{s['model_name']}, SST-2 first {s['train_limit'] or 'all'} training examples, 1 epoch, batch "
+        f"{s['batch_size']}, max length {s['max_length']}, each method at its `default_lr` x {s['lr_scale']:g} "
+        f"(LoRA: 1e-3), seed {s['seed']}, {s['threads']} thread(s), the classification head trained; "
+        f"{s['repeats']} round(s), each job in its own process, alternating sides; medians over rounds. "
+        "HF side: the `transformers.Trainer` script with HF peft's adapter where peft has the method, else "
+        "peftlab's adapter in `peftlab.train.hf.Trainer`; peftlab side: `peftlab train`'s job.",
         "",
-        "| | HF Trainer + peft | peftlab | peftlab / HF |",
-        "|---|---:|---:|---:|",
-        f"| whole job wall (s) | {hf['wall_s']:.1f} | {pl['wall_s']:.1f} | {pl['wall_s'] / hf['wall_s']:.3f} |",
-        f"| training tokens/s (real tokens) | {hf['tokens_per_s']:.0f} | {pl['tokens_per_s']:.0f} | "
-        f"{pl['tokens_per_s'] / hf['tokens_per_s']:.3f} |",
-        f"| peak RSS (MB) | {hf['peak_rss_mb']:.0f} | {pl['peak_rss_mb']:.0f} | "
-        f"{pl['peak_rss_mb'] / hf['peak_rss_mb']:.3f} |",
-        f"| dev accuracy | {hf['accuracy']:.4f} | {pl['accuracy']:.4f} | {pl['accuracy'] - hf['accuracy']:+.4f} |",
-        "",
-        "Speed-up (HF wall / peftlab wall): " f"{hf['wall_s'] / pl['wall_s']:.3f}x. Every run, in the order run:",
-        "",
-        "| round | side | wall s | train s | tokens | peak RSS MB | accuracy |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| method | HF side | wall HF s | wall peftlab s | speed-up | tokens/s HF | tokens/s peftlab | "
+        "peak RSS HF MB | peak RSS peftlab MB | dev acc HF | dev acc peftlab |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['round']} | {r['side']} | {r['wall_s']:.1f} | {r['train_s']:.1f} | {r['tokens']} | "
+    for method, sides in data["summary"].items():
+        hf, pl = sides["hf"], sides["peftlab"]
+        lines.append(f"| {method} | {hf['impl']} | {hf['wall_s']:.1f} | {pl['wall_s']:.1f} | "
+                     f"**{hf['wall_s'] / pl['wall_s']:.2f}x** | {hf['tokens_per_s']:.0f} | {pl['tokens_per_s']:.0f} | "
+                     f"{hf['peak_rss_mb']:.0f} | {pl['peak_rss_mb']:.0f} | {hf['accuracy']:.4f} | {pl['accuracy']:.4f} |")
+    lines += ["", "Speed-up: HF wall / peftlab wall. Every run, in the order run:", "",
+              "| round | method | side | wall s | train s | real tokens | peak RSS MB | dev accuracy |",
+              "|---:|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['round']} | {r['method']} | {r['side']} | {r['wall_s']:.1f} | {r['train_s']:.1f} | {r['tokens']} | "
               f"{r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} |" for r in data["runs"]]
     return "\n".join(lines) + "\n"
 
@@ -161,35 +192,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(SHARED / "models" / "all-MiniLM-L6-v2"))
     parser.add_argument("--data-dir", default=str(SHARED / "data" / "glue"))
+    parser.add_argument("--methods", default="lora", help="comma-separated methods, or 'families' (one per family)")
     parser.add_argument("--train-limit", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr-scale", type=float, default=2.0, help="each method's default_lr times this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="rounds; each runs both jobs")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds; each runs both jobs of every method")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_job"), help="writes OUT.md and OUT.json")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one job in this process
+    parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:
+        from peftlab.core.registry import get_method
+
+        args.lr = get_method(args.method).default_lr * args.lr_scale
         _child(args)
         return None
     import tempfile
 
+    from peftlab.core.registry import get_method
+
+    methods = list(FAMILIES) if args.methods == "families" else [get_method(m).name for m in args.methods.split(",")]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
         args.scratch = scratch
         for r in range(args.repeats):
-            for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
-                result = _spawn(side, args)
-                runs.append({"round": r, "side": side, **result})
-                print(f"round {r} {side}: {result['wall_s']:.1f} s, accuracy {result['accuracy']:.4f}", flush=True)
-    settings = {k: getattr(args, k) for k in ("train_limit", "batch_size", "max_length", "lr", "seed", "threads",
+            for method in methods:
+                for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+                    result = _spawn(side, method, args)
+                    runs.append({"round": r, "method": method, "side": side, **result})
+                    print(f"round {r} {method} {side}: {result['wall_s']:.1f} s, accuracy {result['accuracy']:.4f}",
+                          flush=True)
+    settings = {k: getattr(args, k) for k in ("train_limit", "batch_size", "max_length", "lr_scale", "seed", "threads",
                                                "repeats")}
     settings["model_name"] = Path(args.model).name
     data = {"date": time.strftime("%Y-%m-%d"), "settings": settings, "runs": runs,
-            "summary": {side: _summary([r for r in runs if r["side"] == side]) for side in SIDES}}
+            "summary": {m: {side: _summary([r for r in runs if r["side"] == side and r["method"] == m])
+                            for side in SIDES} for m in methods}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2))

@@ -15,11 +15,12 @@ def test_both_jobs_run_and_the_page_is_written(tmp_path):
     data = write_glue(tmp_path / "glue", tasks=("SST-2",), n_train=24, n_dev=8)
     out = tmp_path / "job"
     result = main(["--model", str(model), "--data-dir", str(data), "--train-limit", "24", "--batch-size", "8",
-                   "--repeats", "1", "--threads", "1", "--out", str(out)])
-    assert [r["side"] for r in result["runs"]] == ["hf", "peftlab"]
+                   "--repeats", "1", "--threads", "1", "--methods", "lora,bitfit", "--out", str(out)])
+    assert [(r["method"], r["side"]) for r in result["runs"]] == [("lora", "hf"), ("lora", "peftlab"), ("bitfit", "hf"), ("bitfit", "peftlab")]
+    assert result["summary"]["lora"]["hf"]["impl"] == "HF peft" and "peftlab" in result["summary"]["bitfit"]["hf"]["impl"]
     for run in result["runs"]:
         # the same examples, so the same real-token count on both sides; a score and a peak were read
         assert run["tokens"] == result["runs"][0]["tokens"] > 0
         assert 0.0 <= run["accuracy"] <= 1.0 and run["peak_rss_mb"] > 0 and run["train_s"] > 0
     assert json.loads(out.with_suffix(".json").read_text())["settings"]["train_limit"] == 24
-    assert "| whole job wall (s) |" in out.with_suffix(".md").read_text()
+    assert "| lora | HF peft |" in out.with_suffix(".md").read_text()

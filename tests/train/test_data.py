@@ -33,3 +33,14 @@ def test_rows_are_sorted_within_pools_and_batches_come_in_random_order():
     # a second epoch from the same generator draws new pools and a new order
     sampler = LengthGroupedBatches(lengths, 4, torch.Generator().manual_seed(0), pool=3)
     assert list(sampler) != list(sampler)
+
+
+def test_rows_without_lengths_fall_back_to_plain_shuffling_with_a_notice():
+    import pytest
+
+    from peftlab.train.data import _loader
+
+    rows = [{"features": [i], "labels": i % 2} for i in range(10)]
+    with pytest.warns(UserWarning, match="no length to group by"):
+        loader = _loader(rows, lambda b: b, 4, shuffle=True, seed=0, group_by_length=True)
+    assert sorted(r["labels"] for b in loader for r in b) == sorted(r["labels"] for r in rows)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -58,7 +59,10 @@ def _loader(rows: list[dict[str, Any]], collate: Any, batch_size: int, shuffle: 
     # The loader's own generator shuffles: the order depends on the seed alone, and a resumed run
     # (see peftlab.train.loop) draws it again from the generator's saved state.
     generator = torch.Generator().manual_seed(seed)
-    if shuffle and group_by_length:
+    if shuffle and group_by_length and not all("input_ids" in r for r in rows):
+        warnings.warn("group_by_length: rows without 'input_ids' have no length to group by; batches are plainly "
+                      "shuffled instead", stacklevel=3)
+    elif shuffle and group_by_length:
         batches = LengthGroupedBatches([len(r["input_ids"]) for r in rows], batch_size, generator)
         return DataLoader(rows, batch_sampler=batches, collate_fn=collate, generator=generator)
     return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
