@@ -133,11 +133,12 @@ def test_search_trains_the_supernet_then_retrains_within_the_budget():
     calls = []
     context = tiny_search_context()
     fit = context.fit
-    context.fit = lambda config, steps=None, keep_model=False: calls.append(type(config).__name__) or fit(
+    context.fit = lambda config, steps=None, keep_model=False: calls.append((type(config).__name__, steps)) or fit(
         config, steps, keep_model)
     config = S3DeltaConfig(param_budget=0.01, modules_to_save=("classifier",))
-    result = search(context, SearchBudget(trials=2, steps=3), config)
-    assert calls == ["S3DeltaSupernetConfig", "S3DeltaConfig"]
+    result = search(context, SearchBudget(trials=3, steps=3), config)
+    # the supernet takes the steps of every trial but the retrain's
+    assert calls == [("S3DeltaSupernetConfig", 6), ("S3DeltaConfig", 3)]
     assert result.method == "s3delta" and isinstance(result.config, S3DeltaConfig)
     assert result.config.param_budget == 0.01 and result.config.modules_to_save == ("classifier",)
     supernet_trial, retrain = result.trials
@@ -151,10 +152,10 @@ def test_search_trains_the_supernet_then_retrains_within_the_budget():
 
     calls.clear()
     short = search(context, SearchBudget(trials=1, steps=2), config)
-    assert calls == ["S3DeltaSupernetConfig"] and len(short.trials) == 1 and "not retrained" in short.notes[-1]
+    assert calls == [("S3DeltaSupernetConfig", 2)] and len(short.trials) == 1 and "not retrained" in short.notes[-1]
     calls.clear()
     late = search(context, SearchBudget(trials=5, steps=2, minutes=1e-6), config)  # no time for the retrain
-    assert calls == ["S3DeltaSupernetConfig"] and len(late.trials) == 1
+    assert calls == [("S3DeltaSupernetConfig", 8)] and len(late.trials) == 1
 
 
 def test_supernet_learning_rate_of_the_structure_logits():

@@ -41,10 +41,11 @@ LNFit) and on rank-1 LoRA at the attention query (and FFN input in upper decoder
 holds both the norms' bias (BitFit's share there) and gain, and applies to models without biases.
 
 :func:`search` (``MethodSpec.search``) — how trials map to the budget: trial 1 trains the supernet for
-``budget.steps`` steps (the context's run length when ``None``; the reference trains the supernet as
-long as the retraining), trial 2 retrains the selected structure from scratch for ``budget.steps`` and
-scores it; a budget of 1 trial returns the selected structure unscored, and trials beyond 2 are not
-used (one supernet run is the search). No trial starts after ``budget.minutes``. Search-space fields of :class:`S3DeltaConfig` (read by :func:`search`, not by
+``budget.steps`` x (``budget.trials`` - 1) steps (the steps of every trial but the retrain's: one
+supernet run is the search; the context's run length when ``budget.steps`` is ``None``; the reference
+trains the supernet as long as the retraining), trial 2 retrains the selected structure from scratch for
+``budget.steps`` and scores it; a budget of 1 trial trains the supernet for ``budget.steps`` and returns
+the selected structure unscored. No trial starts after ``budget.minutes``. Search-space fields of :class:`S3DeltaConfig` (read by :func:`search`, not by
 attaching): ``param_budget`` (share of the model's parameters; default 1.389e-4, the paper's larger
 S3Delta-M budget), ``candidates``, ``lora_rank``, ``adapter_bottleneck``, ``beta``, ``alpha_lr``.
 
@@ -492,7 +493,9 @@ def search(context: Any, budget: SearchBudget, config: S3DeltaConfig | None = No
     supernet = config.supernet()
     if config.modules_to_save:
         supernet = supernet.replace(modules_to_save=config.modules_to_save)
-    trial, model = context.fit(supernet, steps=budget.steps, keep_model=True)
+    # One supernet run is the search: it takes the steps of every trial but the retrain's.
+    supernet_steps = budget.steps * max(1, budget.trials - 1) if budget.steps else None
+    trial, model = context.fit(supernet, steps=supernet_steps, keep_model=True)
     structure = model.model_adapters[_KEY]
     name = next(iter(model.peft_configs))
     with torch.no_grad():
