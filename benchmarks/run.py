@@ -56,6 +56,7 @@ VARIANTS: dict[str, list[tuple[dict[str, Any], bool]]] = {
     # all-linear: LoRAPrune's placement, so its row has LoRA at the same layers beside it
     "lora": [({}, True), ({"dropout": 0.1}, False), ({"use_dora": True}, True), ({"targets": "all-linear"}, False)],
     "child_tuning": [({}, True), ({"mode": "F"}, False)],
+    "propetl": [({}, True), ({"form": "prefix"}, True)],
     # Phase 1 (full fine-tuning in the data pass) would otherwise last the whole nominal run.
     "lt_sft": [({"dense_steps": 1}, True)],
     # Likewise diff pruning's stage 1 (the L0-penalised dense difference).
