@@ -115,3 +115,10 @@ def test_t5_embeddings_site_is_what_the_stacks_call():
     out = pm(input_ids=ids, decoder_input_ids=ids).logits
     with pm.disable_adapter():
         assert not torch.allclose(out, pm(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+def test_site_in_layers_writes_runs_as_ranges_and_reads_back():
+    from peftlab.core.targets import site_in_layers
+
+    assert site_in_layers("ffn_out", [5, 0, 1, 2, 7, 8]) == "@ffn_out[0-2,5,7-8]"
+    assert resolve_targets(tiny_bert(), (site_in_layers("query", {1}),)) == ["bert.encoder.layer.1.attention.self.query"]

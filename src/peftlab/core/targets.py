@@ -178,6 +178,17 @@ def parse_layers(spec: str, entry: str) -> set[int]:
     return chosen
 
 
+def site_in_layers(site: str, layers: list[int] | set[int]) -> str:
+    """The target ``"@site[0-3,6]"`` for ``layers`` (sorted; runs written as ranges): what a search writes."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return f"@{site}[{','.join(str(a) if a == b else f'{a}-{b}' for a, b in runs)}]"
+
+
 def logical_name(path: str) -> str:
     """The module's name in the unwrapped model: what users and site patterns refer to."""
     return path.replace(".base_layer", "")

@@ -71,6 +71,7 @@ from ...core.config import PeftConfig
 from ...core.errors import PeftlabError
 from ...core.registry import MethodSpec, register
 from ...core.search import SearchBudget, SearchResult, Trial, pareto_front
+from ...core.targets import site_in_layers
 from ..additive import parallel_adapter, prefix_tuning, sequential_adapter
 from ..additive.parallel_adapter import ParallelAdapterConfig
 from ..additive.prefix_tuning import PrefixTuningConfig
@@ -146,17 +147,6 @@ def prefix_grid(width: int, positions: int | None) -> list[int]:
     return [p for p in size_grid(width) if positions is None or p <= positions // 2]
 
 
-def layer_target(site: str, layers: list[int]) -> str:
-    """``"@site[0-3,6]"`` for ``layers`` (sorted, runs written as ranges)."""
-    runs: list[list[int]] = []
-    for i in sorted(layers):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return f"@{site}[{','.join(str(a) if a == b else f'{a}-{b}' for a, b in runs)}]"
-
-
 def candidate(template: AutoPeftConfig, layers: list[int], sizes: dict[str, int]) -> AutoPeftConfig | None:
     """The config of one point of the space: the parts of ``sizes`` with a size above 0, in ``layers``;
     other fields from ``template``'s parts (or the defaults). ``None`` when nothing is switched on."""
@@ -168,7 +158,7 @@ def candidate(template: AutoPeftConfig, layers: list[int], sizes: dict[str, int]
         if not size:
             continue
         base = getattr(template, name) or getattr(defaults, name)
-        target = (layer_target(SITES[name], layers),)
+        target = (site_in_layers(SITES[name], layers),)
         if name == "prefix":
             parts[name] = base.replace(targets=target, num_virtual_tokens=size, cross_attention=False)
         else:

@@ -93,7 +93,7 @@ from ...core.inject import wrap
 from ...core.layer import BufferDict, DeltaModule, base_of, linear_io
 from ...core.registry import MethodSpec, register
 from ...core.search import SearchBudget, SearchResult, Trial
-from ...core.targets import LINEAR_TYPES, layer_of, resolve_targets
+from ...core.targets import LINEAR_TYPES, layer_of, resolve_targets, site_in_layers
 from ..additive import sequential_adapter
 from ..additive.sequential_adapter import Bottleneck, SequentialAdapterConfig, factory_kwargs
 from ..partial import bitfit, ln_tuning
@@ -468,7 +468,7 @@ def found_config(config: S3DeltaConfig, candidates: list[tuple[str, str, int]], 
     for i in chosen:
         kind, site, layer = candidates[i]
         layers.setdefault(kind, {}).setdefault(site, []).append(layer)
-    targets = {kind: tuple(f"@{site}[{','.join(map(str, sorted(ls)))}]" for site, ls in sites.items())
+    targets = {kind: tuple(site_in_layers(site, ls) for site, ls in sites.items())
                for kind, sites in layers.items()}
     parts: dict[str, PeftConfig | None] = {
         "lora": (LoraConfig(targets=targets["lora"], r=config.lora_rank, alpha=LORA_ALPHA)

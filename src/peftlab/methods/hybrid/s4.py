@@ -85,7 +85,7 @@ from ...core.config import PeftConfig
 from ...core.errors import PeftlabError
 from ...core.registry import MethodSpec, register
 from ...core.search import SearchBudget, SearchResult, Trial, pareto_front
-from ...core.targets import layer_of, resolve_targets
+from ...core.targets import layer_of, resolve_targets, site_in_layers
 from ..additive import prefix_tuning, sequential_adapter
 from ..additive.prefix_tuning import PrefixTuningConfig
 from ..additive.sequential_adapter import SequentialAdapterConfig
@@ -233,15 +233,6 @@ def layer_groups(num_layers: int, grouping: str, groups: int, shallow: bool = Fa
     return [list(range(starts[i], starts[i + 1])) for i in range(groups)]
 
 
-def _layer_list(layers: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    runs: list[str] = []
-    for _, run in itertools.groupby(enumerate(sorted(layers)), key=lambda p: p[1] - p[0]):
-        idx = [layer for _, layer in run]
-        runs.append(str(idx[0]) if len(idx) == 1 else f"{idx[0]}-{idx[-1]}")
-    return ",".join(runs)
-
-
 def _parts(groups_layers: list[list[int]], tuned: tuple[int, ...] | None, strategies: tuple[str, ...],
            size: int) -> dict[str, PeftConfig | None]:
     """The part configs that place each strategy on the layers of the tuned groups that use it."""
@@ -251,7 +242,7 @@ def _parts(groups_layers: list[list[int]], tuned: tuple[int, ...] | None, strate
             for s in strategy_set(strategies[g], f"strategies[{g}]"):
                 where[s] += layers
     def targets(strategy: str) -> tuple[str, ...]:
-        return tuple(f"@{site}[{_layer_list(where[strategy])}]" for site in _SITES[strategy])
+        return tuple(site_in_layers(site, where[strategy]) for site in _SITES[strategy])
     return {
         "bitfit": BitFitConfig(targets=targets("bitfit")) if where["bitfit"] else None,
         "lora": LoraConfig(targets=targets("lora"), r=size, alpha=2 * size) if where["lora"] else None,
