@@ -120,7 +120,7 @@ def run_peftlab(args: argparse.Namespace) -> dict[str, Any]:
     from peftlab.train.loop import TrainArgs
 
     run = GlueRun(model=args.model, task="sst2", data_dir=args.data_dir, train_limit=args.train_limit,
-                  batch_size=args.batch_size, max_length=args.max_length)
+                  batch_size=args.batch_size, max_length=args.max_length, group_by_length=not args.plain_batches)
     summary = run_glue(run, _config(args.method),
                        TrainArgs(lr=args.lr, epochs=1, warmup_ratio=0.0, seed=args.seed, progress=False))
     return {"wall_s": time.perf_counter() - PROCESS_START, "train_s": summary["train_s"], "tokens": summary["tokens"],
@@ -140,7 +140,7 @@ def _spawn(side: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
     argv = [sys.executable, "-m", "benchmarks.job", "--side", side, "--method", method, "--model", args.model,
             "--data-dir", args.data_dir, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
             "--max-length", str(args.max_length), "--lr-scale", str(args.lr_scale), "--seed", str(args.seed),
-            "--scratch", args.scratch]
+            "--scratch", args.scratch] + (["--plain-batches"] if args.plain_batches else [])
     if args.train_limit:
         argv += ["--train-limit", str(args.train_limit)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -167,6 +167,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{s['model_name']}, SST-2 first {s['train_limit'] or 'all'} training examples, 1 epoch, batch "
         f"{s['batch_size']}, max length {s['max_length']}, each method at its `default_lr` x {s['lr_scale']:g} "
         f"(LoRA: 1e-3), seed {s['seed']}, {s['threads']} thread(s), the classification head trained; "
+        + ("peftlab side on plain (not length-grouped) batches; " if s.get("plain_batches") else "") +
         f"{s['repeats']} round(s), each job in its own process, alternating sides; medians over rounds. "
         "HF side: the `transformers.Trainer` script with HF peft's adapter where peft has the method, else "
         "peftlab's adapter in `peftlab.train.hf.Trainer`; peftlab side: `peftlab train`'s job.",
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="rounds; each runs both jobs of every method")
+    parser.add_argument("--plain-batches", action="store_true",
+                        help="peftlab side without length-grouped batches (as the HF side batches)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_job"), help="writes OUT.md and OUT.json")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one job in this process
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                     print(f"round {r} {method} {side}: {result['wall_s']:.1f} s, accuracy {result['accuracy']:.4f}",
                           flush=True)
     settings = {k: getattr(args, k) for k in ("train_limit", "batch_size", "max_length", "lr_scale", "seed", "threads",
-                                               "repeats")}
+                                               "repeats", "plain_batches")}
     settings["model_name"] = Path(args.model).name
     data = {"date": time.strftime("%Y-%m-%d"), "settings": settings, "runs": runs,
             "summary": {m: {side: _summary([r for r in runs if r["side"] == side and r["method"] == m])
