@@ -130,7 +130,9 @@ def test_run_generation_writes_predictions_and_scores_before(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").is_file()
 
 
-SPECS = all_methods()
+# A search's internal stage (S3Delta-M's supernet) sets its gates in PeftModel.forward; it is trained
+# by its search on classification, never used to generate.
+SPECS = [s for s in all_methods() if not s.internal]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])

@@ -103,7 +103,9 @@ def test_full_finetuning_trains_every_parameter(corpus):
     assert summary["method"] == "full" and summary["trainable_params"] == summary["total_params"]
 
 
-SPECS = all_methods()
+# A search's internal stage (S3Delta-M's supernet) sets its gates in PeftModel.forward; it is trained
+# by its search on classification, never used to generate.
+SPECS = [s for s in all_methods() if not s.internal]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
