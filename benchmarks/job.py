@@ -7,7 +7,8 @@
 The job a user would otherwise write: LoRA (r 8, alpha 16, query and value, the classification head
 trained in full) on the MiniLM, the first 5,000 SST-2 training examples, one epoch, batch 32, max
 length 64, learning rate 1e-3 (the method's ``default_lr`` x 2), seed 0, scored on the whole SST-2 dev
-set. The HF side is the plain script: the tokenizer over the examples, ``DataCollatorWithPadding``
+set. The HF side is the plain script (no peftlab import where peft has the method): SST-2 read with ``csv``, the
+tokenizer over the examples, ``DataCollatorWithPadding``
 (each batch padded to its longest example), ``TrainingArguments`` defaults otherwise (AdamW, linear
 decay, no warm-up), ``Trainer.train`` then ``Trainer.predict``; the adapter is HF peft's own
 implementation where peft has the method (built from the config peftlab writes in peft's layout),
@@ -26,6 +27,7 @@ alternating (HF, peftlab, peftlab, HF, ...) so drifting machine load falls on bo
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import resource
@@ -44,31 +46,30 @@ SIDES = ("hf", "peftlab")
 FAMILIES = ("lora", "sequential_adapter", "bitfit", "mam_adapter", "propetl")
 
 
-def _examples(data_dir: str, limit: int | None) -> tuple[Any, list[Any], list[Any]]:
-    from peftlab.tasks.glue import get_glue_task, load_glue
-
-    task = get_glue_task("sst2")
-    return task, load_glue(task, data_dir, "train", limit), load_glue(task, data_dir, "dev", None)
+def _sst2(data_dir: str, split: str, limit: int | None) -> list[tuple[str, int]]:
+    """(sentence, label) rows of SST-2's TSV, as a plain script reads them: the HF side imports no peftlab."""
+    with open(Path(data_dir) / "SST-2" / f"{split}.tsv", newline="") as f:
+        rows = [(r["sentence"], int(r["label"])) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    return rows[:limit] if limit else rows
 
 
 def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    _, train_examples, dev_examples = _examples(args.data_dir, args.train_limit)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
 
-    def encode(examples: list[Any]) -> list[dict[str, Any]]:
-        enc = tokenizer([e.text_a for e in examples], truncation=True, max_length=args.max_length)
-        return [{"input_ids": ids, "attention_mask": mask, "labels": e.label}
-                for ids, mask, e in zip(enc["input_ids"], enc["attention_mask"], examples)]
+    def encode(examples: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        enc = tokenizer([text for text, _ in examples], truncation=True, max_length=args.max_length)
+        return [{"input_ids": ids, "attention_mask": mask, "labels": label}
+                for ids, mask, (_, label) in zip(enc["input_ids"], enc["attention_mask"], examples)]
 
-    train_rows, dev_rows = encode(train_examples), encode(dev_examples)
+    train_rows = encode(_sst2(args.data_dir, "train", args.train_limit))
+    dev_rows = encode(_sst2(args.data_dir, "dev", None))
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     model, trainer_cls, impl = _hf_adapter(model, args)
@@ -95,24 +96,32 @@ def _config(method: str) -> Any:
 
 
 def _hf_adapter(model: Any, args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(model, Trainer class or None for transformers', what the HF side runs): HF peft's adapter built
-    from the config peftlab writes in peft's layout where peft has the method, else peftlab's own."""
-    import copy
-
-    import peftlab
-    from peftlab.core.registry import get_method
-    from peftlab.train.hf import Trainer as PeftlabTrainer
-
-    config = _config(args.method)
-    if get_method(args.method).peft_type:
+    """(model, Trainer class or None for transformers', what the HF side runs): HF peft's adapter from the
+    peft-layout config the parent wrote (``--peft-config``), else peftlab's adapter in its HF Trainer."""
+    if args.peft_config:
         import peft
 
-        folder = Path(args.scratch) / f"config-{args.method}"
-        peftlab.get_peft_model(copy.deepcopy(model), config).save_pretrained(folder)
-        peft_config = peft.PeftConfig.from_pretrained(str(folder))
+        peft_config = peft.PeftConfig.from_pretrained(args.peft_config)
         peft_config.inference_mode = False  # a saved config is marked for inference: this one trains
         return peft.get_peft_model(model, peft_config), None, "HF peft"
-    return peftlab.get_peft_model(model, config), PeftlabTrainer, "peftlab adapter in the HF Trainer"
+    import peftlab
+    from peftlab.train.hf import Trainer as PeftlabTrainer
+
+    return peftlab.get_peft_model(model, _config(args.method)), PeftlabTrainer, "peftlab adapter in the HF Trainer"
+
+
+def _write_peft_config(method: str, args: argparse.Namespace) -> str | None:
+    """In the parent, untimed: the method's config in peft's layout (written by peftlab), where peft has it."""
+    import peftlab
+    from peftlab.core.registry import get_method
+    from transformers import AutoModelForSequenceClassification
+
+    if not get_method(method).peft_type:
+        return None
+    folder = Path(args.scratch) / f"config-{method}"
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    peftlab.get_peft_model(model, _config(method)).save_pretrained(folder)
+    return str(folder)
 
 
 def run_peftlab(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,8 +148,10 @@ def _child(args: argparse.Namespace) -> None:
 def _spawn(side: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
     argv = [sys.executable, "-m", "benchmarks.job", "--side", side, "--method", method, "--model", args.model,
             "--data-dir", args.data_dir, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-            "--max-length", str(args.max_length), "--lr-scale", str(args.lr_scale), "--seed", str(args.seed),
-            "--scratch", args.scratch] + (["--plain-batches"] if args.plain_batches else [])
+            "--max-length", str(args.max_length), "--seed", str(args.seed),
+            "--lr", str(args.lrs[method]), "--scratch", args.scratch] + (["--plain-batches"] if args.plain_batches else [])
+    if side == "hf" and args.peft_configs.get(method):
+        argv += ["--peft-config", args.peft_configs[method]]
     if args.train_limit:
         argv += ["--train-limit", str(args.train_limit)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -206,12 +217,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_job"), help="writes OUT.md and OUT.json")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one job in this process
     parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--peft-config", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:
-        from peftlab.core.registry import get_method
-
-        args.lr = get_method(args.method).default_lr * args.lr_scale
         _child(args)
         return None
     import tempfile
@@ -220,8 +230,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     methods = list(FAMILIES) if args.methods == "families" else [get_method(m).name for m in args.methods.split(",")]
     runs: list[dict[str, Any]] = []
+    args.lrs = {m: get_method(m).default_lr * args.lr_scale for m in methods}
     with tempfile.TemporaryDirectory() as scratch:
         args.scratch = scratch
+        args.peft_configs = {m: _write_peft_config(m, args) for m in methods}
         for r in range(args.repeats):
             for method in methods:
                 for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
