@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 from peftlab.assess.jobs import Jobs
+from peftlab.assess.report import _name
 from peftlab.cli import main
 
 ARGS = ["assess", "--suite", "glue", "--methods", "lora", "--max-steps", "2", "--batch-size", "4",
-        "--no-progress", "--workers", "1"]
+        "--no-progress", "--workers", "1", "--seeds", "0"]
 
 
 def _assess(tmp_path: Path, model: Path, data: Path, *extra: str) -> int:
@@ -37,12 +38,18 @@ def test_glue_suite_reports_official_metrics_and_resumes(tmp_path, tiny_model, g
         assert run["trainable_params"] > 0 and 0 < run["trainable_percent"] <= 100
         assert run["peak_memory_bytes"] > run["held_memory_bytes"] > 0
         assert run["median_step_s"] > 0 and run["steps"] == 2
+        # the frozen floor, timed in the run's own process over the run's own first steps
+        floor = run["floor"]
+        assert floor["steps"] == 2 and floor["median_step_s"] > 0 and floor["run_median_step_s"] > 0
+        assert floor["same_batches"] and 0 < floor["peak_memory_bytes"] < run["peak_memory_bytes"] * 1.5
     assert runs[("stsb", "full")]["trainable_percent"] == 100.0
+    # full fine-tuning holds gradients and AdamW state for every weight: far above the frozen floor
+    assert runs[("stsb", "full")]["peak_memory_bytes"] > 1.2 * runs[("stsb", "full")]["floor"]["peak_memory_bytes"]
     assert runs[("qqp", "lora")]["trainable_percent"] < 100.0
 
     report = (out / "report.md").read_text()
     for column in ("MRPC f1", "MRPC accuracy", "STS-B pearson", "STS-B spearman", "QNLI accuracy", "QQP f1",
-                   "QQP accuracy", "STS-B (pearson)", "Trainable %", "peak MB"):
+                   "QQP accuracy", "STS-B (pearson)", "Trainable %", "peak MB", "peak × floor", "step × floor"):
         assert column in report, column
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 8 and {"metric:f1", "metric:pearson", "metric:spearman"} <= set(rows[0])
@@ -117,8 +124,7 @@ def test_majority_baseline_gets_a_note(tmp_path, tiny_model):
     at_baseline = [r for r in results["runs"] if r["score"] <= r["baseline"] + 0.01]
     assert at_baseline
     for run in at_baseline:
-        name = "full fine-tuning" if run["method"] == "full" else run["method"]
-        assert f"{name} on QNLI" in report
+        assert f"{_name(run['method'])} on QNLI" in report
     assert "majority-class" in report
 
 

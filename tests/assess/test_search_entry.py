@@ -59,7 +59,7 @@ def test_the_study_runs_the_search_then_trains_the_found_config(tmp_path, tiny_m
     data = write_glue(tmp_path / "glue", tasks=("SST-2",), n_train=20)
     out = tmp_path / "out"
     args = ["assess", "--suite", "glue", "--tasks", "sst2", "--methods", "rank_search", "--max-steps", "4",
-            "--batch-size", "4", "--no-progress", "--workers", "1", "--no-plots", "--model", str(tiny_model),
+            "--batch-size", "4", "--no-progress", "--workers", "1", "--seeds", "0", "--no-plots", "--model", str(tiny_model),
             "--data-dir", str(data), "--out", str(out)]
     assert main(args) == 0
     run = next(r for r in json.loads((out / "results.json").read_text())["runs"] if r["method"] == "rank_search")

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from peftlab.assess.jobs import constant_baseline
-from peftlab.assess.report import aggregate, baseline_notes, drift_notes, spread_notes, summary_text
+from peftlab.assess.report import (aggregate, baseline_notes, drift_notes, floor_drift_notes, markdown,
+                                   published_section, spread_notes, summary_text)
 from peftlab.assess.store import RunStore, fingerprint, slug
 from peftlab.assess.suites import FULL, REVIEW_METHODS, SUITE_NAMES, builtin_suites, get_suite, load_suite_file
 from peftlab.cli import _assess_suite, build_parser
@@ -25,7 +26,9 @@ def test_builtin_suites_exist_and_quick_is_the_review_set():
     assert methods[-1] == FULL
     assert set(methods[:-1]) == set(REVIEW_METHODS) & registered
     assert len(notes) == len(set(REVIEW_METHODS) - registered)
-    assert [t.name for t in quick.tasks] == ["sst2", "rte"]
+    assert [t.name for t in quick.tasks] == ["sst2"]  # RTE is at chance for every method with the MiniLM
+    training = [s for s in suites.values() if s.kind != "efficiency"]
+    assert all(len(s.seeds) >= 3 for s in training), "every built-in training suite reports a spread over seeds"
 
 
 def test_all_means_every_registered_method_with_its_own_config_and_lr():
@@ -104,9 +107,9 @@ def test_baseline_notes_say_why():
                       _record("bitfit", 0.60, 0.5), _record("bitfit", 0.70, 0.5, seed=1)])
     notes = baseline_notes(rows, get_suite("quick"))
     assert len(notes) == 2
-    lora = next(n for n in notes if n.startswith("lora"))
+    lora = next(n for n in notes if n.startswith("LoRA"))  # the name as the review writes it
     assert "chance level ln 2" in lora and "did not fit the training data" in lora
-    ia3 = next(n for n in notes if n.startswith("ia3"))
+    ia3 = next(n for n in notes if n.startswith("(IA)³"))
     assert "fell to 0.300" in ia3
     bitfit = next(r for r in rows if r["method"] == "bitfit")
     assert bitfit["seeds"] == 2 and bitfit["score"] == pytest.approx(65.0) and bitfit["score_std"] > 0
@@ -128,7 +131,7 @@ def test_seeds_that_disagree_and_a_drifting_reference_get_notes():
     rows = aggregate([_record("lora", 0.80, 0.3), _record("lora", 0.60, 0.3, seed=1),
                       _record("ia3", 0.80, 0.3), _record("ia3", 0.81, 0.3, seed=1)])
     notes = spread_notes(rows)
-    assert len(notes) == 1 and notes[0].startswith("lora") and "std 14.1" in notes[0]
+    assert len(notes) == 1 and notes[0].startswith("LoRA") and "std 14.1" in notes[0]
 
     def full(task, seed, step_s, length=64):
         rec = _record(FULL, 0.8, 0.2, seed=seed)
@@ -204,3 +207,59 @@ def test_an_encoder_only_method_is_left_out_of_decoder_and_seq2seq_runs_by_its_d
     by_size = {t.name: jobs.methods_for(t, [name, "lora", FULL]) for t in efficiency.tasks}
     assert by_size["roberta-base"] == [name, "lora", FULL]
     assert by_size["t5-base"] == by_size["llama-7b"] == ["lora", FULL]
+
+
+def _floored(method, score, step_s, floor_s, peak, floor_peak, seed=0, task="sst2"):
+    rec = _record(method, score, 0.3, task=task, seed=seed)
+    rec.update(peak_memory_bytes=peak, floor={"steps": 12, "median_step_s": floor_s, "run_median_step_s": step_s,
+                                              "peak_memory_bytes": floor_peak, "same_batches": True})
+    return rec
+
+
+def test_costs_are_ratios_to_the_floor_of_the_same_run_not_across_runs():
+    # the machine got twice as slow between the two seeds: absolute times doubled, the ratios did not
+    rows = aggregate([_floored("lora", 0.8, 0.11, 0.10, 300, 200), _floored("lora", 0.8, 0.22, 0.20, 300, 200, seed=1),
+                      _floored(FULL, 0.85, 0.30, 0.10, 900, 200), _floored(FULL, 0.85, 0.60, 0.20, 900, 200, seed=1)])
+    lora = next(r for r in rows if r["method"] == "lora")
+    assert lora["step_x_floor"] == pytest.approx(1.1) and lora["memory_x_floor"] == pytest.approx(1.5)
+    report = markdown(get_suite("quick"), rows, [], {}, [])
+    assert "step × floor" in report and "| 1.10 |" in report and "The methods side by side" in report
+    assert "Sub-category" in report  # the taxonomy layout: family and sub-category per method
+    assert "mean step x floor" in summary_text(rows)
+    # the floor of one seed trains the same batches in every run: its drift is the machine's
+    drift = floor_drift_notes([_floored("lora", 0.8, 0.11, 0.10, 1, 1), _floored(FULL, 0.8, 0.3, 0.14, 1, 1)])
+    assert len(drift) == 1 and "1.40x" in drift[0] and "seed 0" in drift[0]
+    assert floor_drift_notes([_floored("lora", 0.8, 0.11, 0.10, 1, 1), _floored(FULL, 0.8, 0.3, 0.2, 1, 1, seed=1)]) == []
+
+
+def test_published_figures_stand_beside_the_measured_ones_with_the_rank_agreement():
+    measured = {FULL: 0.90, "bitfit": 0.85, "lora": 0.88}
+    rows = aggregate([_record(m, s, 0.3, task="sst2") for m, s in measured.items()])
+    text = "\n".join(published_section(rows))
+    assert "Hu et al. 2022" in text and "not measured here" in text and "RoBERTa-base" in text
+    assert "| LoRA | 0.3M | 95.1 | 88.0 |" in text  # published, then measured
+    assert "AdptD (0.3M)" in text and "not run" in text  # a published method the suite did not run
+    # published SST-2 order LoRA > FT > BitFit; measured FT > LoRA > BitFit: rho = 0.5
+    assert "Spearman's rho 0.50" in text
+    # a task no published table has: no section
+    assert published_section(aggregate([_record("lora", 0.8, 0.3, task="wnli")])) == []
+
+
+def test_progress_names_each_run_and_estimates_from_each_methods_own_time():
+    from peftlab.assess.runner import _Eta
+    from peftlab.assess.suites import TaskSpec
+
+    sst2 = TaskSpec("sst2")
+    plan = [(sst2, m, s) for s in (0, 1) for m in ("lora", FULL)]
+    eta = _Eta(plan, list(range(4)))
+    done = {}
+    assert "known after the first run" in eta.postfix(done, 2)
+    done[0] = {}
+    line = eta.finished(0, {"status": "ok", "kind": "glue", "score": 0.812, "score_metric": "accuracy",
+                            "wall_s": 40.0, "steps": 79}, 2)
+    assert line == "[1/4] sst2 lora seed 0: accuracy 81.2 in 40 s (79 steps)"
+    done[1] = {}
+    eta.finished(1, {"status": "ok", "kind": "glue", "score": 0.8, "wall_s": 100.0, "steps": 79}, 2)
+    # what is left: one LoRA run (40 s) and one full run (100 s), on two workers
+    assert eta.left_s(done, 2) == pytest.approx(70.0)
+    assert eta.postfix(done, 2).startswith("running sst2/lora/seed1, sst2/full/seed1; about 70 s left")

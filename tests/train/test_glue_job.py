@@ -11,7 +11,7 @@ from peftlab.tasks.errors import TaskDataError
 from peftlab.train.data import encode_pairs
 from peftlab.train.glue_job import GlueRun, load_classifier, run_glue
 from peftlab.train.loop import TrainArgs
-from tests.assess.conftest import write_glue
+from tests.assess.conftest import write_glue, write_tiny_model
 
 
 @pytest.mark.parametrize("field,value", [("train_limit", 0), ("eval_limit", -2), ("batch_size", 0),
@@ -56,3 +56,40 @@ def test_run_glue_checks_every_split_before_the_model_loads(split: str, content:
     monkeypatch.setattr("peftlab.train.glue_job.load_classifier", no_model)
     with pytest.raises(TaskDataError, match=expected):
         run_glue(GlueRun(model="m", task="sst2", data_dir=str(root)), None, TrainArgs())
+
+
+def test_the_frozen_floor_trains_only_the_head_and_backpropagates_through_every_layer(tmp_path, monkeypatch):
+    """The study's reference step: the benchmarks' floor (weights frozen, activation gradients down to
+    the embeddings) plus the classification head."""
+    import peftlab.train.glue_job as glue_job
+    from peftlab.tasks.glue import get_glue_task
+    from peftlab.train.data import encode_pairs
+    from peftlab.train.loop import TrainArgs
+
+    model_dir = write_tiny_model(tmp_path / "model")
+    data = write_glue(tmp_path / "glue", tasks=("SST-2",), n_train=20)
+    run = glue_job.GlueRun(model=str(model_dir), task="sst2", data_dir=str(data), batch_size=4, max_length=16)
+    seen = {}
+    real_train = glue_job.train
+
+    def spy(model, loader, args, probe=None):
+        seen["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        embeds = model.get_input_embeddings()
+        grads = []
+
+        def keep_gradient(module, inputs, out):
+            out.register_hook(grads.append)
+
+        embeds.register_forward_hook(keep_gradient)
+        result = real_train(model, loader, args, probe=probe)
+        seen["embedding_grads"] = len(grads)
+        return result
+
+    monkeypatch.setattr(glue_job, "train", spy)
+    task = get_glue_task("sst2")
+    _, tokenizer = glue_job.load_classifier(str(model_dir), task.num_labels)
+    rows = encode_pairs(glue_job.load_glue(task, str(data), "train", None), tokenizer, 16)
+    result = glue_job.frozen_floor(run, task, rows, tokenizer, TrainArgs(seed=0, progress=False), steps=3)
+    assert result.steps == 3
+    assert seen["trainable"] and all(n.startswith("classifier.") for n in seen["trainable"])
+    assert seen["embedding_grads"] == 3  # the backward reached the embeddings' output at every step

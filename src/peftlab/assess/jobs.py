@@ -115,6 +115,7 @@ class Measured:
     score_metric: str | None
     metrics: dict[str, float]
     search: dict[str, Any] | None = None  # a search method's search (SearchResult.to_dict) before the run
+    floor: dict[str, Any] | None = None  # the frozen floor measured after the run in the same process
 
 
 class Jobs:
@@ -150,6 +151,7 @@ class Jobs:
                 "batch_size": suite.batch_size, "group_by_length": suite.group_by_length,
                 "warmup_ratio": suite.warmup_ratio,
                 "weight_decay": suite.weight_decay, "seed": seed, "timed_steps": suite.timed_steps,
+                "floor_steps": suite.floor_steps,
                 # Scores move with the thread count (reduction order) and times with the machine:
                 # a run made under other ones is not reused.
                 "threads": self.threads or torch.get_num_threads(), "machine": machine(),
@@ -190,6 +192,8 @@ class Jobs:
             s, probe = measured.summary, measured.probe
             if measured.search is not None:
                 record["search"] = measured.search
+            if measured.floor is not None:
+                record["floor"] = measured.floor
             record.update(
                 status="ok", score=measured.score, score_metric=measured.score_metric, metrics=measured.metrics,
                 trainable_params=s["trainable_params"], total_params=s["total_params"],
@@ -273,12 +277,16 @@ class GlueJobs(Jobs):
         config, search = s.method_config(method), None
         if config is not None and _searched(method):
             config, search = self._search(run, method, seed, config)
-        probe = MemoryProbe()
-        summary = run_glue(run, config, self.train_args(method, seed), probe=probe)
+        probe, floor_probe = MemoryProbe(), MemoryProbe()
+        summary = run_glue(run, config, self.train_args(method, seed), probe=probe, floor_steps=s.floor_steps,
+                           floor_probe=floor_probe)
         glue = get_glue_task(task.name)
         metrics = summary["metrics"]
         key = glue.main_metric if glue.main_metric in metrics else f"{glue.eval_splits[0]}/{glue.main_metric}"
-        return Measured(summary, probe, _clean(metrics.get(key)), glue.main_metric, metrics, search)
+        floor = summary.get("floor")
+        if floor is not None:
+            floor = {**floor, "peak_memory_bytes": floor_probe.peak_bytes}
+        return Measured(summary, probe, _clean(metrics.get(key)), glue.main_metric, metrics, search, floor)
 
     def _search(self, run: Any, method: str, seed: int, config: Any) -> tuple[Any, dict[str, Any]]:
         """Run the method's search on held-out training examples (the dev set stays unseen); the

@@ -2,8 +2,9 @@
 
 * ``score_vs_trainable.png``: per task, score against trainable share (log x) with seed error bars,
   full fine-tuning and the constant-prediction baseline as lines, and the Pareto front;
-* ``peak_memory.png``: peak training memory per method, one bar per task;
-* ``step_time.png``: median training-step time per method, one bar per task.
+* ``peak_memory.png``: peak training memory per method, one bar per task, as a ratio to the frozen
+  floor measured in the same run (MB where the runs have no floor);
+* ``step_time.png``: training-step time per method, likewise.
 """
 from __future__ import annotations
 
@@ -40,8 +41,12 @@ def write_plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[st
         fig.suptitle(f"{title}: score against trainable share, per task")
         written.append(_save(fig, folder / "score_vs_trainable.png", plt))
 
-    for key, label, name in (("peak_memory_mb", "peak training memory (MB)", "peak_memory.png"),
-                             ("median_step_ms", "median training-step time (ms)", "step_time.png")):
+    floor = any(r.get("step_x_floor") is not None for r in rows)
+    costs = ((("memory_x_floor", "peak training memory (× the frozen floor in the same run)", "peak_memory.png"),
+              ("step_x_floor", "training-step time (× the frozen floor in the same run)", "step_time.png")) if floor
+             else (("peak_memory_mb", "peak training memory (MB)", "peak_memory.png"),
+                   ("median_step_ms", "median training-step time (ms)", "step_time.png")))
+    for key, label, name in costs:
         values = np.array([[cell.get((t, m), {}).get(key) or np.nan for t in tasks] for m in methods], dtype=float)
         if np.isnan(values).all():
             continue
@@ -53,6 +58,8 @@ def write_plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[st
         ax.set_yticks(ys + 0.4 - height / 2, [_name(m) for m in methods])
         ax.invert_yaxis()
         ax.set_xlabel(label)
+        if floor:
+            ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)  # the floor itself
         ax.set_title(f"{title}: {label.split(' (')[0]} per method")
         if len(tasks) > 1:
             ax.legend(fontsize=8)

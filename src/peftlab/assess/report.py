@@ -74,9 +74,20 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 tokens_per_s=_mean_std([r.get("tokens_per_s") for r in ok])[0],
                 final_loss=_mean_std([r.get("final_loss") for r in ok])[0],
                 steps=ok[0].get("steps"), lr=ok[0].get("lr"), metrics=_mean_metrics(ok, scale),
+                step_x_floor=_mean_std([_floor_ratio(r, "step") for r in ok])[0],
+                memory_x_floor=_mean_std([_floor_ratio(r, "memory") for r in ok])[0],
             )
         rows.append(row)
     return rows
+
+
+def _floor_ratio(record: dict[str, Any], what: str) -> float | None:
+    """A run's step time or peak memory over its frozen floor's, both measured in the run's process
+    (step times over the same first steps; see :func:`peftlab.train.glue_job.frozen_floor`)."""
+    floor = record.get("floor") or {}
+    if what == "step":
+        return _ratio(floor.get("run_median_step_s"), floor.get("median_step_s"))
+    return _ratio(record.get("peak_memory_bytes"), floor.get("peak_memory_bytes"))
 
 
 def _mean_metrics(records: list[dict[str, Any]], scale: float) -> dict[str, float]:
@@ -148,6 +159,26 @@ DRIFT = 1.25  # full fine-tuning steps of one shape this far apart: the machine'
 SPREAD = 5.0  # score points of std over seeds that make a result too unstable to rank on
 
 
+def floor_drift_notes(records: list[dict[str, Any]]) -> list[str]:
+    """The frozen floor of one (task, seed) trains the same batches in every run: where its step time
+    varies across runs, the machine's load changed during the suite. The × floor ratios hold (each
+    run's floor was timed in its own process, right after it); absolute times do not."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        floor = r.get("floor") or {}
+        if r.get("status") == "ok" and floor.get("median_step_s"):
+            groups.setdefault((r["task"], r["seed"]), []).append(r)
+    notes = []
+    for (task, seed), recs in groups.items():
+        times = [r["floor"]["median_step_s"] for r in recs]
+        if len(times) > 1 and max(times) > DRIFT * min(times):
+            notes.append(f"the frozen floor's step time on {task_label(task)} (seed {seed}, the same batches in every "
+                         f"run) ranged {min(times) * 1e3:,.0f}-{max(times) * 1e3:,.0f} ms over {len(times)} runs "
+                         f"({max(times) / min(times):.2f}x): the machine's load changed during the suite. The x floor "
+                         "ratios hold, as each run was timed against its own floor; absolute ms do not")
+    return notes
+
+
 def drift_notes(records: list[dict[str, Any]]) -> list[str]:
     """Full fine-tuning is the reference of the "x full" step-time column; where its step time on
     one task (same data, length limit and batch) varies across seeds, the machine's load changed
@@ -195,7 +226,11 @@ def search_notes(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _name(method: str) -> str:
-    return "full fine-tuning" if method == FULL else method
+    """The method as the review writes it (its spec's title); a name no longer registered stays as stored."""
+    if method == FULL:
+        return "full fine-tuning"
+    spec = next((s for s in all_methods() if s.name == method), None)
+    return (spec.title or spec.name) if spec else method
 
 
 # -- formatting ----------------------------------------------------------------------------------
@@ -275,22 +310,54 @@ def trainable_table(rows: list[dict[str, Any]]) -> str:
     return _table(head, body)
 
 
+def has_floor(rows: list[dict[str, Any]]) -> bool:
+    return any(r.get("step_x_floor") is not None for r in rows)
+
+
 def cost_table(rows: list[dict[str, Any]]) -> str:
+    """Peak memory and step time per task, as ratios to the frozen floor measured in each run's
+    process where the runs have one, else to full fine-tuning's run on the task."""
     tasks, methods, cell = grid(rows)
+    floor = has_floor(rows)
+    ref = "× floor" if floor else "× full"
     full_mem = {t: cell.get((t, FULL), {}).get("peak_memory_mb") for t in tasks}
     full_step = {t: cell.get((t, FULL), {}).get("median_step_ms") for t in tasks}
     head = ["Method", "Trainable %"]
     for t in tasks:
-        head += [f"{task_label(t)} peak MB", "× full", f"{task_label(t)} step ms", "× full", "tokens/s"]
+        head += [f"{task_label(t)} peak {ref}", "peak MB", f"step {ref}", "step ms", "tokens/s"]
     body = []
     for m in methods:
         line = [_name(m), _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
         for t in tasks:
             row = cell.get((t, m), {})
             mem, step = row.get("peak_memory_mb"), row.get("median_step_ms")
-            line += [_fmt(mem, ",.0f"), _fmt(_ratio(mem, full_mem[t]), ".2f"),
-                     _fmt(step, ",.0f"), _fmt(_ratio(step, full_step[t]), ".2f"), _fmt(row.get("tokens_per_s"), ",.0f")]
+            mem_x = row.get("memory_x_floor") if floor else _ratio(mem, full_mem[t])
+            step_x = row.get("step_x_floor") if floor else _ratio(step, full_step[t])
+            line += [_fmt(mem_x, ".2f"), _fmt(mem, ",.0f"), _fmt(step_x, ".2f"), _fmt(step, ",.0f"),
+                     _fmt(row.get("tokens_per_s"), ",.0f")]
         body.append(line)
+    return _table(head, body)
+
+
+def taxonomy_table(rows: list[dict[str, Any]]) -> str:
+    """One line per method, grouped by family and sub-category as the review sorts them: trainable
+    share, the score on each task (mean ± std over seeds), and the cost as ratios to the frozen floor."""
+    tasks, methods, cell = grid(rows)
+    head = ["Family", "Sub-category", "Method", "Trainable (entries)", "Trainable %"] + [
+        f"{task_label(t)} score" for t in tasks] + ["Peak memory × floor", "Step time × floor"]
+    order = sorted(methods, key=lambda m: (m != FULL, _first(cell, tasks, m, "family") or "",
+                                           _first(cell, tasks, m, "subcategory") or "", _name(m).lower()))
+    body = []
+    for m in order:
+        mem = [cell.get((t, m), {}).get("memory_x_floor") for t in tasks]
+        step = [cell.get((t, m), {}).get("step_x_floor") for t in tasks]
+        mem, step = [x for x in mem if x is not None], [x for x in step if x is not None]
+        body.append([str(_first(cell, tasks, m, "family") or ""), str(_first(cell, tasks, m, "subcategory") or ""),
+                     _name(m), _count(_first(cell, tasks, m, "trainable_params")),
+                     _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
+                    + [_fmt_score(cell.get((t, m))) for t in tasks]
+                    + [_fmt(statistics.fmean(mem) if mem else None, ".2f"),
+                       _fmt(statistics.fmean(step) if step else None, ".2f")])
     return _table(head, body)
 
 
@@ -323,20 +390,23 @@ def summary_text(rows: list[dict[str, Any]], width: int = 100) -> str:
     peak memory (largest over tasks) and step time (mean over tasks); the headers say which."""
     tasks, methods, cell = grid(rows)
     has_scores = any(r.get("score") is not None for r in rows)
-    head = ["method", "trainable%"] + ([task_label(t)[:12] for t in tasks] + ["mean"] if has_scores else []) + [
-        "max peak MB", "mean step ms"]
+    floor = has_floor(rows)
+    mem_key, step_key = ("memory_x_floor", "step_x_floor") if floor else ("peak_memory_mb", "median_step_ms")
+    head = ["method", "trainable%"] + ([task_label(t)[:12] for t in tasks] + ["mean"] if has_scores else []) + (
+        ["max peak x floor", "mean step x floor"] if floor else ["max peak MB", "mean step ms"])
     lines = []
     for m in methods:
         scores = [cell.get((t, m), {}).get("score") for t in tasks]
-        mems = [cell.get((t, m), {}).get("peak_memory_mb") for t in tasks]
-        steps = [cell.get((t, m), {}).get("median_step_ms") for t in tasks]
+        mems = [cell.get((t, m), {}).get(mem_key) for t in tasks]
+        steps = [cell.get((t, m), {}).get(step_key) for t in tasks]
         mems = [x for x in mems if x is not None]
         steps = [x for x in steps if x is not None]
         line = [_name(m)[:22], _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
         if has_scores:
             line += [_fmt(s, ".1f", "fail" if cell.get((t, m), {}).get("failed") else "-") for s, t in zip(scores, tasks)]
             line += [_fmt(statistics.fmean(scores) if all(s is not None for s in scores) else None, ".1f", "-")]
-        line += [_fmt(max(mems) if mems else None, ",.0f", "-"), _fmt(statistics.fmean(steps) if steps else None, ",.0f", "-")]
+        spec = ".2f" if floor else ",.0f"
+        line += [_fmt(max(mems) if mems else None, spec, "-"), _fmt(statistics.fmean(steps) if steps else None, spec, "-")]
         lines.append(line)
     widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -411,14 +481,27 @@ def markdown(suite: Suite, rows: list[dict[str, Any]], notes: list[str], totals:
                   f"(`{suite.model}`): no method adapts pretrained knowledge here, so the table only checks "
                   "that the pipeline runs. Pass a pretrained model with `--model` (a folder or a hub id such "
                   "as `t5-small`) for a meaningful comparison.", ""]
+    floor = has_floor(rows)
     if any(r.get("score") is not None for r in rows):
         scale = "×100, " if any(r.get("kind") == "glue" for r in rows) else ""
-        lines += [f"## Task scores (dev; {scale}mean ± std over seeds)", "", score_table(rows), ""]
+        if floor:
+            lines += [f"## The methods side by side (dev; {scale}mean ± std over seeds)", "",
+                      "Grouped as the review sorts them. Trainable: entries that training can change (for masked "
+                      "methods, the entries their masks select). Costs are ratios to the frozen floor (see Memory "
+                      "and speed), each run timed against its own floor in its own process.",
+                      "", taxonomy_table(rows), ""]
+        if len(tasks) > 1 or not floor:
+            lines += [f"## Task scores (dev; {scale}mean ± std over seeds)", "", score_table(rows), ""]
     else:
         lines += ["## Trainable parameters", "", trainable_table(rows), ""]
+    reference = (f"the frozen floor: after each run, its first {suite.floor_steps} batches trained again in the "
+                 "same process with every pretrained weight frozen, only the head trained, and the backward run "
+                 "through every layer (activation gradients, no weight gradient), as the benchmarks define the "
+                 "floor; step times over the same steps of both") if floor else "full fine-tuning's run on the same task"
     lines += ["## Memory and speed", "",
-              "Peak training memory (MB) and median training-step time (ms), per task; × full is the ratio to "
-              "full fine-tuning on the same task.", "", cost_table(rows), ""]
+              f"Per task: peak training memory and median training-step time as ratios to {reference}; then the "
+              "absolute figures, which move with the machine's load.", "", cost_table(rows), ""]
+    lines += published_section(rows)
     table = metrics_table(rows)
     if table:
         lines += ["## Every official metric", "", table, ""]
@@ -434,6 +517,44 @@ def markdown(suite: Suite, rows: list[dict[str, Any]], notes: list[str], totals:
               "(after warm-up). Tokens/s: non-padding input tokens per second of those steps. "
               "See docs/assessment.md for what each measurement misses.", ""]
     return "\n".join(lines)
+
+
+def published_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Published figures beside the measured ones, for the tasks both have, and whether the two
+    rank the methods they share alike (Spearman's rho over the methods in both)."""
+    from scipy.stats import spearmanr
+
+    from .published import PUBLISHED
+
+    tasks, methods, cell = grid(rows)
+    lines: list[str] = []
+    for table in PUBLISHED:
+        shared = [t for t in tasks if any(t in r.scores for r in table.rows)]
+        if not shared:
+            continue
+        head = ["Published row", "Trainable (published)"] + [f"{task_label(t)} published" for t in shared] + [
+            f"{task_label(t)} measured here" for t in shared]
+        body = [[r.label, r.trainable] + [_fmt(r.scores.get(t), ".1f") for t in shared]
+                + [_fmt_score(cell.get((t, r.method))) if cell.get((t, r.method)) else "not run" for t in shared]
+                for r in table.rows]
+        agree = []
+        for t in shared:
+            best: dict[str, float] = {}
+            for r in table.rows:  # a method with several published sizes: its best
+                if t in r.scores and (cell.get((t, r.method)) or {}).get("score") is not None:
+                    best[r.method] = max(best.get(r.method, -1e9), r.scores[t])
+            names = sorted(best)
+            if len(names) < 3:
+                agree.append(f"{task_label(t)}: {len(names)} method(s) in both, too few to compare rankings")
+                continue
+            rho = spearmanr([best[m] for m in names], [cell[(t, m)]["score"] for m in names]).statistic
+            agree.append(f"{task_label(t)}: Spearman's rho {rho:.2f} between the published and the measured "
+                         f"ranking of {', '.join(_name(m) for m in names)}")
+        lines += [f"### {table.source}", "",
+                  f"**Published figures on {table.model}, not measured here**: a larger model trained on the full "
+                  "training sets with tuned learning rates, so only the ranking of methods can be compared with "
+                  "this suite's.", "", _table(head, body), ""] + [f"- {a}" for a in agree] + [""]
+    return (["## Published reference figures", ""] + lines) if lines else []
 
 
 def _budget(task: Any, suite: Suite) -> str:

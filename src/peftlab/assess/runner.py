@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from .jobs import jobs_for
 from .plots import write_plots
-from .report import (aggregate, baseline_notes, drift_notes, failure_notes, markdown, runs_csv, search_notes,
-                     spread_notes, summary_csv, summary_text)
+from .report import (aggregate, baseline_notes, drift_notes, failure_notes, floor_drift_notes, markdown, runs_csv,
+                     search_notes, spread_notes, summary_csv, summary_text)
 from .store import RunStore, fingerprint, write_json_atomic, write_text_atomic
 from .suites import Suite, TaskSpec
 from ..core.errors import PeftlabError
@@ -93,7 +93,9 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
     notes += jobs.notes
     store = RunStore(out)
     write_json_atomic(out / "suite.json", suite.to_dict())
-    plan = [(t, m, s) for t in tasks for m in jobs.methods_for(t, methods) for s in suite.seeds]
+    # Seed by seed: an interrupted suite has every method at its first seeds, and the ETA knows each
+    # method's time after the first round.
+    plan = [(t, m, s) for s in suite.seeds for t in tasks for m in jobs.methods_for(t, methods)]
 
     result = SuiteResult(suite, out, [], [], notes)
     done: dict[int, dict[str, Any]] = {}  # plan index -> record; the report keeps the plan's order
@@ -118,8 +120,11 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
             result.reused += 1
         else:
             todo.append(i)
+    # tqdm's own ETA (rate of finished runs) is misleading while few runs have finished: the postfix
+    # carries ours, from each method's measured run time.
     bar = tqdm(total=len(plan), initial=len(done), desc=f"assess {suite.name}", unit="run", disable=not progress,
-               position=0)
+               position=0, bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}")
+    eta = _Eta(plan, todo)
 
     def finish(i: int, record: dict[str, Any]) -> None:
         # Storing a run and rewriting the tables happen together: a Ctrl-C or SIGTERM waits for both,
@@ -131,20 +136,29 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
             if record["status"] != "ok":
                 tqdm.write(f"peftlab assess: {_key(plan[i])} failed: {record['error']}")
             _write_tables(result, started, cpu_started, plots=False)
+        line = eta.finished(i, record, result.workers)
+        if progress:
+            tqdm.write(line)
         bar.update(1)
+        bar.set_postfix_str(eta.postfix(done, result.workers), refresh=True)
 
     workers = min(workers, max(len(todo), 1))
     if workers == 1:
         torch.set_num_threads(threads)
     result.workers, result.threads = workers, threads
     jobs.progress = progress and workers == 1  # bars of parallel runs would interleave
+    if progress:
+        tqdm.write(f"peftlab assess {suite.name}: {len(todo)} run(s) to go, {result.reused} stored ({len(methods)} "
+                   f"method(s) x {len(tasks)} task(s) x {len(suite.seeds)} seed(s)); {workers} worker(s) x "
+                   f"{threads} thread(s)")
     try:
         with _sigterm_interrupts():
             if workers == 1:
                 for i in todo:
-                    bar.set_postfix_str(_key(plan[i]))
+                    bar.set_postfix_str(eta.postfix(done, 1))
                     finish(i, jobs.run(*plan[i]))
             else:
+                bar.set_postfix_str(eta.postfix(done, workers))
                 _run_in_workers(suite, out, plan, todo, workers, threads, finish, bar)
     except KeyboardInterrupt:
         # A worker stores its run before the parent receives it: pick up those the stop overtook,
@@ -167,6 +181,58 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
 def _key(entry: tuple[TaskSpec, str, int]) -> str:
     task, method, seed = entry
     return f"{task.name}/{method}/seed{seed}"
+
+
+class _Eta:
+    """Progress per run: what finished (score, time), what runs now, and the time left, estimated
+    from this invocation's runs: a method's own mean run time once one of its runs finished (seeds
+    come round by round), else the mean over all finished runs."""
+
+    def __init__(self, plan: list[tuple[TaskSpec, str, int]], todo: list[int]) -> None:
+        self.plan, self.todo = plan, todo
+        self.times: dict[tuple[str, str], list[float]] = {}
+        self.count = 0
+
+    def _estimate(self, i: int) -> float | None:
+        task, method, _ = self.plan[i]
+        own = self.times.get((task.name, method))
+        every = [x for xs in self.times.values() for x in xs]
+        chosen = own or every
+        return sum(chosen) / len(chosen) if chosen else None
+
+    def left_s(self, done: dict[int, Any], workers: int) -> float | None:
+        pending = [i for i in self.todo if i not in done]
+        estimates = [self._estimate(i) for i in pending]
+        if any(e is None for e in estimates):
+            return None
+        return sum(estimates) / max(1, min(workers, len(pending) or 1))
+
+    def running(self, done: dict[int, Any], workers: int) -> list[int]:
+        # Runs start in plan order (one process pool, submitted in order): the first unfinished ones run.
+        return [i for i in self.todo if i not in done][:workers]
+
+    def postfix(self, done: dict[int, Any], workers: int) -> str:
+        now = ", ".join(_key(self.plan[i]) for i in self.running(done, workers))
+        left = self.left_s(done, workers)
+        when = f"about {_minutes(left)} left" if left is not None else "time left known after the first run"
+        return f"running {now}; {when}" if now else when
+
+    def finished(self, i: int, record: dict[str, Any], workers: int) -> str:
+        task, method, seed = self.plan[i]
+        self.count += 1
+        wall = float(record.get("wall_s") or 0.0)
+        self.times.setdefault((task.name, method), []).append(wall)
+        if record.get("status") == "ok" and record.get("score") is not None:
+            scale = 100.0 if record.get("kind") == "glue" else 1.0
+            outcome = f"{record.get('score_metric') or 'score'} {record['score'] * scale:.1f}"
+        else:
+            outcome = "failed" if record.get("status") != "ok" else "done"
+        return (f"[{self.count}/{len(self.todo)}] {task.name} {method} seed {seed}: {outcome} in {wall:.0f} s "
+                f"({record.get('steps') or 0} steps)")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 @contextmanager
@@ -255,7 +321,6 @@ def _run_in_workers(suite: Suite, out: Path, plan: list[tuple[TaskSpec, str, int
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                              initargs=(suite, threads, out)) as pool:
-        bar.set_postfix_str(f"{workers} workers x {threads} thread(s)")
         running: dict[Future, int] = {}
         try:  # submitting spawns the workers: a stop from there on must kill them
             for i in todo:
@@ -284,7 +349,8 @@ def _write_tables(result: SuiteResult, started: float, cpu_started: float, plots
     suite, out, records = result.suite, result.out, result.records
     rows = aggregate(records)
     notes = (result.notes + failure_notes(records) + baseline_notes(rows, suite) + spread_notes(rows)
-             + drift_notes(records) + search_notes(records))
+             + (floor_drift_notes(records) if any(r.get("floor") for r in records) else drift_notes(records))
+             + search_notes(records))
     result.rows = rows
     result.wall_s = time.perf_counter() - started
     result.cpu_s = time.process_time() - cpu_started

@@ -35,6 +35,7 @@ class MethodSpec:
     trains: str
     attach: Callable[..., None]
     paper: str = ""
+    title: str = ""  # the name as papers and the review write it ("(IA)³", "LoRA"); reports show it
     mergeable: bool = False
     identity_at_init: bool = True
     merge_tolerance: float = 1e-5

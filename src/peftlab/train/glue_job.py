@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +118,13 @@ def load_splits(task: GlueTask, run: GlueRun) -> tuple[list[Example], dict[str, 
 
 
 def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str | Path | None = None,
-             probe: StepProbe | None = None) -> dict[str, Any]:
+             probe: StepProbe | None = None, floor_steps: int = 0,
+             floor_probe: StepProbe | None = None) -> dict[str, Any]:
     """Train ``config``'s method (``None``: full fine-tuning) and score the dev split(s).
 
     ``probe`` goes to :func:`~peftlab.train.loop.train` (the assessment measures memory with it).
+    ``floor_steps`` > 0 then times the frozen floor (:func:`frozen_floor`, measured by ``floor_probe``)
+    on the run's first batches, in this process: ``summary["floor"]`` holds both step times.
     """
     task = get_glue_task(run.task)
     # Every split is read and checked before the model loads: a bad dev row fails in seconds,
@@ -151,6 +154,15 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
         logits, labels = predict(model, make_scoring_loader(rows, tokenizer))
         scores = glue_metrics(task, logits, labels)
         metrics.update(scores if len(task.eval_splits) == 1 else {f"{split}/{k}": v for k, v in scores.items()})
+    floor = None
+    if floor_steps:
+        steps = min(floor_steps, result.steps)
+        reference = frozen_floor(run, task, train_rows, tokenizer, args, steps, floor_probe)
+        # Ratios over the same steps: the method's first ones, the floor's (same seed, same batches
+        # unless the method's own data pass drew from the loader first).
+        floor = {"steps": steps, "median_step_s": reference.median_step_s_over(steps),
+                 "run_median_step_s": result.median_step_s_over(steps),
+                 "same_batches": reference.step_tokens[:steps] == result.step_tokens[:steps]}
     summary = {
         "run": asdict(run), "method": getattr(config, "method", None) or "full",
         "config": config.to_dict() if config else None, "train_args": asdict(args),
@@ -158,6 +170,7 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
         "steps": result.steps, "final_loss": result.final_loss, "median_step_s": result.median_step_s,
         "tokens_per_s": result.tokens_per_s, "tokens": result.tokens, "train_s": result.wall_s,
         "wall_s": time.perf_counter() - started, "metrics": metrics,
+        **({"floor": floor} if floor else {}),
     }
     if out is not None:
         out = Path(out)
@@ -166,3 +179,27 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def frozen_floor(run: GlueRun, task: GlueTask, rows: list[dict[str, Any]], tokenizer: Any, args: TrainArgs,
+                 steps: int, probe: StepProbe | None = None) -> Any:
+    """The frozen floor, as the benchmarks define it, plus the head: every pretrained weight frozen,
+    the embedding output made to require grad (so the backward runs through every layer, computing
+    activation gradients but no weight gradient), the new head trained. A PEFT method that changes
+    the layers pays at least this, so its cost over the floor's is what the method itself adds.
+    Trains ``steps`` steps on the loader a run with ``args.seed`` draws; returns the
+    :class:`~peftlab.train.loop.TrainResult`."""
+    torch.manual_seed(args.seed)
+    model, _ = load_classifier(run.model, task.num_labels)
+    heads = [module for name in HEADS if isinstance(module := getattr(model, name, None), torch.nn.Module)]
+    if not heads:
+        raise PeftlabError(f"{type(model).__name__} has no classification head named {' or '.join(HEADS)}, so its "
+                           "frozen floor cannot be measured")
+    model.requires_grad_(False)
+    for head in heads:
+        head.requires_grad_(True)
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    loader = make_loader(rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed,
+                         group_by_length=run.group_by_length)
+    floor_args = replace(args, max_steps=steps, progress=False, save_every=None, checkpoint_dir=None, resume=False)
+    return train(model, loader, floor_args, probe=probe)

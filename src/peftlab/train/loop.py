@@ -95,9 +95,13 @@ class TrainResult:
 
     @property
     def median_step_s(self) -> float:
-        # Skip the first steps (allocator and kernel warm-up) and probed ones (the probe's cost).
+        return self.median_step_s_over(len(self.step_times))
+
+    def median_step_s_over(self, steps: int) -> float:
+        """Median time of the first ``steps`` steps, skipping the first three (allocator and kernel
+        warm-up) and the probed ones (the probe's cost)."""
         probed = set(self.probed_steps)
-        times = [t for i, t in enumerate(self.step_times) if i not in probed]
+        times = [t for i, t in enumerate(self.step_times[:steps]) if i not in probed]
         times = times[3:] or times
         return float(np.median(times)) if times else float("nan")
 
@@ -253,7 +257,7 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
                            f"({latest_checkpoint(args.checkpoint_dir).name}); continue it with resume, or delete "
                            "the folder to start afresh")
     groups = peft.param_groups(args.lr, args.weight_decay) if peft else params
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = _adamw(groups, args)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accum = accelerator.gradient_accumulation_steps
     per_epoch = math.ceil(len(loader) / accum)  # the last batches of an epoch make a step
@@ -357,6 +361,16 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
     if peft:
         peft.end_training(loader)  # post-hoc fits (a Laplace approximation) over the training batches
     return result
+
+
+def _adamw(groups: Any, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where every trainable tensor allows it: on a CPU, full fine-tuning
+    of the MiniLM takes 22 ms per optimizer step fused against 160 ms with the per-tensor loop (one
+    thread). Where a device or dtype has no fused kernel, the standard implementation (same update)."""
+    try:
+        return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def _skip(loader: Any, count: int) -> Any:

@@ -252,7 +252,7 @@ def multi_task_forward(model: Any, adapter_names: list[str], *args: Any, **kwarg
 
 
 SPEC = register(MethodSpec(
-    name="adapter_drop", family="additive", subcategory="adapter", config_cls=AdapterDropConfig,
+    name="adapter_drop", title="AdapterDrop", family="additive", subcategory="adapter", config_cls=AdapterDropConfig,
     trains="sequential bottleneck adapters in the upper layers only (none in the lowest n)", attach=attach,
     paper="Rücklé et al. 2021, AdapterDrop: On the Efficiency of Adapters in Transformers",
     # The sequential adapter's near-identity init is not exactly the identity.

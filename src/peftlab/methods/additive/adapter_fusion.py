@@ -153,7 +153,7 @@ def _example() -> tuple[dict[str, PeftConfig], AdapterFusionConfig]:
 
 
 SPEC = register(MethodSpec(
-    name="adapter_fusion", family="additive", subcategory="adapter composition", config_cls=AdapterFusionConfig,
+    name="adapter_fusion", title="AdapterFusion", family="additive", subcategory="adapter composition", config_cls=AdapterFusionConfig,
     trains="an attention over frozen task adapters' outputs at every site they share", attach=attach,
     paper="Pfeiffer et al. 2021, AdapterFusion: Non-Destructive Task Composition for Transfer Learning",
     mergeable=False, identity_at_init=False, default_lr=5e-5,

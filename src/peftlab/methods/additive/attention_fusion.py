@@ -266,7 +266,7 @@ def attach(model: nn.Module, name: str, config: AttentionFusionConfig, host: Any
 
 
 SPEC = register(MethodSpec(
-    name="attention_fusion", family="additive", subcategory="others", config_cls=AttentionFusionConfig,
+    name="attention_fusion", title="Attention Fusion", family="additive", subcategory="others", config_cls=AttentionFusionConfig,
     trains="one query vector: per token, a softmax attention over the frozen encoder's layer states, "
            "whose weighted sum replaces the encoder output read by the task head",
     attach=attach,

@@ -246,7 +246,7 @@ def attach(model: nn.Module, name: str, config: CiatConfig, host: Any = None) ->
 
 
 SPEC = register(MethodSpec(
-    name="ciat", family="additive", subcategory="adapter", config_cls=CiatConfig,
+    name="ciat", title="CIAT", family="additive", subcategory="adapter", config_cls=CiatConfig,
     trains="a bottleneck adapter on the token embeddings (encoder and decoder) and one beside every "
            "self-attention and FFN sublayer, reading its input",
     attach=attach,

@@ -322,7 +322,7 @@ def attach(model: nn.Module, name: str, config: CodaConfig, host: Any = None) ->
 
 
 SPEC = register(MethodSpec(
-    name="coda", family="additive", subcategory="adapter", config_cls=CodaConfig,
+    name="coda", title="CoDA", family="additive", subcategory="adapter", config_cls=CodaConfig,
     trains="a parallel bottleneck adapter on all tokens and a token router per encoder layer; the frozen layer "
            "runs on the top k = n / r routed tokens only",
     attach=attach,

@@ -192,7 +192,7 @@ def attach(model: nn.Module, name: str, config: HadamardAdapterConfig, host: Any
 
 
 SPEC = register(MethodSpec(
-    name="hadamard_adapter", family="additive", subcategory="rescaling", config_cls=HadamardAdapterConfig,
+    name="hadamard_adapter", title="Hadamard adapter", family="additive", subcategory="rescaling", config_cls=HadamardAdapterConfig,
     trains="an element-wise weight and bias on each self-attention output", attach=attach,
     paper="Chen et al. 2023, Hadamard Adapter: An Extreme Parameter-Efficient Adapter Tuning Method for "
           "Pre-trained Language Models",

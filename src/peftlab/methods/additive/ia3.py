@@ -264,7 +264,7 @@ def attach(model: nn.Module, name: str, config: IA3Config, host: Any = None) -> 
 
 
 SPEC = register(MethodSpec(
-    name="ia3", family="additive", subcategory="rescaling", config_cls=IA3Config,
+    name="ia3", title="(IA)³", family="additive", subcategory="rescaling", config_cls=IA3Config,
     trains="vectors rescaling keys, values and FFN inner activations", attach=attach,
     paper="Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning",
     mergeable=True, merge_tolerance=1e-5, peft_type="IA3", default_lr=3e-3,

@@ -350,7 +350,7 @@ def attach(model: nn.Module, name: str, config: LstConfig, host: Any) -> None:
 
 
 SPEC = register(MethodSpec(
-    name="lst", family="additive", subcategory="others", config_cls=LstConfig,
+    name="lst", title="LST", family="additive", subcategory="others", config_cls=LstConfig,
     trains="a side network of width d/r (backbone layers pruned by r) fed by gated ladders from the "
            "frozen backbone, which runs without a graph; its up-projected output feeds the head",
     attach=attach,

@@ -210,7 +210,7 @@ def attach(model: nn.Module, name: str, config: PTuningConfig, host: Any) -> Non
 # (0.509): 2,000 examples (63 steps) at 3e-3 and 1e-2, 1,000 (32 steps) at 1e-3. The quick suite runs
 # default_lr x 4: 1e-3, the best of these.
 SPEC = register(MethodSpec(
-    name="p_tuning", family="additive", subcategory="soft prompt", config_cls=PTuningConfig,
+    name="p_tuning", title="P-tuning", family="additive", subcategory="soft prompt", config_cls=PTuningConfig,
     trains="a prompt encoder (bidirectional LSTM + MLP, or MLP) whose output is p virtual tokens prepended "
            "to the input", attach=attach, paper="Liu et al. 2021, GPT Understands, Too",
     mergeable=False, identity_at_init=False, changes_sequence_length=True, peft_type="P_TUNING",

@@ -96,7 +96,7 @@ class PTuningV2Config(prefix_tuning.PrefixTuningConfig):
 # dev accuracy 0.771 at 2e-2, the rate the quick suite runs (default_lr x 4); prefix tuning there: 0.729,
 # prompt tuning 0.736. (With 2,000 examples, 63 steps, at 5e-3: 0.517, barely off the majority class.)
 SPEC = register(MethodSpec(
-    name="p_tuning_v2", family="additive", subcategory="soft prompt", config_cls=PTuningV2Config,
+    name="p_tuning_v2", title="P-tuning v2", family="additive", subcategory="soft prompt", config_cls=PTuningV2Config,
     trains="p key/value vectors per self-attention layer, trained directly, and the task head",
     attach=prefix_tuning.attach,
     paper="Liu et al. 2022, P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally Across "

@@ -165,7 +165,7 @@ def attach(model: nn.Module, name: str, config: ParallelAdapterConfig, host: Any
 
 
 SPEC = register(MethodSpec(
-    name="parallel_adapter", family="additive", subcategory="adapter", config_cls=ParallelAdapterConfig,
+    name="parallel_adapter", title="Parallel adapter", family="additive", subcategory="adapter", config_cls=ParallelAdapterConfig,
     trains="a scaled bottleneck network beside each FFN block (or attention sublayer), reading its input",
     attach=attach,
     paper="He et al. 2022, Towards a Unified View of Parameter-Efficient Transfer Learning",

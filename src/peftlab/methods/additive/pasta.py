@@ -333,7 +333,7 @@ def attach(model: nn.Module, name: str, config: PastaConfig, host: Any) -> None:
 
 
 SPEC = register(MethodSpec(
-    name="pasta", family="additive", subcategory="special token adaptation", config_cls=PastaConfig,
+    name="pasta", title="PASTA", family="additive", subcategory="special token adaptation", config_cls=PastaConfig,
     trains="one vector per layer and special-token occurrence, added to the special tokens' hidden states",
     attach=attach,
     paper="Yang et al. 2023, Parameter-Efficient Tuning with Special Token Adaptation",

@@ -552,7 +552,7 @@ def attach(model: nn.Module, name: str, config: PrefixTuningConfig, host: Any) -
 # 0.722 at 5e-4, 0.712 at 2e-3, and the majority class (0.509) at 5e-3 and above. The quick suite
 # runs default_lr x 4, i.e. the best of these.
 SPEC = register(MethodSpec(
-    name="prefix_tuning", family="additive", subcategory="soft prompt", config_cls=PrefixTuningConfig,
+    name="prefix_tuning", title="Prefix tuning", family="additive", subcategory="soft prompt", config_cls=PrefixTuningConfig,
     trains="p key/value vectors per self-attention layer (through an MLP, folded after training)",
     attach=attach, paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation",
     mergeable=False, identity_at_init=False, peft_type="PREFIX_TUNING", default_lr=2.5e-4,

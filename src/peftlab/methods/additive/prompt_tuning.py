@@ -402,7 +402,7 @@ def attach(model: nn.Module, name: str, config: PromptTuningConfig, host: Any) -
 
 
 SPEC = register(MethodSpec(
-    name="prompt_tuning", family="additive", subcategory="soft prompt", config_cls=PromptTuningConfig,
+    name="prompt_tuning", title="Prompt tuning", family="additive", subcategory="soft prompt", config_cls=PromptTuningConfig,
     trains="p virtual token embeddings prepended to the input", attach=attach,
     paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning",
     mergeable=False, identity_at_init=False, changes_sequence_length=True, peft_type="PROMPT_TUNING",

@@ -141,7 +141,7 @@ def attach(model: nn.Module, name: str, config: ResidualAdapterConfig, host: Any
 
 
 SPEC = register(MethodSpec(
-    name="residual_adapter", family="additive", subcategory="adapter", config_cls=ResidualAdapterConfig,
+    name="residual_adapter", title="Residual adapter", family="additive", subcategory="adapter", config_cls=ResidualAdapterConfig,
     trains="one LayerNorm + bottleneck network on each transformer block's output", attach=attach,
     paper="Lin et al. 2020, Exploring Versatile Generative Language Model Via Parameter-Efficient "
           "Transfer Learning; Pfeiffer et al. 2021, AdapterFusion",

@@ -239,7 +239,7 @@ def attach(model: nn.Module, name: str, config: SequentialAdapterConfig, host: A
 
 
 SPEC = register(MethodSpec(
-    name="sequential_adapter", family="additive", subcategory="adapter", config_cls=SequentialAdapterConfig,
+    name="sequential_adapter", title="Sequential adapter", family="additive", subcategory="adapter", config_cls=SequentialAdapterConfig,
     trains="bottleneck networks after the attention and FFN output projections", attach=attach,
     paper="Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP",
     # The paper's near-identity init is not exactly the identity (init="identity" is).

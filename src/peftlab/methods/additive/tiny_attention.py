@@ -344,7 +344,7 @@ def average_heads(model: nn.Module, adapter_name: str = "default") -> int:
 
 
 SPEC = register(MethodSpec(
-    name="tiny_attention", family="additive", subcategory="adapter", config_cls=TinyAttentionConfig,
+    name="tiny_attention", title="Tiny-Attention adapter", family="additive", subcategory="adapter", config_cls=TinyAttentionConfig,
     trains="tiny multi-head attention (per-head width 1) beside each self-attention sublayer, reading its input",
     attach=attach,
     paper="Zhao, Tan and Mei 2022, Tiny-Attention Adapter: Contexts Are More Important Than the Number of Parameters",

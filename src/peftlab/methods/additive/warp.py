@@ -290,7 +290,7 @@ def _is_masked_lm_family(model_config: Any) -> bool:
 # 0.713 at 3e-2 (1 run each). The quick suite runs default_lr x 4: 1e-2, the best of these. The paper's
 # runs (20-30 epochs) use 1e-3.
 SPEC = register(MethodSpec(
-    name="warp", family="additive", subcategory="soft prompt", config_cls=WarpConfig,
+    name="warp", title="WARP", family="additive", subcategory="soft prompt", config_cls=WarpConfig,
     trains="p prompt embeddings around a [MASK] token and one verbalizer embedding (and bias) per class, "
            "scored against the [MASK] output", attach=attach,
     paper="Hambardzumyan, Khachatrian & May 2021, WARP: Word-level Adversarial ReProgramming",

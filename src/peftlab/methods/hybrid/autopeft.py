@@ -294,7 +294,7 @@ def describe(config: AutoPeftConfig) -> str:
 
 # default_lr: the adapters' (1e-3); the prefix trains directly, as a soft prompt, at the same rate.
 SPEC = register(MethodSpec(
-    name="autopeft", family="hybrid", subcategory="automatic combination", config_cls=AutoPeftConfig,
+    name="autopeft", title="AutoPEFT", family="hybrid", subcategory="automatic combination", config_cls=AutoPeftConfig,
     trains="a searched subset of layers, each with a serial adapter, a parallel adapter and a prefix of searched sizes",
     attach=attach, search=search, default_lr=1e-3,
     paper="Zhou et al. 2024, AutoPEFT: Automatic Configuration Search for Parameter-Efficient Fine-Tuning",

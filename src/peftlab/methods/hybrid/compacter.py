@@ -229,10 +229,10 @@ _COMMON = dict(family="hybrid", subcategory="manual combination", attach=attach,
                mergeable=False, identity_at_init=False, default_lr=3e-3)
 
 SPEC = register(MethodSpec(
-    name="compacter", config_cls=CompacterConfig,
+    name="compacter", title="Compacter", config_cls=CompacterConfig,
     trains="PHM bottleneck adapters after the attention and FFN outputs (low-rank fast weights per layer, "
            "one shared rule tensor) and layer-norm deltas", **_COMMON))
 SPEC_PP = register(MethodSpec(
-    name="compacter_pp", config_cls=CompacterPlusPlusConfig,
+    name="compacter_pp", title="Compacter++", config_cls=CompacterPlusPlusConfig,
     trains="PHM bottleneck adapters after the FFN outputs (low-rank fast weights per layer, one shared rule "
            "tensor) and layer-norm deltas", **_COMMON))

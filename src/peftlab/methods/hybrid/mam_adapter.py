@@ -44,7 +44,7 @@ class MAMAdapterConfig(PeftConfig):
 
 
 SPEC = register(MethodSpec(
-    name="mam_adapter", family="hybrid", subcategory="manual combination", config_cls=MAMAdapterConfig,
+    name="mam_adapter", title="MAM adapter", family="hybrid", subcategory="manual combination", config_cls=MAMAdapterConfig,
     trains="prefix key/values at every attention plus a scaled parallel adapter at every FFN",
     attach=attach_parts, paper="He et al. 2022, Towards a Unified View of Parameter-Efficient Transfer Learning",
     default_lr=prefix_tuning.SPEC.default_lr,

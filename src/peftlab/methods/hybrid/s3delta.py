@@ -405,7 +405,7 @@ def _param_groups(model: Any, name: str, lr: float, weight_decay: float) -> list
 
 
 SUPERNET_SPEC = register(MethodSpec(
-    name="s3delta_supernet", family="hybrid", subcategory="automatic combination", config_cls=S3DeltaSupernetConfig,
+    name="s3delta_supernet", title="S3Delta-M supernet", family="hybrid", subcategory="automatic combination", config_cls=S3DeltaSupernetConfig,
     trains="every S3Delta-M candidate (rank-1 LoRA, bottleneck adapter, BitFit, LN tuning at every site of every "
            "layer) behind a gate, and one structure logit per candidate",
     attach=attach_supernet, paper="Hu et al. 2022, Sparse Structure Search for Delta Tuning (the search's supernet)",
@@ -526,7 +526,7 @@ def search(context: Any, budget: SearchBudget, config: S3DeltaConfig | None = No
 
 # default_lr 3e-4: the reference scripts' LEARNING_RATE for search and retraining (scripts/S3PET-M/*).
 SPEC = register(MethodSpec(
-    name="s3delta", family="hybrid", subcategory="automatic combination", config_cls=S3DeltaConfig,
+    name="s3delta", title="S3Delta-M", family="hybrid", subcategory="automatic combination", config_cls=S3DeltaConfig,
     trains="the delta modules S3Delta-M's search chose (rank-1 LoRA, bottleneck adapter, BitFit, LN tuning) at "
            "the layers it chose",
     attach=attach_parts, paper="Hu et al. 2022, Sparse Structure Search for Delta Tuning",

@@ -459,7 +459,7 @@ def search(context: Any, budget: SearchBudget, config: S4Config | None = None) -
 # default_lr: the parts' rates differ (LoRA 5e-4, adapter and BitFit 1e-3, a direct prefix wants
 # more); 1e-3, the adapter's and BitFit's, which most of the pattern's layers carry.
 SPEC = register(MethodSpec(
-    name="s4", family="hybrid", subcategory="automatic combination", config_cls=S4Config,
+    name="s4", title="S4", family="hybrid", subcategory="automatic combination", config_cls=S4Config,
     trains="per layer group, the group's strategies (adapter, prefix, BitFit, LoRA) on its layers",
     attach=attach, paper="Chen et al. 2023, Parameter-Efficient Fine-Tuning Design Spaces",
     default_lr=1e-3, search=search,

@@ -302,7 +302,7 @@ def attach(model: nn.Module, name: str, config: UniPELTConfig, host: Any = None)
 # default_lr: 5e-4, the paper's rate for UniPELT on BERT-base (GLUE); the reference repository fixes none in
 # code, and a replication that follows the paper's setup uses 5e-4 for UniPELT as well.
 SPEC = register(MethodSpec(
-    name="unipelt", family="hybrid", subcategory="manual combination", config_cls=UniPELTConfig,
+    name="unipelt", title="UniPELT", family="hybrid", subcategory="manual combination", config_cls=UniPELTConfig,
     trains="gated LoRA on query/value, a gated prefix at every attention and a gated adapter after every FFN",
     attach=attach, paper="Mao et al. 2022, UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning",
     default_lr=5e-4, encoder_only=True,

@@ -170,7 +170,7 @@ def attach(model: nn.Module, name: str, config: BitFitConfig, host: Any = None) 
 
 
 SPEC = register(MethodSpec(
-    name="bitfit", family="partial", subcategory="bias update", config_cls=BitFitConfig,
+    name="bitfit", title="BitFit", family="partial", subcategory="bias update", config_cls=BitFitConfig,
     trains="bias terms (as per-adapter deltas)", attach=attach,
     paper="Ben Zaken et al. 2022, BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based "
           "Masked Language-models",

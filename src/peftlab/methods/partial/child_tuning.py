@@ -213,7 +213,7 @@ def attach(model: nn.Module, name: str, config: ChildTuningConfig, host: Any = N
 
 
 SPEC = register(MethodSpec(
-    name="child_tuning", family="partial", subcategory="delta weight masking", config_cls=ChildTuningConfig,
+    name="child_tuning", title="Child-Tuning", family="partial", subcategory="delta weight masking", config_cls=ChildTuningConfig,
     trains="a masked subset of the pretrained weights (Fisher-chosen child network, or a fresh random one per step)",
     attach=attach, paper="Xu et al. 2021, Raise a Child in Large Language Model: Towards Effective and "
                          "Generalizable Fine-tuning",

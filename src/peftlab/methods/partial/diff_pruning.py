@@ -184,7 +184,7 @@ def attach(model: nn.Module, name: str, config: DiffPruningConfig, host: Any = N
 
 
 SPEC = register(MethodSpec(
-    name="diff_pruning", family="partial", subcategory="delta weight masking", config_cls=DiffPruningConfig,
+    name="diff_pruning", title="Diff pruning", family="partial", subcategory="delta weight masking", config_cls=DiffPruningConfig,
     trains="a sparse difference to the pretrained weights: learned under a relaxed L0 penalty, pruned to the K "
            "largest entries, then fine-tuned with that mask fixed",
     attach=attach, paper="Guo, Rush and Kim 2021, Parameter-Efficient Transfer Learning with Diff Pruning",

@@ -103,7 +103,7 @@ def attach(model: nn.Module, name: str, config: FishMaskConfig, host: Any = None
 
 
 SPEC = register(MethodSpec(
-    name="fish_mask", family="partial", subcategory="pretrained weight masking", config_cls=FishMaskConfig,
+    name="fish_mask", title="FISH Mask", family="partial", subcategory="pretrained weight masking", config_cls=FishMaskConfig,
     trains="the pretrained weights with the largest Fisher information (a fixed sparse mask chosen before training)",
     attach=attach, paper="Sung, Nair and Raffel 2021, Training Neural Networks with Fixed Sparse Masks",
     mergeable=True, merge_tolerance=1e-5, default_lr=5e-5, needs_weight_gradients=True,

@@ -173,7 +173,7 @@ def attach(model: nn.Module, name: str, config: LNTuningConfig, host: Any = None
 
 
 SPEC = register(MethodSpec(
-    name="ln_tuning", family="partial", subcategory="layernorm update", config_cls=LNTuningConfig,
+    name="ln_tuning", title="LN tuning", family="partial", subcategory="layernorm update", config_cls=LNTuningConfig,
     trains="the gain and bias of the targeted normalisation layers (as per-adapter deltas)", attach=attach,
     paper="Zhao et al. 2023, Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM Finetuning "
           "(HF peft's LN_TUNING)",

@@ -133,7 +133,7 @@ def attach(model: nn.Module, name: str, config: LtSftConfig, host: Any = None) -
 
 
 SPEC = register(MethodSpec(
-    name="lt_sft", family="partial", subcategory="delta weight masking", config_cls=LtSftConfig,
+    name="lt_sft", title="LT-SFT", family="partial", subcategory="delta weight masking", config_cls=LtSftConfig,
     trains="a sparse difference to the pretrained weights: the K entries that moved most in a full fine-tuning",
     attach=attach, paper="Ansell, Ponti, Korhonen and Vulić 2022, Composable Sparse Fine-Tuning for "
                          "Cross-Lingual Transfer",

@@ -119,7 +119,7 @@ def attach(model: nn.Module, name: str, config: SAMConfig, host: Any = None) -> 
 
 
 SPEC = register(MethodSpec(
-    name="sam", family="partial", subcategory="delta weight masking", config_cls=SAMConfig,
+    name="sam", title="SAM", family="partial", subcategory="delta weight masking", config_cls=SAMConfig,
     trains="the pretrained weights with the largest squared accumulated gradient (a fixed sparse mask chosen "
            "before training by a second-order approximation of the loss)",
     attach=attach, paper="Fu, Yang, So, Lam, Bing and Collier 2023, On the Effectiveness of Parameter-Efficient "

@@ -194,7 +194,7 @@ def attach(model: nn.Module, name: str, config: ThresholdMaskConfig, host: Any =
 
 
 SPEC = register(MethodSpec(
-    name="threshold_mask", family="partial", subcategory="pretrained weight masking", config_cls=ThresholdMaskConfig,
+    name="threshold_mask", title="Threshold-based masking", family="partial", subcategory="pretrained weight masking", config_cls=ThresholdMaskConfig,
     trains="a binary mask over the pretrained weights (real scores thresholded, straight-through gradient)",
     attach=attach, paper="Zhao et al. 2020, Masking as an Efficient Alternative to Finetuning for Pretrained "
                          "Language Models",

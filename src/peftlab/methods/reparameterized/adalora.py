@@ -413,7 +413,7 @@ def attach(model: nn.Module, name: str, config: AdaLoraConfig, host: Any = None)
 # wants a larger rate than LoRA's. Measured on MiniLM, SST-2 (5,000 examples, one epoch, the quick
 # suite's x4): dev accuracy 0.606 at 4e-3, 0.812 at 1.6e-2, 0.795 at 4e-2 (the study's x4 of 4e-3).
 SPEC = register(MethodSpec(
-    name="adalora", family="reparameterized", subcategory="rank adjustment", config_cls=AdaLoraConfig,
+    name="adalora", title="AdaLoRA", family="reparameterized", subcategory="rank adjustment", config_cls=AdaLoraConfig,
     trains="SVD-form low-rank update P Λ Q whose rank budget is reallocated by importance during training",
     attach=attach, paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
     mergeable=True, merge_tolerance=1e-4, peft_type="ADALORA", default_lr=4e-3,

@@ -245,7 +245,7 @@ def attach(model: nn.Module, name: str, config: DeltaLoraConfig, host: Any = Non
 
 # merge_tolerance: LoRA's (the merged weight W_0 + D + s B A against (W_0 + D) x + s B (A x)).
 SPEC = register(MethodSpec(
-    name="delta_lora", family="reparameterized", subcategory="LoRA-guided weight update", config_cls=DeltaLoraConfig,
+    name="delta_lora", title="Delta-LoRA", family="reparameterized", subcategory="LoRA-guided weight update", config_cls=DeltaLoraConfig,
     trains="low-rank update B A; the pretrained weight also moves by λ times each step's change of s B A",
     attach=attach,
     paper="Zi et al. 2023, Delta-LoRA: Fine-Tuning High-Rank Parameters with the Delta of Low-Rank Matrices",

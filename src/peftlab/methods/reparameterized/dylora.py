@@ -239,7 +239,7 @@ def attach(model: Any, name: str, config: DyLoraConfig, host: Any = None) -> Non
 
 
 SPEC = register(MethodSpec(
-    name="dylora", family="reparameterized", subcategory="rank adjustment", config_cls=DyLoraConfig,
+    name="dylora", title="DyLoRA", family="reparameterized", subcategory="rank adjustment", config_cls=DyLoraConfig,
     trains="low-rank update B A trained at a rank b drawn each step, usable at any rank <= r_max",
     attach=attach,
     paper="Valipour et al. 2023, DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic "

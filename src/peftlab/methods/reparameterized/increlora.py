@@ -319,7 +319,7 @@ def attach(model: nn.Module, name: str, config: IncreLoraConfig, host: Any = Non
 # default_lr: not measured for IncreLoRA; AdaLoRA's measured rate here (same SVD-form
 # parametrisation, Λ starting at 0). The authors use 4e-4 to 1.2e-3 on DeBERTa-v3-base.
 SPEC = register(MethodSpec(
-    name="increlora", family="reparameterized", subcategory="rank adjustment", config_cls=IncreLoraConfig,
+    name="increlora", title="IncreLoRA", family="reparameterized", subcategory="rank adjustment", config_cls=IncreLoraConfig,
     trains="SVD-form low-rank update P Λ Q whose rank grows by importance during training",
     attach=attach, paper="Zhang et al. 2023, IncreLoRA: Incremental Parameter Allocation Method for "
                          "Parameter-Efficient Fine-tuning",

@@ -206,7 +206,7 @@ def attach(model: nn.Module, name: str, config: IntrinsicSaidConfig, host: Any =
 
 
 SPEC = register(MethodSpec(
-    name="intrinsic_said", family="reparameterized", subcategory="low-rank decomposition",
+    name="intrinsic_said", title="Intrinsic SAID", family="reparameterized", subcategory="low-rank decomposition",
     config_cls=IntrinsicSaidConfig,
     trains="d numbers: a d-m vector projected by per-tensor Fastfood blocks onto every targeted weight, "
            "and one scale per tensor",

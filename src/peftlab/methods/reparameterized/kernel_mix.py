@@ -304,7 +304,7 @@ def attach(model: nn.Module, name: str, config: KernelMixConfig, host: Any = Non
 
 
 SPEC = register(MethodSpec(
-    name="kernel_mix", family="reparameterized", subcategory="LoRA", config_cls=KernelMixConfig,
+    name="kernel_mix", title="Kernel-mix", family="reparameterized", subcategory="LoRA", config_cls=KernelMixConfig,
     trains="per attention head: a shared low-rank update plus each head's own low-rank update of q/k/v projections",
     attach=attach,
     paper="Chen et al. 2022, Empowering Parameter-Efficient Transfer Learning by Recognizing the Kernel Structure "

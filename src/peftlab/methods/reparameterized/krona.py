@@ -195,7 +195,7 @@ def attach(model: nn.Module, name: str, config: KronAConfig, host: Any = None) -
 
 
 SPEC = register(MethodSpec(
-    name="krona", family="reparameterized", subcategory="low-rank decomposition", config_cls=KronAConfig,
+    name="krona", title="KronA", family="reparameterized", subcategory="low-rank decomposition", config_cls=KronAConfig,
     trains="a Kronecker-product update s (A ⊗ B) of chosen weight matrices (two small full factors per layer)",
     attach=attach, paper="Edalati et al. 2022, KronA: Parameter Efficient Tuning with Kronecker Adapter",
     mergeable=True, merge_tolerance=1e-4, default_lr=1e-3,

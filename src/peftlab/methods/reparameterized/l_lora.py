@@ -233,7 +233,7 @@ def combine(model: Any, adapters: list[str], weights: list[float], new_name: str
 
 
 SPEC = register(MethodSpec(
-    name="l_lora", family="reparameterized", subcategory="LoRA-based improvement", config_cls=LLoraConfig,
+    name="l_lora", title="L-LoRA", family="reparameterized", subcategory="LoRA-based improvement", config_cls=LLoraConfig,
     trains="low-rank factors A, B of LoRA modules linearised (first order) around their initial values",
     attach=attach,
     paper="Tang et al. 2023, Parameter Efficient Multi-task Model Fusion with Partial Linearization",

@@ -561,7 +561,7 @@ def attach(model: nn.Module, name: str, config: LaplaceLoraConfig, host: Any = N
 
 
 SPEC = register(MethodSpec(
-    name="laplace_lora", family="reparameterized", subcategory="LoRA-based improvement", config_cls=LaplaceLoraConfig,
+    name="laplace_lora", title="Laplace-LoRA", family="reparameterized", subcategory="LoRA-based improvement", config_cls=LaplaceLoraConfig,
     trains="low-rank update B A (as LoRA); a KFAC Laplace posterior over A and B is fitted after training",
     attach=attach,
     paper="Yang, Robeyns, Wang and Aitchison 2024, Bayesian Low-rank Adaptation for Large Language Models",

@@ -500,7 +500,7 @@ def quantize_base(model: nn.Module, config: LoftQConfig) -> None:
 
 
 SPEC = register(MethodSpec(
-    name="loftq", family="reparameterized", subcategory="quantization adaptation", config_cls=LoftQConfig,
+    name="loftq", title="LoftQ", family="reparameterized", subcategory="quantization adaptation", config_cls=LoftQConfig,
     trains="low-rank update B A of every linear layer, started by LoftQ from the residual of its 4-bit (NF4) weight",
     attach=attach,
     paper="Li et al. 2023, LoftQ: LoRA-Fine-Tuning-aware Quantization for Large Language Models",

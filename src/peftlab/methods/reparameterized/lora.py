@@ -786,7 +786,7 @@ def _low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 SPEC = register(MethodSpec(
-    name="lora", family="reparameterized", subcategory="LoRA", config_cls=LoraConfig,
+    name="lora", title="LoRA", family="reparameterized", subcategory="LoRA", config_cls=LoraConfig,
     trains="low-rank update B A of chosen weight matrices", attach=attach,
     paper="Hu et al. 2022, LoRA: Low-Rank Adaptation of Large Language Models",
     mergeable=True, merge_tolerance=1e-4, peft_type="LORA", default_lr=5e-4, supports_mixed_batch=True,

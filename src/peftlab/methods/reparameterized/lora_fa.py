@@ -139,7 +139,7 @@ def attach(model: nn.Module, name: str, config: LoraFAConfig, host: Any = None) 
 
 
 SPEC = register(MethodSpec(
-    name="lora_fa", family="reparameterized", subcategory="LoRA-based improvement", config_cls=LoraFAConfig,
+    name="lora_fa", title="LoRA-FA", family="reparameterized", subcategory="LoRA-based improvement", config_cls=LoraFAConfig,
     trains="projection-up B of a low-rank update B A, with A frozen at its random initialisation", attach=attach,
     paper="Zhang et al. 2023, LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models Fine-tuning",
     mergeable=True, merge_tolerance=1e-4, default_lr=5e-4,

@@ -311,7 +311,7 @@ def attach(model: nn.Module, name: str, config: LoraPruneConfig, host: Any = Non
 
 
 SPEC = register(MethodSpec(
-    name="loraprune", family="reparameterized", subcategory="LoRA-guided weight update",
+    name="loraprune", title="LoRAPrune", family="reparameterized", subcategory="LoRA-guided weight update",
     config_cls=LoraPruneConfig,
     trains="low-rank update B A while output channels of the frozen weights are pruned by LoRA-gradient importance",
     attach=attach, paper="Zhang et al. 2023, LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning",

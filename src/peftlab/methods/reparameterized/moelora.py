@@ -382,7 +382,7 @@ def attach(model: nn.Module, name: str, config: MoELoraConfig, host: Any = None)
 
 
 SPEC = register(MethodSpec(
-    name="moelora", family="reparameterized", subcategory="LoRA derivative", config_cls=MoELoraConfig,
+    name="moelora", title="MOELoRA", family="reparameterized", subcategory="LoRA derivative", config_cls=MoELoraConfig,
     trains="N low-rank experts per layer (rank r split over them) mixed by a task-conditioned softmax gate",
     attach=attach,
     paper="Liu et al. 2023, MOELoRA: An MOE-based Parameter Efficient Fine-Tuning Method for Multi-task "

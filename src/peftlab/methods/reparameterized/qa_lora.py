@@ -376,7 +376,7 @@ def attach(model: nn.Module, name: str, config: QALoraConfig, host: Any = None) 
 # most 1.5e-7 on the conformance suite's tiny models and 2e-5 on all-MiniLM-L6-v2 after a few steps of
 # training (hidden states up to ~5.6).
 SPEC = register(MethodSpec(
-    name="qa_lora", family="reparameterized", subcategory="quantization adaptation", config_cls=QALoraConfig,
+    name="qa_lora", title="QA-LoRA", family="reparameterized", subcategory="quantization adaptation", config_cls=QALoraConfig,
     trains="low-rank update B A on group-pooled inputs over a group-wise INT4 base", attach=attach,
     paper="Xu et al. 2023, QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models",
     mergeable=True, merge_tolerance=5e-5, default_lr=5e-4, quantize_base=quantize_base,

@@ -133,7 +133,7 @@ def attach(model: nn.Module, name: str, config: QLoraConfig, host: Any = None) -
 
 
 SPEC = register(MethodSpec(
-    name="qlora", family="reparameterized", subcategory="quantization adaptation", config_cls=QLoraConfig,
+    name="qlora", title="QLoRA", family="reparameterized", subcategory="quantization adaptation", config_cls=QLoraConfig,
     trains="low-rank update B A of every linear layer, over 4-bit (NF4) frozen weights", attach=attach,
     paper="Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs",
     mergeable=True, merge_tolerance=1e-4, default_lr=5e-4, quantize_base=quantize_base,

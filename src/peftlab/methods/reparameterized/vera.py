@@ -191,7 +191,7 @@ def attach(model: nn.Module, name: str, config: VeraConfig, host: Any = None) ->
 
 
 SPEC = register(MethodSpec(
-    name="vera", family="reparameterized", subcategory="LoRA derivative",
+    name="vera", title="VeRA", family="reparameterized", subcategory="LoRA derivative",
     config_cls=VeraConfig, trains="two scaling vectors per layer around one frozen shared random low-rank pair",
     attach=attach, paper="Kopiczko et al. 2024, VeRA: Vector-based Random Matrix Adaptation",
     mergeable=True, merge_tolerance=1e-4, peft_type="VERA", default_lr=4e-3,

@@ -287,7 +287,7 @@ def to_sequential_adapter(model: Any, adapter_name: str, new_name: str) -> Seque
 
 
 SPEC = register(MethodSpec(
-    name="adamix", family="unified", subcategory="mixture of adaptations", config_cls=AdaMixConfig,
+    name="adamix", title="AdaMix", family="unified", subcategory="mixture of adaptations", config_cls=AdaMixConfig,
     trains="a mixture of bottleneck adapters per FFN output (random routing in training, averaged at inference)",
     attach=attach,
     paper="Wang et al. 2022, AdaMix: Mixture-of-Adaptations for Parameter-efficient Model Tuning",

@@ -514,7 +514,7 @@ def attach(model: nn.Module, name: str, config: ProPETLConfig, host: Any = None)
 
 
 SPEC = register(MethodSpec(
-    name="propetl", family="unified", subcategory="shared prototype with per-layer masks", config_cls=ProPETLConfig,
+    name="propetl", title="ProPETL", family="unified", subcategory="shared prototype with per-layer masks", config_cls=ProPETLConfig,
     trains="one prototype adapter (or LoRA pair, or prefix) shared by all layers, and per-layer binary masks over it "
            "(real scores, top-k, straight-through gradient); stored as the prototype plus mask bits",
     attach=attach, paper="Zeng, Zhang and Lu 2023, One Network, Many Masks: Towards More Parameter-Efficient "

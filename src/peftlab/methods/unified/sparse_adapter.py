@@ -312,7 +312,7 @@ def attach(model: nn.Module, name: str, config: SparseAdapterConfig, host: Any =
 
 
 SPEC = register(MethodSpec(
-    name="sparse_adapter", family="unified", subcategory="sparse adapter", config_cls=SparseAdapterConfig,
+    name="sparse_adapter", title="SparseAdapter", family="unified", subcategory="sparse adapter", config_cls=SparseAdapterConfig,
     trains="the kept entries (fixed mask chosen at initialisation, SNIP by default) of bottleneck adapters "
            "after the attention and FFN output projections, and their biases",
     attach=attach, paper="He et al. 2022, SparseAdapter: An Easy Approach for Improving the "
