@@ -403,7 +403,8 @@ def summary_text(rows: list[dict[str, Any]], width: int = 100) -> str:
         steps = [x for x in steps if x is not None]
         line = [_name(m)[:22], _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
         if has_scores:
-            line += [_fmt(s, ".1f", "fail" if cell.get((t, m), {}).get("failed") else "-") for s, t in zip(scores, tasks)]
+            line += [_fmt_score(cell.get((t, m))).replace(" ± ", "±").replace("–", "-") if s is not None else
+                     ("fail" if cell.get((t, m), {}).get("failed") else "-") for s, t in zip(scores, tasks)]
             line += [_fmt(statistics.fmean(scores) if all(s is not None for s in scores) else None, ".1f", "-")]
         spec = ".2f" if floor else ",.0f"
         line += [_fmt(max(mems) if mems else None, spec, "-"), _fmt(statistics.fmean(steps) if steps else None, spec, "-")]
