@@ -226,6 +226,10 @@ def test_costs_are_ratios_to_the_floor_of_the_same_run_not_across_runs():
     assert "step × floor" in report and "| 1.10 |" in report and "The methods side by side" in report
     assert "Sub-category" in report  # the taxonomy layout: family and sub-category per method
     assert "mean step x floor" in summary_text(rows)
+    # where the run stored summed times of the same steps, the ratio is theirs (identical work)
+    summed = _floored("lora", 0.8, 0.11, 0.10, 300, 200)
+    summed["floor"].update(timed_s=2.0, run_timed_s=2.5)
+    assert aggregate([summed])[0]["step_x_floor"] == pytest.approx(1.25)
     # the floor of one seed trains the same batches in every run: its drift is the machine's
     drift = floor_drift_notes([_floored("lora", 0.8, 0.11, 0.10, 1, 1), _floored(FULL, 0.8, 0.3, 0.14, 1, 1)])
     assert len(drift) == 1 and "1.40x" in drift[0] and "seed 0" in drift[0]

@@ -86,6 +86,8 @@ def _floor_ratio(record: dict[str, Any], what: str) -> float | None:
     (step times over the same first steps; see :func:`peftlab.train.glue_job.frozen_floor`)."""
     floor = record.get("floor") or {}
     if what == "step":
+        if floor.get("timed_s"):  # summed over the same steps: identical work on identical batches
+            return _ratio(floor.get("run_timed_s"), floor["timed_s"])
         return _ratio(floor.get("run_median_step_s"), floor.get("median_step_s"))
     return _ratio(record.get("peak_memory_bytes"), floor.get("peak_memory_bytes"))
 
@@ -258,8 +260,10 @@ def _count(n: int | None) -> str:
     return str(n)
 
 
-def _table(head: list[str], rows: list[list[str]], align: str = "l") -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+def _table(head: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
+    """A Markdown table: the first ``text_columns`` columns left-aligned, the figures right-aligned."""
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] * text_columns + ["---:"] * (len(head) - text_columns)) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
@@ -297,7 +301,7 @@ def score_table(rows: list[dict[str, Any]]) -> str:
                      _count(_first(cell, tasks, m, "trainable_params")),
                      _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
                     + [_fmt_score(cell.get((t, m))) for t in tasks] + [_fmt(avg, ".1f")])
-    return _table(head, body)
+    return _table(head, body, text_columns=2)
 
 
 def trainable_table(rows: list[dict[str, Any]]) -> str:
@@ -307,7 +311,11 @@ def trainable_table(rows: list[dict[str, Any]]) -> str:
     body = [[_name(m), str(_first(cell, tasks, m, "family") or "")]
             + [_count(cell.get((t, m), {}).get("trainable_params")) for t in tasks]
             + [_fmt(cell.get((t, m), {}).get("trainable_percent"), ".3f") for t in tasks] for m in methods]
-    return _table(head, body)
+    return _table(head, body, text_columns=2)
+
+
+# The review's order of the families (its Figure 1, left to right).
+FAMILIES = ("additive", "partial", "reparameterized", "hybrid", "unified")
 
 
 def has_floor(rows: list[dict[str, Any]]) -> bool:
@@ -345,7 +353,8 @@ def taxonomy_table(rows: list[dict[str, Any]]) -> str:
     tasks, methods, cell = grid(rows)
     head = ["Family", "Sub-category", "Method", "Trainable (entries)", "Trainable %"] + [
         f"{task_label(t)} score" for t in tasks] + ["Peak memory × floor", "Step time × floor"]
-    order = sorted(methods, key=lambda m: (m != FULL, _first(cell, tasks, m, "family") or "",
+    family_rank = {f: i for i, f in enumerate(FAMILIES)}
+    order = sorted(methods, key=lambda m: (m != FULL, family_rank.get(_first(cell, tasks, m, "family"), len(FAMILIES)),
                                            _first(cell, tasks, m, "subcategory") or "", _name(m).lower()))
     body = []
     for m in order:
@@ -358,7 +367,7 @@ def taxonomy_table(rows: list[dict[str, Any]]) -> str:
                     + [_fmt_score(cell.get((t, m))) for t in tasks]
                     + [_fmt(statistics.fmean(mem) if mem else None, ".2f"),
                        _fmt(statistics.fmean(step) if step else None, ".2f")])
-    return _table(head, body)
+    return _table(head, body, text_columns=3)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -377,7 +386,9 @@ def metrics_table(rows: list[dict[str, Any]]) -> str:
         if "score" in names and len(names) == 2:  # one official metric: the score repeats it
             names.remove("score")
         columns += [(t, k) for k in names]
-    if not columns:
+    main = {t: next((cell[(t, m)].get("score_metric") for m in methods if cell.get((t, m), {}).get("score_metric")),
+                    None) for t in tasks}
+    if not columns or all(k == main[t] for t, k in columns):  # the score tables show every metric already
         return ""
     head = ["Method"] + [f"{task_label(t)} {'mean of the metrics' if k == 'score' else k}" for t, k in columns]
     body = [[_name(m)] + [_fmt((cell.get((t, m), {}).get("metrics") or {}).get(k), ".2f") for t, k in columns]
@@ -498,7 +509,8 @@ def markdown(suite: Suite, rows: list[dict[str, Any]], notes: list[str], totals:
     reference = (f"the frozen floor: after each run, its first {suite.floor_steps} batches trained again in the "
                  "same process with every pretrained weight frozen, only the head trained, and the backward run "
                  "through every layer (activation gradients, no weight gradient), as the benchmarks define the "
-                 "floor; step times over the same steps of both") if floor else "full fine-tuning's run on the same task"
+                 "floor; step time: the summed time of the same timed steps of both, identical work on identical "
+                 "batches") if floor else "full fine-tuning's run on the same task"
     lines += ["## Memory and speed", "",
               f"Per task: peak training memory and median training-step time as ratios to {reference}; then the "
               "absolute figures, which move with the machine's load.", "", cost_table(rows), ""]
@@ -554,7 +566,7 @@ def published_section(rows: list[dict[str, Any]]) -> list[str]:
         lines += [f"### {table.source}", "",
                   f"**Published figures on {table.model}, not measured here**: a larger model trained on the full "
                   "training sets with tuned learning rates, so only the ranking of methods can be compared with "
-                  "this suite's.", "", _table(head, body), ""] + [f"- {a}" for a in agree] + [""]
+                  "this suite's.", "", _table(head, body, text_columns=2), ""] + [f"- {a}" for a in agree] + [""]
     return (["## Published reference figures", ""] + lines) if lines else []
 
 

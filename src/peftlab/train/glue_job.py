@@ -158,10 +158,13 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     if floor_steps:
         steps = min(floor_steps, result.steps)
         reference = frozen_floor(run, task, train_rows, tokenizer, args, steps, floor_probe)
-        # Ratios over the same steps: the method's first ones, the floor's (same seed, same batches
-        # unless the method's own data pass drew from the loader first).
+        # Over the same steps: the method's first ones, the floor's (same seed, same batches unless the
+        # method's own data pass drew from the loader first). With batches of very different lengths,
+        # the ratio of the summed times of identical work is steadier than a ratio of medians.
         floor = {"steps": steps, "median_step_s": reference.median_step_s_over(steps),
                  "run_median_step_s": result.median_step_s_over(steps),
+                 "timed_s": float(sum(reference.timed_steps_over(steps))),
+                 "run_timed_s": float(sum(result.timed_steps_over(steps))),
                  "same_batches": reference.step_tokens[:steps] == result.step_tokens[:steps]}
     summary = {
         "run": asdict(run), "method": getattr(config, "method", None) or "full",

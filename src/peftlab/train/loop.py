@@ -100,10 +100,14 @@ class TrainResult:
     def median_step_s_over(self, steps: int) -> float:
         """Median time of the first ``steps`` steps, skipping the first three (allocator and kernel
         warm-up) and the probed ones (the probe's cost)."""
+        times = self.timed_steps_over(steps)
+        return float(np.median(times)) if times else float("nan")
+
+    def timed_steps_over(self, steps: int) -> list[float]:
+        """The times :meth:`median_step_s_over` takes its median of."""
         probed = set(self.probed_steps)
         times = [t for i, t in enumerate(self.step_times[:steps]) if i not in probed]
-        times = times[3:] or times
-        return float(np.median(times)) if times else float("nan")
+        return times[3:] or times
 
     @property
     def tokens_per_s(self) -> float:
