@@ -42,7 +42,7 @@ def test_glue_suite_reports_official_metrics_and_resumes(tmp_path, tiny_model, g
         floor = run["floor"]
         assert floor["steps"] == 2 and floor["median_step_s"] > 0 and floor["run_median_step_s"] > 0
         assert floor["timed_s"] > 0 and floor["run_timed_s"] > 0
-        assert floor["same_batches"] and 0 < floor["peak_memory_bytes"] < run["peak_memory_bytes"] * 1.5
+        assert 0 < floor["peak_memory_bytes"] < run["peak_memory_bytes"] * 1.5
     assert runs[("stsb", "full")]["trainable_percent"] == 100.0
     # full fine-tuning holds gradients and AdamW state for every weight: far above the frozen floor
     assert runs[("stsb", "full")]["peak_memory_bytes"] > 1.2 * runs[("stsb", "full")]["floor"]["peak_memory_bytes"]

@@ -63,7 +63,7 @@ def test_the_frozen_floor_trains_only_the_head_and_backpropagates_through_every_
     the embeddings) plus the classification head."""
     import peftlab.train.glue_job as glue_job
     from peftlab.tasks.glue import get_glue_task
-    from peftlab.train.data import encode_pairs
+    from peftlab.train.data import encode_pairs, make_loader
     from peftlab.train.loop import TrainArgs
 
     model_dir = write_tiny_model(tmp_path / "model")
@@ -89,7 +89,9 @@ def test_the_frozen_floor_trains_only_the_head_and_backpropagates_through_every_
     task = get_glue_task("sst2")
     _, tokenizer = glue_job.load_classifier(str(model_dir), task.num_labels)
     rows = encode_pairs(glue_job.load_glue(task, str(data), "train", None), tokenizer, 16)
-    result = glue_job.frozen_floor(run, task, rows, tokenizer, TrainArgs(seed=0, progress=False), steps=3)
+    batches = list(make_loader(rows, tokenizer, 4, shuffle=True, seed=0))[:3]
+    result = glue_job.frozen_floor(run, task, batches, TrainArgs(seed=0, progress=False))
     assert result.steps == 3
     assert seen["trainable"] and all(n.startswith("classifier.") for n in seen["trainable"])
     assert seen["embedding_grads"] == 3  # the backward reached the embeddings' output at every step
+    assert result.step_tokens == [int(b["attention_mask"].sum()) for b in batches]  # exactly those batches

@@ -142,7 +142,7 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     loader = make_loader(train_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed,
                          group_by_length=run.group_by_length)
     started = time.perf_counter()
-    result = train(model, loader, args, probe=probe)
+    result = train(model, loader, args, probe=probe, keep_batches=floor_steps)
     if config is not None:
         # Counted after training: a masked method's trainable entries are chosen by its data pass.
         # The review's count: entries that can change; the total is the base model plus those.
@@ -157,15 +157,14 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     floor = None
     if floor_steps:
         steps = min(floor_steps, result.steps)
-        reference = frozen_floor(run, task, train_rows, tokenizer, args, steps, floor_probe)
-        # Over the same steps: the method's first ones, the floor's (same seed, same batches unless the
-        # method's own data pass drew from the loader first). With batches of very different lengths,
-        # the ratio of the summed times of identical work is steadier than a ratio of medians.
+        reference = frozen_floor(run, task, result.kept_batches[:steps], args, floor_probe)
+        # The same batches as the run's first steps, so identical work: with batches of very different
+        # lengths, the ratio of summed times is steadier than a ratio of medians.
         floor = {"steps": steps, "median_step_s": reference.median_step_s_over(steps),
                  "run_median_step_s": result.median_step_s_over(steps),
                  "timed_s": float(sum(reference.timed_steps_over(steps))),
-                 "run_timed_s": float(sum(result.timed_steps_over(steps))),
-                 "same_batches": reference.step_tokens[:steps] == result.step_tokens[:steps]}
+                 "run_timed_s": float(sum(result.timed_steps_over(steps)))}
+    result.kept_batches.clear()
     summary = {
         "run": asdict(run), "method": getattr(config, "method", None) or "full",
         "config": config.to_dict() if config else None, "train_args": asdict(args),
@@ -184,14 +183,14 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     return summary
 
 
-def frozen_floor(run: GlueRun, task: GlueTask, rows: list[dict[str, Any]], tokenizer: Any, args: TrainArgs,
-                 steps: int, probe: StepProbe | None = None) -> Any:
+def frozen_floor(run: GlueRun, task: GlueTask, batches: list[dict[str, Any]], args: TrainArgs,
+                 probe: StepProbe | None = None) -> Any:
     """The frozen floor, as the benchmarks define it, plus the head: every pretrained weight frozen,
     the embedding output made to require grad (so the backward runs through every layer, computing
     activation gradients but no weight gradient), the new head trained. A PEFT method that changes
     the layers pays at least this, so its cost over the floor's is what the method itself adds.
-    Trains ``steps`` steps on the loader a run with ``args.seed`` draws; returns the
-    :class:`~peftlab.train.loop.TrainResult`."""
+    Trains one step per batch of ``batches`` (a run's first ones: ``train(keep_batches=)``); returns
+    the :class:`~peftlab.train.loop.TrainResult`."""
     torch.manual_seed(args.seed)
     model, _ = load_classifier(run.model, task.num_labels)
     heads = [module for name in HEADS if isinstance(module := getattr(model, name, None), torch.nn.Module)]
@@ -202,7 +201,6 @@ def frozen_floor(run: GlueRun, task: GlueTask, rows: list[dict[str, Any]], token
     for head in heads:
         head.requires_grad_(True)
     model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
-    loader = make_loader(rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed,
-                         group_by_length=run.group_by_length)
-    floor_args = replace(args, max_steps=steps, progress=False, save_every=None, checkpoint_dir=None, resume=False)
-    return train(model, loader, floor_args, probe=probe)
+    floor_args = replace(args, max_steps=len(batches), progress=False, save_every=None, checkpoint_dir=None,
+                         resume=False)
+    return train(model, batches, floor_args, probe=probe)

@@ -92,6 +92,7 @@ class TrainResult:
     step_tokens: list[int] = field(default_factory=list)
     probed_steps: list[int] = field(default_factory=list)
     start_step: int = 0  # steps done before this call (a resumed run); timings cover the rest
+    kept_batches: list[Any] = field(default_factory=list, repr=False)  # see train(keep_batches=)
 
     @property
     def median_step_s(self) -> float:
@@ -222,11 +223,14 @@ def _resume(accelerator: Any, args: TrainArgs, expected: dict[str, int]) -> dict
 
 
 def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: Any = None,
-          on_step: Callable[[int, float], None] | None = None, probe: StepProbe | None = None) -> TrainResult:
+          on_step: Callable[[int, float], None] | None = None, probe: StepProbe | None = None,
+          keep_batches: int = 0) -> TrainResult:
     """Train ``model`` (any module whose forward returns ``.loss`` given the batch) on ``loader``.
 
     ``probe`` (see :data:`StepProbe`) wraps chosen optimizer steps, e.g. the assessment's memory
-    measurement. ``on_step(step, loss)`` runs after each optimizer step.
+    measurement. ``on_step(step, loss)`` runs after each optimizer step. ``keep_batches`` = k keeps
+    the first k training batches in ``result.kept_batches`` (the assessment times its frozen floor on
+    exactly those; a method's data pass before them is not among them).
 
     With ``args.save_every`` a checkpoint goes to ``args.checkpoint_dir`` every that many steps:
     accelerate's ``save_state`` (optimizer, schedule, RNG, the shuffling generator), a PeftModel's
@@ -310,6 +314,8 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
                 batches = itertools.chain([first] if first is not None else [], batches)
             for batch in batches:
                 loop["batch"] += 1
+                if len(result.kept_batches) < keep_batches:
+                    result.kept_batches.append(batch)
                 if micro == 0:
                     context = probe(result.steps, model, optimizer) if probe else None
                     if context is not None:
