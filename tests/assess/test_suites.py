@@ -149,8 +149,7 @@ def test_a_random_model_report_says_its_scores_mean_nothing():
     from peftlab.assess.report import markdown
 
     rows = aggregate([_record("lora", 0.2, 3.0, task="wmt16")])
-    mt = get_suite("mt")
-    assert mt.model.startswith("random:")
+    mt = get_suite("mt").replace(model="random:t5-small")
     assert "say nothing about PEFT" in markdown(mt, rows, [], {}, [])
     assert "say nothing about PEFT" not in markdown(get_suite("quick"), rows, [], {}, [])
 
@@ -267,3 +266,14 @@ def test_progress_names_each_run_and_estimates_from_each_methods_own_time():
     # what is left: one LoRA run (40 s) and one full run (100 s), on two workers
     assert eta.left_s(done, 2) == pytest.approx(70.0)
     assert eta.postfix(done, 2).startswith("running sst2/lora/seed1, sst2/full/seed1; about 70 s left")
+
+
+def test_the_mt_suite_runs_pretrained_t5_when_it_can_be_loaded_and_says_when_it_cannot(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub out of reach (as here): t5-small not loadable
+    mt = get_suite("mt")
+    assert mt.model == "t5-small" and mt.model_fallback == "random:t5-small"
+    ran, note = mt.with_reachable_model()
+    assert ran.model == "random:t5-small" and "could not be loaded" in note and "--model" in note
+    # a model the user names has no stand-in: it loads or the suite stops with its error
+    mine = mt.replace(model="my/t5")
+    assert mine.model_fallback is None and mine.with_reachable_model() == (mine, None)

@@ -86,8 +86,10 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, rerun: bo
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per run (training) under the suite's bar is enough
+    suite, fallback = suite.with_reachable_model()
     jobs = jobs_for(suite, progress)
     methods, notes = suite.method_plan()
+    notes = ([fallback] if fallback else []) + notes
     tasks = jobs.tasks()
     jobs.preflight(tasks, methods)  # raises on bad input before anything trains
     notes += jobs.notes

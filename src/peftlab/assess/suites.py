@@ -93,6 +93,9 @@ class Suite:
     # ratios to that, which machine load between runs and workers does not skew. 0: not measured.
     floor_steps: int = 10
     device: str | None = None  # None: accelerate's choice (GPU when there is one)
+    # A built-in suite's stand-in for its default model when that cannot be loaded (a hub id with the
+    # hub out of reach and nothing cached): run instead, with a note. A model the user names has none.
+    model_fallback: str | None = None
     explicit_methods: bool = False  # methods came from the user: unknown names are errors, not notes
     # methods found by a search (AutoPEFT, S3Delta-M, S4): candidates trained per search, optimizer steps
     # per candidate (None: a quarter of a run's steps) and a wall-time cap, before the found config's run
@@ -127,7 +130,26 @@ class Suite:
             raise PeftlabError(f"suite {self.name!r}: {str(err).replace('SearchBudget.', 'search_')}") from None
 
     def replace(self, **changes: Any) -> "Suite":
+        if "model" in changes and changes["model"] != self.model:
+            changes.setdefault("model_fallback", None)  # the user's model: no stand-in
         return dataclasses.replace(self, **changes)
+
+    def with_reachable_model(self) -> tuple["Suite", str | None]:
+        """This suite, or (when its default model cannot be loaded and it has a fallback) the suite
+        on the fallback model, with a note saying so."""
+        if self.model_fallback is None:
+            return self, None
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(self.model)
+        except Exception as err:  # noqa: BLE001 - any failure to load means: not reachable here
+            detail = " ".join(str(err).split())[:160]
+            note = (f"the {self.name} suite's model {self.model!r} could not be loaded ({type(err).__name__}: "
+                    f"{detail}), so it ran {self.model_fallback!r} instead; pass --model with a local folder or "
+                    "a hub id you can reach for a pretrained model")
+            return self.replace(model=self.model_fallback), note
+        return self, None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -218,8 +240,11 @@ def builtin_suites() -> dict[str, Suite]:
         "glue": Suite(
             name="glue", kind="glue", model=minilm, data_dir=glue,
             tasks=(TaskSpec("*", train_limit=4000, max_length=128),), lr_scale=4.0, full_lr=1e-4),
+        # t5-small from the hub (or its cache) when it can be loaded; else a T5 of that shape with random
+        # weights, whose report says in bold that its scores say nothing about PEFT.
         "mt": Suite(
-            name="mt", kind="translation", model="random:t5-small", data_dir=_shared("data", "mt", "en-ro"),
+            name="mt", kind="translation", model="t5-small", model_fallback="random:t5-small",
+            data_dir=_shared("data", "mt", "en-ro"),
             tasks=(TaskSpec("wmt16_en_ro", train_limit=2000, eval_limit=200, max_length=64),),
             batch_size=16, lr_scale=2.0, full_lr=1e-4),
         "nlg": Suite(
@@ -247,7 +272,7 @@ def builtin_suites() -> dict[str, Suite]:
 SUITE_NAMES = ("quick", "taxonomy", "glue", "mt", "nlg", "efficiency")
 
 _TASK_KEYS = {f.name for f in dataclasses.fields(TaskSpec)}
-_SUITE_KEYS = {f.name for f in dataclasses.fields(Suite)} - {"explicit_methods"}
+_SUITE_KEYS = {f.name for f in dataclasses.fields(Suite)} - {"explicit_methods", "model_fallback"}
 
 
 def parse_task(value: Any, default: TaskSpec | None = None) -> TaskSpec:
