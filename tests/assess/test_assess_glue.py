@@ -40,7 +40,7 @@ def test_glue_suite_reports_official_metrics_and_resumes(tmp_path, tiny_model, g
         assert run["median_step_s"] > 0 and run["steps"] == 2
         # the frozen floor, timed in the run's own process over the run's own first steps
         floor = run["floor"]
-        assert floor["steps"] == 2 and floor["median_step_s"] > 0 and floor["run_median_step_s"] > 0
+        assert floor["steps"] == 2 and floor["median_step_s"] > 0
         assert floor["timed_s"] > 0 and floor["run_timed_s"] > 0
         assert 0 < floor["peak_memory_bytes"] < run["peak_memory_bytes"] * 1.5
     assert runs[("stsb", "full")]["trainable_percent"] == 100.0

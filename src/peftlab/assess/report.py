@@ -85,10 +85,8 @@ def _floor_ratio(record: dict[str, Any], what: str) -> float | None:
     """A run's step time or peak memory over its frozen floor's, both measured in the run's process
     (step times over the same first steps; see :func:`peftlab.train.glue_job.frozen_floor`)."""
     floor = record.get("floor") or {}
-    if what == "step":
-        if floor.get("timed_s"):  # summed over the same steps: identical work on identical batches
-            return _ratio(floor.get("run_timed_s"), floor["timed_s"])
-        return _ratio(floor.get("run_median_step_s"), floor.get("median_step_s"))
+    if what == "step":  # summed over the same steps: identical work on identical batches
+        return _ratio(floor.get("run_timed_s"), floor.get("timed_s"))
     return _ratio(record.get("peak_memory_bytes"), floor.get("peak_memory_bytes"))
 
 

@@ -207,7 +207,7 @@ class _Eta:
         estimates = [self._estimate(i) for i in pending]
         if any(e is None for e in estimates):
             return None
-        return sum(estimates) / max(1, min(workers, len(pending) or 1))
+        return sum(estimates) / max(1, min(workers, len(pending)))
 
     def running(self, done: dict[int, Any], workers: int) -> list[int]:
         # Runs start in plan order (one process pool, submitted in order): the first unfinished ones run.
