@@ -268,9 +268,70 @@ def _assess_suite(args: argparse.Namespace):  # -> Suite
     return suite.replace(**changes)
 
 
+# The flags an application suite takes (each sets the suite field of its name).
+_APP_FLAGS = ("model", "data_dir", "methods", "seeds", "train_limit", "eval_limit", "max_length", "epochs",
+              "batch_size", "lr_scale", "full_lr")
+
+
+def _app_name(args: argparse.Namespace) -> str | None:
+    from .apps import is_app
+    from .assess.suites import read_suite_file
+
+    name = args.suite
+    if name is None and args.config:
+        data = read_suite_file(args.config)
+        name = data.get("suite") if isinstance(data, dict) else None
+    return name if is_app(name) else None
+
+
+def cmd_assess_app(args: argparse.Namespace, name: str) -> int:
+    import torch
+
+    from .apps import app_module, app_suite
+    from .assess.suites import read_suite_file
+
+    refused = [f"--{k.replace('_', '-')}" for k in ("tasks", "max_steps", "max_params", "device", "workers")
+               if getattr(args, k) is not None] + [f"--{k.replace('_', '-')}" for k in ("rerun", "no_plots")
+                                                   if getattr(args, k)]
+    if refused:
+        raise PeftlabError(f"the {name} suite does not take {', '.join(refused)}; it takes "
+                           f"{', '.join('--' + k.replace('_', '-') for k in _APP_FLAGS)}, --config, --threads and --out")
+    changes: dict = {}
+    if args.config:
+        data = read_suite_file(args.config)
+        if not isinstance(data, dict):
+            raise PeftlabError(f"{args.config}: expected a mapping of suite fields, got {type(data).__name__}")
+        changes.update({k: v for k, v in data.items() if k != "suite"})
+    for key in _APP_FLAGS:
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key == "methods":
+            value = tuple(m.strip() for m in value.split(",") if m.strip())
+        elif key == "seeds":
+            try:
+                value = tuple(int(s) for s in value.split(","))
+            except ValueError:
+                raise PeftlabError(f"--seeds {value!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        changes[key] = None if value == "all" else value
+    suite = app_suite(name, changes, args.config or "the command line")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or Path("runs") / "assess" / name)
+    try:
+        app_module(name).run(suite, out)
+    except KeyboardInterrupt:
+        print(f"\npeftlab assess: interrupted; what finished is in {out / 'report.md'}", file=sys.stderr)
+        return 130
+    return 0
+
+
 def cmd_assess(args: argparse.Namespace) -> int:
     from .assess.runner import Terminated, default_workers, run_suite
 
+    app = _app_name(args)
+    if app is not None:
+        return cmd_assess_app(args, app)
     suite = _assess_suite(args)
     out = Path(args.out or Path("runs") / "assess" / suite.name)
     try:
@@ -354,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     assess = sub.add_parser("assess", help="the side-by-side study: methods x tasks, scores, memory, speed",
                             description="Run a suite of (model, tasks, methods, seeds); resumable. Flags override "
                                         "the suite and the --config file. See docs/assessment.md.")
-    assess.add_argument("--suite", default=None, help="quick (default), taxonomy (every method), glue, mt, nlg or efficiency")
+    assess.add_argument("--suite", default=None, help="quick (default), taxonomy (every method), glue, mt, nlg, efficiency, or an application: "
+                             "backdoor")
     assess.add_argument("--config", default=None, help="YAML file of suite fields (may name a base suite)")
     assess.add_argument("--model", default=None, help="model folder or hub id ('random:<shape>' for mt)")
     assess.add_argument("--data-dir", default=None, help="data folder (GLUE root for quick/glue)")

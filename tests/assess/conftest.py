@@ -58,6 +58,9 @@ def write_tiny_model(folder: Path) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?"] + sorted(set(WORDS))
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    if len(tokenizer) < len(vocab):  # transformers 5 reads the vocabulary from vocab=, not vocab_file=
+        tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
+    assert len(tokenizer) == len(vocab), "the tiny tokenizer lost its vocabulary: every word would be [UNK]"
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -349,23 +349,30 @@ def check_method_options(options: Any, source: str) -> None:
             raise PeftlabError(f"{source}: method_options.{method}: {err}") from None
 
 
-def load_suite_file(path: str | Path, base: Suite | None = None) -> Suite:
+def read_suite_file(path: str | Path) -> Any:
+    """The YAML document in ``path`` (a mapping of suite fields, unchecked)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise PeftlabError(f"suite file {path} not found; pass a YAML file of suite fields (see docs/assessment.md)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise PeftlabError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from err
-    return suite_from_mapping(data, str(path), base)
+
+
+def load_suite_file(path: str | Path, base: Suite | None = None) -> Suite:
+    return suite_from_mapping(read_suite_file(path), str(path), base)
 
 
 def get_suite(name: str) -> Suite:
     suites = builtin_suites()
     if name not in suites:
-        raise PeftlabError(f"unknown suite {name!r}; built-in suites: {', '.join(SUITE_NAMES)}")
+        from ..apps import APPS
+
+        raise PeftlabError(f"unknown suite {name!r}; built-in suites: {', '.join(SUITE_NAMES)}; applications: "
+                           f"{', '.join(APPS)}")
     return suites[name]

@@ -117,6 +117,53 @@ def load_splits(task: GlueTask, run: GlueRun) -> tuple[list[Example], dict[str, 
     return train_examples, load_eval_splits(task, run.data_dir, run.eval_limit)
 
 
+@dataclass
+class Fitted:
+    """A trained classifier: the model (a PeftModel, or the whole model for full fine-tuning), its
+    tokenizer, the config it ran with (the head added to ``modules_to_save``), the loop's result, and
+    the review's parameter counts; ``initial``: the trainable tensors before training, when asked for."""
+
+    model: Any
+    config: PeftConfig | None
+    tokenizer: Any
+    result: Any
+    trainable: int
+    total: int
+    initial: dict[str, torch.Tensor] | None = None
+
+
+def fit_classifier(model_path: str, num_labels: int, config: PeftConfig | None, examples: list[Example],
+                   args: TrainArgs, max_length: int, batch_size: int, group_by_length: bool = True,
+                   probe: StepProbe | None = None, keep_batches: int = 0, keep_initial: bool = False) -> Fitted:
+    """Load ``model_path`` with a new head, wrap it with ``config`` (``None``: full fine-tuning; the head
+    trains either way) and train it on ``examples``. ``keep_initial``: copy the trainable tensors first
+    (``Fitted.initial``, by parameter name)."""
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_classifier(model_path, num_labels)
+    if config is not None:
+        if not config.modules_to_save and not spec_for_config(config).replaces_head:
+            config = config.replace(modules_to_save=HEADS)
+        model = get_peft_model(model, config)
+    else:
+        trainable = total = sum(p.numel() for p in model.parameters())
+    loader = make_loader(encode_pairs(examples, tokenizer, max_length), tokenizer, batch_size, shuffle=True,
+                         seed=args.seed, group_by_length=group_by_length)
+    initial = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+               if keep_initial else None)
+    result = train(model, loader, args, probe=probe, keep_batches=keep_batches)
+    if config is not None:
+        # Counted after training: a masked method's trainable entries are chosen by its data pass.
+        # The review's count: entries that can change; the total is the base model plus those.
+        report = model.trainable_parameters_report()
+        trainable, total = report.trainable_entries, report.base + report.trainable_entries
+    return Fitted(model, config, tokenizer, result, trainable, total, initial)
+
+
+def classify(model: Any, tokenizer: Any, examples: list[Example], max_length: int) -> tuple[Any, Any]:
+    """Logits and labels of ``examples``, in order."""
+    return predict(model, make_scoring_loader(encode_pairs(examples, tokenizer, max_length), tokenizer))
+
+
 def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str | Path | None = None,
              probe: StepProbe | None = None, floor_steps: int = 0,
              floor_probe: StepProbe | None = None) -> dict[str, Any]:
@@ -130,28 +177,13 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     # Every split is read and checked before the model loads: a bad dev row fails in seconds,
     # not after training.
     train_examples, eval_examples = load_splits(task, run)
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_classifier(run.model, task.num_labels)
-    if config is not None:
-        if not config.modules_to_save and not spec_for_config(config).replaces_head:
-            config = config.replace(modules_to_save=HEADS)
-        model = get_peft_model(model, config)
-    else:
-        trainable = total = sum(p.numel() for p in model.parameters())
-    train_rows = encode_pairs(train_examples, tokenizer, run.max_length)
-    loader = make_loader(train_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed,
-                         group_by_length=run.group_by_length)
     started = time.perf_counter()
-    result = train(model, loader, args, probe=probe, keep_batches=floor_steps)
-    if config is not None:
-        # Counted after training: a masked method's trainable entries are chosen by its data pass.
-        # The review's count: entries that can change; the total is the base model plus those.
-        report = model.trainable_parameters_report()
-        trainable, total = report.trainable_entries, report.base + report.trainable_entries
+    fitted = fit_classifier(run.model, task.num_labels, config, train_examples, args, run.max_length, run.batch_size,
+                            run.group_by_length, probe=probe, keep_batches=floor_steps)
+    model, result = fitted.model, fitted.result
     metrics: dict[str, float] = {}
     for split, examples in eval_examples.items():
-        rows = encode_pairs(examples, tokenizer, run.max_length)
-        logits, labels = predict(model, make_scoring_loader(rows, tokenizer))
+        logits, labels = classify(model, fitted.tokenizer, examples, run.max_length)
         scores = glue_metrics(task, logits, labels)
         metrics.update(scores if len(task.eval_splits) == 1 else {f"{split}/{k}": v for k, v in scores.items()})
     floor = None
@@ -166,8 +198,9 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     result.kept_batches.clear()
     summary = {
         "run": asdict(run), "method": getattr(config, "method", None) or "full",
-        "config": config.to_dict() if config else None, "train_args": asdict(args),
-        "trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total,
+        "config": fitted.config.to_dict() if fitted.config else None, "train_args": asdict(args),
+        "trainable_params": fitted.trainable, "total_params": fitted.total,
+        "trainable_percent": 100.0 * fitted.trainable / fitted.total,
         "steps": result.steps, "final_loss": result.final_loss, "median_step_s": result.median_step_s,
         "tokens_per_s": result.tokens_per_s, "tokens": result.tokens, "train_s": result.wall_s,
         "wall_s": time.perf_counter() - started, "metrics": metrics,
