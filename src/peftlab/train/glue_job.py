@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..core.config import PeftConfig
@@ -160,8 +161,12 @@ def fit_classifier(model_path: str, num_labels: int, config: PeftConfig | None, 
 
 
 def classify(model: Any, tokenizer: Any, examples: list[Example], max_length: int) -> tuple[Any, Any]:
-    """Logits and labels of ``examples``, in order."""
-    return predict(model, make_scoring_loader(encode_pairs(examples, tokenizer, max_length), tokenizer))
+    """Logits and labels of ``examples``, in their order (scored in batches of similar length)."""
+    rows = encode_pairs(examples, tokenizer, max_length)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    logits, labels = predict(model, make_loader([rows[i] for i in order], tokenizer, 128, shuffle=False))
+    back = np.argsort(order)
+    return logits[back], labels[back]
 
 
 def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str | Path | None = None,
@@ -183,7 +188,8 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     model, result = fitted.model, fitted.result
     metrics: dict[str, float] = {}
     for split, examples in eval_examples.items():
-        logits, labels = classify(model, fitted.tokenizer, examples, run.max_length)
+        rows = encode_pairs(examples, fitted.tokenizer, run.max_length)
+        logits, labels = predict(model, make_scoring_loader(rows, fitted.tokenizer))  # length order: fine for metrics
         scores = glue_metrics(task, logits, labels)
         metrics.update(scores if len(task.eval_splits) == 1 else {f"{split}/{k}": v for k, v in scores.items()})
     floor = None

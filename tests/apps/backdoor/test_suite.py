@@ -114,3 +114,17 @@ def test_app_suite_turns_lists_into_tuples():
     assert suite.methods == ("lora", "bitfit") and suite.shares == (0.0, 0.1)
     with pytest.raises(PeftlabError, match="unknown application suite 'nope'"):
         app_suite("nope", {}, "test")
+
+
+def test_classify_returns_logits_in_the_examples_order(tiny_model):
+    from peftlab.train.glue_job import load_classifier
+
+    model, tokenizer = load_classifier(str(tiny_model), 2)
+    model.eval()
+    examples = [Example(" ".join(["the cat"] * n), None, n % 2) for n in (5, 1, 9, 3, 2)]
+    logits, labels = classify(model, tokenizer, examples, 64)
+    assert labels.tolist() == [1, 1, 1, 1, 0]
+    for example, row in zip(examples, logits):
+        with torch.no_grad():
+            alone = model(**tokenizer(example.text_a, return_tensors="pt")).logits[0]
+        assert torch.allclose(alone, torch.from_numpy(row), atol=1e-5)
