@@ -53,12 +53,16 @@ def markdown(results: dict[str, Any]) -> str:
         out += [f"Wall time: {results['wall_s'] / 60:.1f} min with {results.get('threads')} torch threads.", ""]
     if results["attack"]:
         out += ["## 1. Attack by data poisoning during training", "", attack_table(results["attack"]), ""]
+        if 0.0 in {r["share"] for r in results["attack"]}:
+            out += ["At p = 0 nothing is poisoned: the ASR there is the share of triggered non-target sentences the "
+                    "clean model gets wrong anyway, the floor an attack is measured against.", ""]
     if results["shared"]:
         out += [f"## 2. A poisoned shared adapter ({_name(s['shared_method'])}, p = {s['shared_share']:g})", "",
                 "Adapter arithmetic combines the adapters; the two task heads (full trainable copies) are averaged "
                 "for every merge type.", "",
                 _table(["What", "CACC", "ASR", "Seconds"], [[r["what"], f"{r['cacc']:.1f}", f"{r['asr']:.1f}",
-                                                            f"{r['seconds']:.0f}"] for r in results["shared"]]), ""]
+                                                            f"{r['seconds']:.0f}" if r["seconds"] else "–"]
+                                                           for r in results["shared"]]), ""]
     if results["defences"]:
         out += ["## 3. Defences of the poisoned adapter", ""]
         rows = []
