@@ -128,3 +128,16 @@ def test_classify_returns_logits_in_the_examples_order(tiny_model):
         with torch.no_grad():
             alone = model(**tokenizer(example.text_a, return_tensors="pt")).logits[0]
         assert torch.allclose(alone, torch.from_numpy(row), atol=1e-5)
+
+
+def test_all_methods_expand_and_searched_ones_are_skipped_with_a_note(tmp_path, tiny_model):
+    from peftlab.apps.backdoor.suite import BackdoorRunner
+    from peftlab.core.registry import all_methods
+
+    glue = write_glue(tmp_path / "glue", tasks=("SST-2",), n_train=40, n_dev=12)
+    runner = BackdoorRunner(_suite(tiny_model, glue, methods=("all",)), tmp_path / "out", echo=lambda line: None)
+    runner.preflight()
+    searched = {s.name for s in all_methods() if s.search is not None}
+    assert searched and not searched & set(runner.methods)
+    assert runner.methods[-1] == "full" and "lora" in runner.methods
+    assert any("found by a search" in note for note in runner.results["notes"])

@@ -83,6 +83,8 @@ def markdown(results: dict[str, Any]) -> str:
                 "half poisoned with varied triggers, shares and seeds); a logistic regression on per-tensor statistics "
                 f"(log norm, log largest entry, kurtosis), scored leave-one-out: **accuracy {100 * d['accuracy']:.0f} %** "
                 f"({d['false_alarms']} clean adapters flagged, {d['missed']} poisoned ones missed).", ""]
+    if results.get("notes"):
+        out += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     if results.get("plots"):
         out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]] + [""]
     return "\n".join(out)

@@ -109,7 +109,8 @@ class BackdoorSuite:
         return Suite(name=self.name, kind="glue", model=self.model, data_dir=self.data_dir,
                      tasks=(TaskSpec(self.task, self.train_limit, self.eval_limit, self.max_length),),
                      methods=self.methods, seeds=self.seeds, epochs=self.epochs, batch_size=self.batch_size,
-                     lr_scale=self.lr_scale, full_lr=self.full_lr, method_options=self.method_options, floor_steps=0)
+                     lr_scale=self.lr_scale, full_lr=self.full_lr, method_options=self.method_options, floor_steps=0,
+                     explicit_methods=not any(m.lower() == "all" for m in self.methods))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,6 +137,7 @@ class BackdoorRunner:
         self.glue = get_glue_task(suite.task)
         self.study = suite.study()
         self.jobs = Jobs(self.study, progress=False)
+        self.methods: list[str] = []  # set by preflight: the suite's methods, then full fine-tuning
         self.results: dict[str, Any] = {"suite": suite.to_dict(), "attack": [], "shared": [], "defences": [],
                                         "detector": None, "notes": []}
 
@@ -148,8 +150,15 @@ class BackdoorRunner:
         if not 0 <= s.target < glue.num_labels or isinstance(s.target, bool):
             raise PeftlabError(f"backdoor suite: target={s.target!r}: expected a class id of {s.task} "
                                f"({', '.join(f'{i}: {n}' for i, n in enumerate(glue.label_names))})")
-        for method in s.methods:
-            self.study.method_config(method)  # an unknown method fails here, listing the registered ones
+        methods, notes = self.study.method_plan()  # "all" expands; an unknown name fails, listing the known ones
+        self.methods = []
+        for method in methods:
+            if method != FULL and get_method(method).search is not None:
+                notes.append(f"method {method!r} is found by a search, which this suite does not run; skipped")
+                continue
+            self.study.method_config(method)  # a bad method_options entry fails here, with its message
+            self.methods.append(method)
+        self.results["notes"] += notes
         spec = get_method(s.shared_method)
         missing = [t for t in [*s.merge_types, *s.merge_options] if t not in spec.combination_types]
         if missing:
@@ -209,7 +218,7 @@ class BackdoorRunner:
     def attack(self, data: _Data) -> dict[str, Any]:
         """Stage 1; returns the shared method's clean and poisoned fits of the first seed."""
         s = self.suite
-        methods = list(dict.fromkeys([*s.methods, FULL]))
+        methods = self.methods
         shares = list(dict.fromkeys([*s.shares]))
         kept: dict[str, Any] = {}
         plan = [(seed, share, method) for seed in s.seeds for share in shares for method in methods]
