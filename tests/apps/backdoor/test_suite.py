@@ -84,6 +84,7 @@ def test_bad_settings_are_refused_naming_the_field(tmp_path, tiny_model, changes
 @pytest.mark.parametrize("changes, message", [
     ({"trigger": "cf"}, "trigger 'cf'.*only the unknown token"),  # not in the tiny vocabulary
     ({"target": 2}, "target=2: expected a class id of sst2"),
+    ({"target": "positive"}, "target='positive': expected a class id of sst2"),
     ({"methods": ("nope",)}, "nope"),
     ({"merge_types": ("linear", "median")}, r"cannot merge adapters by \['median'\]"),
     ({"merge_options": {"mean": {}}}, r"cannot merge adapters by \['mean'\]"),

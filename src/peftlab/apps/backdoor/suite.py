@@ -147,7 +147,7 @@ class BackdoorRunner:
         if glue.is_regression:
             raise PeftlabError(f"backdoor suite: task {s.task!r} is a regression task; a backdoor forces a class, "
                                "so pick a classification task such as sst2")
-        if not 0 <= s.target < glue.num_labels or isinstance(s.target, bool):
+        if isinstance(s.target, bool) or not isinstance(s.target, int) or not 0 <= s.target < glue.num_labels:
             raise PeftlabError(f"backdoor suite: target={s.target!r}: expected a class id of {s.task} "
                                f"({', '.join(f'{i}: {n}' for i, n in enumerate(glue.label_names))})")
         methods, notes = self.study.method_plan()  # "all" expands; an unknown name fails, listing the known ones
