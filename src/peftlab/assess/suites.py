@@ -253,9 +253,9 @@ def builtin_suites() -> dict[str, Suite]:
             tasks=(TaskSpec("e2e", train_limit=2000, eval_limit=200, max_length=96),),
             batch_size=16, lr_scale=2.0, full_lr=1e-3),
         # Every registered method, family by family, on one small SST-2 budget x 3 seeds: the table of
-        # the whole taxonomy. 1,500 sentences: one seed of its 53 runs took 36 CPU-minutes, so about 56
-        # min for three on two cores; 1,000 took 44.6 min but left 23 of the 53 methods at the majority
-        # class (8 at 1,500), a table that ranks nothing (see the README).
+        # the whole taxonomy. 1,500 sentences: 54.7 min for the 159 runs on two cores (see the README);
+        # 1,000 took 44.6 min but left 23 of the 53 methods at the majority class (8 at 1,500), a table
+        # that ranks nothing.
         "taxonomy": Suite(
             name="taxonomy", kind="glue", model=minilm, data_dir=glue,
             tasks=(TaskSpec("sst2", train_limit=1500, max_length=64),), methods=("all",),
