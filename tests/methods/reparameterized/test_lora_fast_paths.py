@@ -177,6 +177,19 @@ def test_siblings_fed_the_same_input_share_one_low_rank_gemm(kind):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_siblings_share_their_input_under_inference_mode(kind):
+    # Inference tensors keep no version counter: reading it used to raise in the shared path.
+    pm = _perturbed(kind, LoraConfig(targets=("@query", "@key", "@value")))
+    pm.eval()
+    inputs = model_inputs(kind, batch=1, length=4)  # 4 tokens: the low-rank path, not the folded weight
+    with torch.no_grad():
+        want = main_output(pm(**inputs))
+    with torch.inference_mode():
+        got = main_output(pm(**inputs))
+    torch.testing.assert_close(got.clone(), want, atol=1e-6, rtol=1e-6)
+
+
 def test_a_sibling_fed_another_input_computes_its_own():
     class Block(nn.Module):
         def __init__(self):

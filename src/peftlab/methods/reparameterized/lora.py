@@ -485,12 +485,15 @@ class _SharedInput:
     def low(self, layer: LoraLayer, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
         st = self.state
         pending: dict[int, torch.Tensor] = getattr(st, "pending", {})
-        if getattr(st, "x", None) is not x or st.version != x._version or id(layer) not in pending:
+        # An inference tensor (torch.inference_mode) keeps no version counter; it cannot be changed in
+        # place outside inference mode, and the siblings read it one after the other in one forward.
+        version = None if x.is_inference() else x._version
+        if getattr(st, "x", None) is not x or st.version != version or id(layer) not in pending:
             ready = [m for m in self.members if m._can_share(x)]
             if len(ready) < 2 or layer not in ready:
                 return None
             lows = _JointDown.apply(x2, *(m.lora_A[m.live_adapters()[0]].weight for m in ready))
-            st.x, st.version = x, x._version
+            st.x, st.version = x, version
             pending = st.pending = {id(m): low for m, low in zip(ready, lows)}
         low = pending.pop(id(layer))
         if not pending:
