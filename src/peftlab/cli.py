@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Run a suite of (model, tasks, methods, seeds); resumable. Flags override "
                                         "the suite and the --config file. See docs/assessment.md.")
     assess.add_argument("--suite", default=None, help="quick (default), taxonomy (every method), glue, mt, nlg, efficiency, or an application: "
-                             "backdoor")
+                             "backdoor, multitask, crosslingual")
     assess.add_argument("--config", default=None, help="YAML file of suite fields (may name a base suite)")
     assess.add_argument("--model", default=None, help="model folder or hub id ('random:<shape>' for mt)")
     assess.add_argument("--data-dir", default=None, help="data folder (GLUE root for quick/glue)")

@@ -1,5 +1,6 @@
 """Applications of PEFT built on the core, each an assessment suite of its own
-(``peftlab assess --suite NAME``): backdoor attack and defence (:mod:`.backdoor`).
+(``peftlab assess --suite NAME``): backdoor attack and defence (:mod:`.backdoor`), multi-task
+learning (:mod:`.multitask`) and cross-lingual transfer (:mod:`.crosslingual`).
 
 An application module offers ``default_suite()`` (a frozen dataclass of settings, every field
 settable from the suite YAML) and ``run(suite, out, echo)``, which writes ``report.md`` there.
@@ -13,7 +14,8 @@ from typing import Any
 
 from ..core.errors import PeftlabError
 
-APPS = {"backdoor": "peftlab.apps.backdoor"}
+APPS = {"backdoor": "peftlab.apps.backdoor", "multitask": "peftlab.apps.multitask",
+        "crosslingual": "peftlab.apps.crosslingual"}
 
 
 def is_app(name: str | None) -> bool:

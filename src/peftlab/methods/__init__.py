@@ -6,6 +6,7 @@ from .additive import parallel_adapter  # noqa: F401
 from .additive import ia3  # noqa: F401
 from .partial import bitfit  # noqa: F401
 from .additive import prompt_tuning  # noqa: F401
+from .additive import attempt  # noqa: F401
 from .additive import prefix_tuning  # noqa: F401
 from .partial import child_tuning  # noqa: F401
 from .hybrid import mam_adapter  # noqa: F401

@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -135,17 +135,21 @@ class Fitted:
 
 def fit_classifier(model_path: str, num_labels: int, config: PeftConfig | None, examples: list[Example],
                    args: TrainArgs, max_length: int, batch_size: int, group_by_length: bool = True,
-                   probe: StepProbe | None = None, keep_batches: int = 0, keep_initial: bool = False) -> Fitted:
+                   probe: StepProbe | None = None, keep_batches: int = 0, keep_initial: bool = False,
+                   prepare: Callable[[Any], None] | None = None) -> Fitted:
     """Load ``model_path`` with a new head, wrap it with ``config`` (``None``: full fine-tuning; the head
     trains either way) and train it on ``examples``. ``keep_initial``: copy the trainable tensors first
-    (``Fitted.initial``, by parameter name)."""
+    (``Fitted.initial``, by parameter name). ``prepare(model)`` runs on the wrapped model before
+    training, e.g. to start an adapter from another one's tensors."""
     torch.manual_seed(args.seed)
     model, tokenizer = load_classifier(model_path, num_labels)
     if config is not None:
         if not config.modules_to_save and not spec_for_config(config).replaces_head:
             config = config.replace(modules_to_save=HEADS)
         model = get_peft_model(model, config)
-    else:
+    if prepare is not None:
+        prepare(model)
+    if config is None:
         trainable = total = sum(p.numel() for p in model.parameters())
     loader = make_loader(encode_pairs(examples, tokenizer, max_length), tokenizer, batch_size, shuffle=True,
                          seed=args.seed, group_by_length=group_by_length)

@@ -219,14 +219,21 @@ class SoftPrompt(DeltaModule):
         kwargs = bind_arguments(model, "forward", args, kwargs)
         if self.encoder_decoder and kwargs.get("encoder_outputs") is not None:
             return (), kwargs  # the encoder already ran (with the prompt, inside generate)
-        prompt = self.prompt()
         cache = given_cache(kwargs)
         if not self.encoder_decoder and cache is not None and _cached_length(cache) > 0:
             # Incremental decoding: the prompt is already in the cache; only the mask must count it.
             if kwargs.get("attention_mask") is not None:
-                kwargs["attention_mask"] = _pad_front(kwargs["attention_mask"], prompt.shape[0], 1)
+                kwargs["attention_mask"] = _pad_front(kwargs["attention_mask"], self.prompt_length(), 1)
             return (), kwargs
-        return (), self.prepend(model, prompt, kwargs, labels=not self.encoder_decoder)
+        return (), self.prepend(model, self.prompt_for(model, kwargs), kwargs, labels=not self.encoder_decoder)
+
+    def prompt_for(self, model: nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The prompt put in front of this call's inputs: (p x d), or (batch x p x d) for a method whose
+        prompt depends on the input (it may replace ``input_ids`` in ``kwargs`` by ``inputs_embeds``)."""
+        return self.prompt()
+
+    def prompt_length(self) -> int:
+        return int(self.prompt().shape[0])
 
     def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], call: Any) -> Any:
         """``call`` (the next input-level adapter's generate, or the model's) with the prompt in front."""
@@ -237,7 +244,7 @@ class SoftPrompt(DeltaModule):
         if ids is not None and ids.is_floating_point():
             raise PeftlabError("generate(inputs=...) got a float tensor; pass input_ids=... or inputs_embeds=...")
         kwargs["input_ids"] = ids
-        kwargs = self.prepend(model, self.prompt(), kwargs, labels=False)
+        kwargs = self.prepend(model, self.prompt_for(model, kwargs), kwargs, labels=False)
         out = call(**kwargs)
         if self.encoder_decoder or ids is None:
             return out  # decoder tokens only / only new tokens, as the base model returns them
@@ -249,17 +256,19 @@ class SoftPrompt(DeltaModule):
 
     @staticmethod
     def prepend(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any], labels: bool) -> dict[str, Any]:
-        """``kwargs`` (by name) with ``prompt`` (p x d) in front of the input embeddings and the mask, token
-        types, positions and (``labels=True``) per-token labels extended to match; also used by WARP."""
+        """``kwargs`` (by name) with ``prompt`` (p x d, or one per example: batch x p x d) in front of the input
+        embeddings and the mask, token types, positions and (``labels=True``) per-token labels extended to
+        match; also used by WARP."""
         ids = kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
             if ids is None:
                 raise PeftlabError("prompt tuning needs input_ids or inputs_embeds to put the prompt in front of")
             embeds = model.get_input_embeddings()(ids)
-        batch, n, p = embeds.shape[0], embeds.shape[1], prompt.shape[0]
+        batch, n, p = embeds.shape[0], embeds.shape[1], prompt.shape[-2]
         _check_positions(model, p, n, kwargs.get("position_ids"))
-        kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+        rows = prompt if prompt.dim() == 3 else prompt.unsqueeze(0).expand(batch, -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([rows.to(embeds.dtype), embeds], dim=1)
         mask = kwargs.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:

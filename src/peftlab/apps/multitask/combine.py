@@ -1,0 +1,165 @@
+"""Task adapters held apart from their heads, and models built from several of them.
+
+A task adapter here is what one task's training left: the adapter's tensors and the task's head (a
+full trainable copy of the classifier). Adapter arithmetic (merges, LoRAHub) and AdapterFusion act on
+the adapters only; a head belongs to its task and is put in front of whatever body is scored on that
+task. Every head has the same width (the largest class count of the suite's tasks) so that one model
+can hold all of them at once, as mixed-task batches need; a task with fewer classes is scored on its
+own classes' logits.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...core.config import PeftConfig
+from ...core.errors import PeftlabError
+from ...core.layer import TrainableCopy
+from ...core.model import PeftModel, get_peft_model
+from ...tasks.glue import Example, GlueTask, glue_metrics
+from ...train.data import encode_pairs, make_loader
+from ...train.glue_job import HEADS, Fitted, classify, load_classifier
+
+
+@dataclass
+class TaskAdapter:
+    """One task's trained adapter: ``config`` with the head in ``modules_to_save``, ``state`` every
+    saved tensor (adapter and head), ``head`` the head's tensors by module path, ``base`` the model it
+    was trained on."""
+
+    task: str
+    config: PeftConfig
+    state: dict[str, torch.Tensor]
+    head: dict[str, dict[str, torch.Tensor]]
+    base: str
+
+    @classmethod
+    def from_fitted(cls, task: str, fitted: Fitted, base: str) -> "TaskAdapter":
+        model = fitted.model
+        head = {path: {k: v.detach().clone() for k, v in m.copies["default"].state_dict().items()}
+                for path, m in model.base_model.named_modules() if isinstance(m, TrainableCopy)}
+        if not head:
+            raise PeftlabError(f"the {task} adapter has no trained head ({', '.join(HEADS)})")
+        state = {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+        return cls(task, fitted.config, state, head, base)
+
+    def headless(self) -> PeftConfig:
+        return self.config.replace(modules_to_save=())
+
+    def body(self) -> dict[str, torch.Tensor]:
+        """The adapter's own tensors, without the head's."""
+        ends = tuple(f"{path}.{key}" for path, tensors in self.head.items() for key in tensors)
+        return {k: v for k, v in self.state.items() if not k.endswith(ends)}
+
+
+def check_same_base(adapters: dict[str, TaskAdapter], model_path: str) -> None:
+    """Adapters combined in one model must come from that model: the same shapes are not enough."""
+    other = {name: a.base for name, a in adapters.items() if a.base != model_path}
+    if other:
+        raise PeftlabError(f"adapters {sorted(other)} were trained on {sorted(set(other.values()))}, not on "
+                           f"{model_path!r}, the model they are combined on; train every adapter on one base model")
+
+
+def build(model_path: str, width: int, adapters: dict[str, TaskAdapter], heads: bool) -> tuple[PeftModel, Any]:
+    """A model holding each of ``adapters`` under its name, loaded strictly; with ``heads`` each adapter
+    keeps its own head (a model for mixed-task batches), without them the classifier is the base's,
+    to be set per task by :func:`put_head`."""
+    check_same_base(adapters, model_path)
+    base, tokenizer = load_classifier(model_path, width)
+    model: PeftModel | None = None
+    for name, adapter in adapters.items():
+        config = adapter.config if heads else adapter.headless()
+        if model is None:
+            model = get_peft_model(base, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        wanted = model.adapter_state_dict(name)
+        model.load_adapter_state_dict(name, {k: adapter.state[k] for k in wanted}, source=f"the {name} adapter")
+    if model is None:
+        raise PeftlabError("build: no adapters given")
+    return model, tokenizer
+
+
+def put_head(model: PeftModel, head: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write a task's head into the model's own classifier (a model built without heads)."""
+    for path, tensors in head.items():
+        module = model.base_model.get_submodule(path)
+        if isinstance(module, TrainableCopy):
+            raise PeftlabError(f"{path} is an adapter's head copy here; put_head writes the base classifier")
+        module.load_state_dict(tensors)
+
+
+def score(model: Any, tokenizer: Any, task: GlueTask, examples: list[Example], max_length: int) -> float:
+    """The task's main metric (x 100) on ``examples``, from the logits of its own classes."""
+    logits, labels = classify(model, tokenizer, examples, max_length)
+    return 100 * glue_metrics(task, logits[:, :task.num_labels], labels)[task.main_metric]
+
+
+def _batches(rows: list[dict[str, Any]], tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    loader = make_loader(rows, tokenizer, batch_size, shuffle=False)
+    return [{k: v for k, v in batch.items() if k != "labels"} for batch in loader]
+
+
+def _timed(run: Any, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def mixed_batch_throughput(model: PeftModel, tokenizer: Any, examples: dict[str, list[Example]], max_length: int,
+                           batch_size: int, seed: int = 0, repeats: int = 3) -> dict[str, Any]:
+    """Inference throughput over the same examples, two ways: batches of one task each (the task's
+    adapter set before each), and batches mixing every task (each row routed to its own adapter by
+    ``adapter_names``). The best of ``repeats`` passes; also the largest logit difference between them."""
+    rows, owners = [], []
+    for task, items in examples.items():
+        rows += encode_pairs(items, tokenizer, max_length)
+        owners += [task] * len(items)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    mixed = [(_batch, [owners[i] for i in order[at:at + batch_size]])
+             for at, _batch in zip(range(0, len(rows), batch_size),
+                                   _batches([rows[i] for i in order], tokenizer, batch_size))]
+    per_task = []
+    at = 0
+    for task, items in examples.items():
+        per_task += [(task, b) for b in _batches(rows[at:at + len(items)], tokenizer, batch_size)]
+        at += len(items)
+    active = model.active_adapters
+    model.eval()
+    logits_mixed: list[torch.Tensor] = []
+    logits_single: list[torch.Tensor] = []
+
+    def run_mixed() -> None:
+        logits_mixed.clear()
+        with torch.inference_mode():
+            for batch, names in mixed:
+                logits_mixed.append(model(**batch, adapter_names=names).logits)
+
+    def run_single() -> None:
+        logits_single.clear()
+        with torch.inference_mode():
+            for task, batch in per_task:
+                model.set_adapter(task)
+                logits_single.append(model(**batch).logits)
+
+    try:
+        mixed_s = _timed(run_mixed, repeats)
+        single_s = _timed(run_single, repeats)
+    finally:
+        model.set_adapter(active)
+    by_mixed = torch.cat(logits_mixed)[torch.as_tensor(order).argsort()]
+    gap = float((by_mixed - torch.cat(logits_single)).abs().max())
+    tokens = sum(int(b["attention_mask"].numel()) for b, _ in mixed)
+    return {"examples": len(rows), "tasks": list(examples), "batch_size": batch_size,
+            "mixed_examples_per_s": len(rows) / mixed_s, "per_task_examples_per_s": len(rows) / single_s,
+            "mixed_s": mixed_s, "per_task_s": single_s, "mixed_padded_tokens": tokens,
+            "per_task_padded_tokens": sum(int(b["attention_mask"].numel()) for _, b in per_task),
+            "max_logit_difference": gap}
+
