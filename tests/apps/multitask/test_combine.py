@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftlab.apps.multitask import TaskAdapter, build, check_same_base, mixed_batch_throughput, put_head, score
+from peftlab.apps.multitask import (TaskAdapter, build, check_same_base, close_extra_outputs, mixed_batch_throughput,
+                                    put_head, score)
 from peftlab.core.config import config_from_options
 from peftlab.core.errors import PeftlabError
 from peftlab.tasks.glue import Example, get_glue_task
@@ -102,3 +103,24 @@ def test_adapters_from_another_base_model_are_refused_by_name(adapters, tmp_path
         check_same_base({"a": found["a"], "c": stranger}, str(model_path))
     with pytest.raises(PeftlabError, match="trained on"):
         build(str(model_path), 3, {"a": found["a"], "c": stranger}, heads=False)
+
+
+def test_closed_extra_outputs_train_as_a_head_of_the_tasks_own_width(tmp_path):
+    from peftlab.core.model import get_peft_model
+    from peftlab.train.glue_job import load_classifier
+
+    model_path = write_tiny_model(tmp_path / "m")
+    base, tokenizer = load_classifier(str(model_path), 3)
+    model = get_peft_model(base, config_from_options("lora", {}).replace(modules_to_save=HEADS))
+    close_extra_outputs(model, "default", 2)
+    batch = dict(tokenizer(["the cat", "a dog ran"], padding=True, return_tensors="pt"), labels=torch.tensor([0, 1]))
+    out = model(**batch)
+    assert torch.all(out.logits[:, 2] == -1e4)
+    two_way = torch.nn.functional.cross_entropy(out.logits[:, :2], batch["labels"])
+    torch.testing.assert_close(out.loss, two_way)  # the closed output takes no probability
+    out.loss.backward()
+    head = next(m.copies["default"] for m in model.modules() if hasattr(m, "copies") and "default" in m.copies)
+    assert head.bias.grad[2] == 0 and torch.all(head.weight.grad[2] == 0)
+    assert head.bias.grad[:2].abs().sum() > 0
+    with pytest.raises(PeftlabError, match="no head of its own"):
+        close_extra_outputs(model, "other", 2)

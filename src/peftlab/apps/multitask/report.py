@@ -37,7 +37,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"default learning rate × {s['lr_scale']:g}, seed {s['seed']}; scored on its first "
             f"{s['eval_limit'] or 'all'} dev examples by its main metric (CoLA: Matthews correlation × 100; the others: "
             f"accuracy %). Every head has {max(get_glue_task(t).num_labels for t in tasks)} outputs so that one model "
-            "holds all the tasks' heads; a task is scored on its own classes' logits. Merges and fusions combine the "
+            "holds all the tasks' heads; a task with fewer classes has the extra outputs fixed at -10^4 (no probability, "
+            "no gradient), so it trains and scores as a head of its own width. Merges and fusions combine the "
             "adapters; each task keeps its own head in front of the combined body.", ""]
     if results.get("wall_s"):
         out += [f"Wall time: {results['wall_s'] / 60:.1f} min with {results.get('threads')} torch threads.", ""]

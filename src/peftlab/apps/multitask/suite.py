@@ -19,7 +19,8 @@
    batches that mix the tasks (``adapter_names``) against batches of one task each.
 
 Decisions (see :mod:`.combine`): every head is as wide as the largest class count among the tasks,
-so one model holds all heads at once; a task is scored on its own classes' logits. A head belongs to
+so one model holds all heads at once; a task with fewer classes has its extra outputs closed (fixed
+at -10^4: no probability, no gradient), so it trains and scores as a head of its own width. A head belongs to
 its task: merges and fusions combine adapters, not heads. AdapterFusion's head starts from the
 target task adapter's trained head (a new head at the fusion's learning rate does not learn in the
 quick budget). LoRAHub needs a head for the target: it uses the head trained with the target-alone
@@ -47,7 +48,7 @@ from ...tasks.glue import Example, get_glue_task, load_glue
 from ...train.data import encode_pairs, make_loader
 from ...train.glue_job import HEADS, fit_classifier, load_eval_splits
 from ...train.loop import TrainArgs, train
-from .combine import TaskAdapter, build, mixed_batch_throughput, put_head, score
+from .combine import TaskAdapter, build, close_extra_outputs, mixed_batch_throughput, put_head, score
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class MultitaskRunner:
                 model.load_adapter_state_dict("default", {**{k: v for k, v in model.adapter_state_dict().items()
                                                              if k not in body}, **body},
                                               source=f"the {start.task} adapter")
+            close_extra_outputs(model, "default", get_glue_task(task).num_labels)
 
         fitted = fit_classifier(s.model, s.width, self._config(method), examples, self._args(method, epochs),
                                 s.max_length, s.batch_size, prepare=begin)
@@ -214,6 +216,7 @@ class MultitaskRunner:
             **{**s.method_options.get(s.fusion_method, {}), "adapters": tuple(adapters), "modules_to_save": HEADS})
         model.add_adapter("fusion", config)
         model.set_adapter("fusion")
+        close_extra_outputs(model, "fusion", get_glue_task(task).num_labels)
         seconds = self._train(model, tokenizer, examples, s.fusion_method, epochs)
         trainable = model.trainable_parameters_report().trainable_entries
         return score(model, tokenizer, get_glue_task(task), self.dev[task], s.max_length), trainable, seconds
@@ -321,6 +324,7 @@ class MultitaskRunner:
             "sources": tuple(sources), "modules_to_save": HEADS})
         model.add_adapter("mixture", config)
         model.set_adapter("mixture")
+        close_extra_outputs(model, "mixture", target.num_labels)
         self._train(model, tokenizer, shots, s.mixture_method, s.target_epochs)
         value = score(model, tokenizer, target, self.dev[s.target], s.max_length)
         row(f"{_name(s.mixture_method)} over the {len(sources)} source prompts (a new target prompt and attention, "
