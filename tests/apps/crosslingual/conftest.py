@@ -9,6 +9,7 @@ import pytest
 from tests.assess.conftest import WORDS, tiny_model  # noqa: F401 - the tiny BERT model folder fixture
 
 LABELS = ("entailment", "neutral", "contradiction")
+__all__ = ["LABELS", "WORDS", "tiny_model", "write_xnli", "xnli_dir"]
 
 
 def write_xnli(folder: Path, languages: tuple[str, ...] = ("en", "de", "ar"), pairs: int = 24) -> Path:

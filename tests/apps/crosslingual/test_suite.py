@@ -150,3 +150,42 @@ def test_the_cli_takes_a_yaml_and_names_bad_fields(tmp_path, capsys):
     assert "['language'] are not settings of the crosslingual suite" in err and "languages" in err
     suite = app_suite("crosslingual", {"languages": ["en", "fr"], "methods": ["madx"]}, "test")
     assert suite.languages == ("en", "fr") and suite.methods == ("madx",)
+
+
+def test_the_default_model_is_built_once_into_the_cache_by_the_shared_builder(tmp_path, monkeypatch):
+    from peftlab.apps.crosslingual import default_suite, ensure_model
+
+    shared = tmp_path / "shared"
+    builder = shared / "models" / "multilingual-e5-small" / "build.py"
+    builder.parent.mkdir(parents=True)
+    # A stand-in builder: records each call and writes the folder's config.json, as the real one does.
+    builder.write_text("import sys, pathlib\nout = pathlib.Path(sys.argv[1])\nout.mkdir(parents=True, exist_ok=True)\n"
+                       "(out / 'config.json').write_text('{}')\n"
+                       "log = out.parent / 'calls'\nlog.write_text(log.read_text() + 'x' if log.exists() else 'x')\n")
+    monkeypatch.setenv("PEFTLAB_SHARED", str(shared))
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+    suite = default_suite()
+    assert suite.model == str(tmp_path / "cache" / "multilingual-e5-small")
+    assert suite.xnli_dir == str(shared / "data" / "xling" / "xnli")
+    assert ensure_model(suite.model, echo=lambda line: None) == suite.model
+    assert ensure_model(suite.model, echo=lambda line: None) == suite.model  # complete: not built again
+    assert (tmp_path / "cache" / "calls").read_text() == "x"
+    assert ensure_model("some/hub-id") == "some/hub-id"  # any other model is used as given
+    builder.unlink()
+    (tmp_path / "cache" / "multilingual-e5-small" / "config.json").unlink()  # incomplete again, no builder
+    with pytest.raises(PeftlabError, match="not built yet and its builder .*build.py does not exist"):
+        ensure_model(suite.model, echo=lambda line: None)
+
+
+def test_the_shared_xnli_files_hold_the_same_examples_in_every_language():
+    from peftlab.apps.crosslingual import read_xnli, xnli_languages
+    from peftlab.assess.suites import shared_dir
+
+    folder = shared_dir() / "data" / "xling" / "xnli"
+    if not folder.is_dir():
+        pytest.skip(f"the shared XNLI dev files are not at {folder} (set PEFTLAB_SHARED)")
+    languages = xnli_languages(folder)
+    assert languages == ["ar", "de", "en", "es", "fr", "ru", "zh"]
+    labels = {code: [e.label for e in read_xnli(folder / f"dev-{code}.tsv")] for code in languages}
+    assert all(len(v) == 2490 for v in labels.values())
+    assert all(v == labels["en"] for v in labels.values())  # aligned: the same label at each index

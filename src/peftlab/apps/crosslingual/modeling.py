@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput
 
+from ...core.errors import PeftlabError
 from ...methods.additive.sequential_adapter import Bottleneck
 
 NEAR_IDENTITY_STD = 1e-2
@@ -105,6 +106,9 @@ class EncoderWithHeads(nn.Module):
                          if mlm else None)
         self.invertible = NiceCoupling(hidden, invertible_reduction) if invertible_reduction else None
         if self.invertible is not None:
+            if not isinstance(getattr(encoder, "embeddings", None), nn.Module):
+                raise PeftlabError(f"{type(encoder).__name__} has no 'embeddings' module for MAD-X's invertible "
+                                   "adapter to follow; use a BERT-style encoder, or leave madx out of methods")
             # Looked up at call time: peftlab swaps ``self.invertible`` for its per-adapter wrapper.
             encoder.embeddings.register_forward_hook(self._after_embeddings)
 

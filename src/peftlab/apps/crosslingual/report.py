@@ -43,12 +43,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"zero-shot on XNLI dev in {', '.join(languages)}. Seed {s['seed']}.", ""]
     if d:
         out += [f"**Unlabelled text and evaluation split.** No unlabelled corpus is available, so each XNLI dev file "
-                f"({d['xnli_pairs']} pairs, the same examples translated in the same order) is split by example "
+                f"({d['xnli_pairs']:,} pairs, the same examples translated in the same order) is split by example "
                 "index: the premises and hypotheses of the even-indexed pairs (labels unused; repeated premises kept "
                 "once) are the language's unlabelled text for the language adapters and SFTs, and the odd-indexed "
                 f"pairs are the evaluation set, of which the first {s['eval_limit'] or 'all'} are scored. No evaluated "
                 "pair, in any language, is ever trained on. Sentences per language: "
-                + ", ".join(f"{c} {n}" for c, n in d["unlabelled_sentences"].items()) + ".", ""]
+                + ", ".join(f"{c} {n:,}" for c, n in d["unlabelled_sentences"].items()) + ".", ""]
     out += [f"**Language adaptation** (MAD-X and LT-SFT): {s['mlm_steps']} masked-language-modelling steps per "
             f"language, {s['mlm_batch_size']} sentences each (max length {s['mlm_max_length']}), masking "
             f"{100 * s['mlm_probability']:g} % of the tokens (80 % mask, 10 % random, 10 % kept); learning rates "
@@ -62,18 +62,21 @@ def markdown(results: dict[str, Any]) -> str:
         out += [f"Wall time: {results['wall_s'] / 60:.1f} min with {results.get('threads')} torch threads.", ""]
     summary = _partial_summary(results) if results["accuracy"] else []
     if summary:
+        n = min(d.get("evaluation", {"": 0}).values())
         out += ["## Accuracy on XNLI (%)", "", accuracy_table(summary, languages), "",
                 "Average: over the languages scored, English included. Gap: English minus the mean of the other "
                 f"languages (the transfer loss). Each cell scores {', '.join(f'{c} {n}' for c, n in d.get('evaluation', {}).items())} "
-                "pairs; with n pairs a cell's standard error is about 50/√n points (3.5 at n = 200).", ""]
+                f"pairs; with n pairs a cell's standard error is about 50/√n points ({50 / max(n, 1) ** 0.5:.1f} at "
+                f"n = {n}), so differences of a few points between cells are noise.", ""]
     if results["stages"]:
         rows = [[_title(r["method"]), r["stage"], r["language"], f"{r['trainable']:,}", str(r["steps"]),
                  f"{r['final_loss']:.3f}", f"{r['wall_s']:.0f}"] for r in results["stages"]]
         out += ["## Stages: trainable parameters and wall time", "",
                 _table(["Method", "Stage", "Language", "Trainable", "Steps", "Final loss", "Seconds"], rows, 3), "",
                 "Trainable: the entries the stage trains (for an SFT, its chosen entries; the language stages include "
-                "the new MLM head, which the task never uses, and MAD-X's invertible adapter). Seconds include loading "
-                "the model where a method starts.", ""]
+                "the new MLM head, which the task never uses, and MAD-X's invertible adapter). Steps: optimizer steps; an SFT "
+                "stage runs as many dense steps (LT-SFT's phase 1) before them. Seconds include loading the model where "
+                "a method starts, not scoring.", ""]
         scoring = {}
         for r in results["accuracy"]:
             scoring[r["method"]] = scoring.get(r["method"], 0.0) + r["wall_s"]

@@ -82,19 +82,19 @@ class CrossLingualSuite:
     xnli_dir: str | None = None
     languages: tuple[str, ...] = ("en", "de", "ar", "zh")
     methods: tuple[str, ...] = METHODS
-    train_limit: int = 1000
-    eval_limit: int | None = 200
+    train_limit: int = 768
+    eval_limit: int | None = 150
     max_length: int = 64
     batch_size: int = 16
     epochs: float = 1.0
     full_lr: float = 1e-4
-    adapter_lr: float = 1e-3
+    adapter_lr: float = 3e-3
     sft_lr: float = 1e-4
-    mlm_steps: int = 40
+    mlm_steps: int = 12
     mlm_batch_size: int = 16
     mlm_max_length: int = 64
     mlm_probability: float = 0.15
-    mlm_adapter_lr: float = 1e-3
+    mlm_adapter_lr: float = 3e-3
     mlm_sft_lr: float = 1e-4
     task_reduction_factor: float = 16
     language_reduction_factor: float = 2
@@ -203,7 +203,7 @@ class CrossLingualRunner:
         unknown = [code for code in s.languages if code not in found]
         if unknown:
             raise PeftlabError(f"crosslingual suite: languages {unknown} have no XNLI file in {s.xnli_dir}; the "
-                               f"codes found there: {', '.join(found) or 'none (no dev-<code>.tsv files)'}")
+                               f"codes found there: {', '.join(found) or 'none (no dev-<code>.tsv files)'}; pick among those")
         files = {code: read_xnli(Path(s.xnli_dir) / f"dev-{code}.tsv") for code in s.languages}
         sizes = {code: len(rows) for code, rows in files.items()}
         if len(set(sizes.values())) != 1:
@@ -218,7 +218,7 @@ class CrossLingualRunner:
             unlabelled, held_out = split_halves(rows)
             evaluation[code] = held_out[:s.eval_limit] if s.eval_limit else held_out
             text[code] = unlabelled_text(unlabelled)
-        if s.eval_limit and s.eval_limit > len(split_halves(range(pairs))[1]):
+        if s.eval_limit and s.eval_limit > pairs // 2:
             self.results["notes"].append(f"eval_limit {s.eval_limit} exceeds the evaluation half "
                                          f"({pairs // 2} pairs): all of it is scored")
         mnli = get_glue_task("mnli")
@@ -249,7 +249,10 @@ class CrossLingualRunner:
 
         hf_logging.set_verbosity_error()  # e5 has no pooler: the "newly initialised" notice is expected
         torch.manual_seed(self.suite.seed)  # the same head initialisation for every method
-        encoder = AutoModel.from_pretrained(self.suite.model, add_pooling_layer=False)
+        try:  # BERT-style models: no pooler (the head pools itself); others take no such option
+            encoder = AutoModel.from_pretrained(self.suite.model, add_pooling_layer=False)
+        except TypeError:
+            encoder = AutoModel.from_pretrained(self.suite.model)
         return EncoderWithHeads(encoder, 3, mlm=mlm,
                                 invertible_reduction=self.suite.invertible_reduction_factor if invertible else None)
 
