@@ -94,7 +94,7 @@ class CrossLingualSuite:
     mlm_batch_size: int = 16
     mlm_max_length: int = 64
     mlm_probability: float = 0.15
-    mlm_adapter_lr: float = 3e-3
+    mlm_adapter_lr: float = 1e-4
     mlm_sft_lr: float = 1e-4
     task_reduction_factor: float = 16
     language_reduction_factor: float = 2
