@@ -32,7 +32,8 @@ def test_the_suite_runs_every_stage_and_reports_them(tmp_path, tiny_model, glue)
     lines: list[str] = []
     results = run_multitask(_suite(tiny_model, glue), tmp_path / "out", echo=lines.append)
     assert {(r["method"], r["task"]) for r in results["single"]} == {
-        (m, t) for m in ("lora", "sequential_adapter", "prompt_tuning") for t in TASKS}
+        *((m, t) for m in ("lora", "sequential_adapter") for t in TASKS), ("prompt_tuning", "sst2"),
+        ("prompt_tuning", "qnli")}  # prompts on the sources only
     assert [r["kind"] for r in results["combined"]] == ["linear", "ties", "dare_linear", "fusion"]
     assert all(set(r["scores"]) == set(TASKS) for r in results["combined"])
     kinds = [r["kind"] for r in results["transfer"]]

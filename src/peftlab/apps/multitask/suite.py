@@ -2,7 +2,8 @@
 
 1. **Task adapters.** On each task, one adapter of ``merge_method`` (LoRA: merged by arithmetic) and
    one of ``fusion_adapter`` (a bottleneck adapter: fused by AdapterFusion), each with its own head;
-   a ``prompt_method`` prompt on ``spot_source`` (for SPoT). Each is scored on its own task.
+   a ``prompt_method`` prompt on every task but the target (SPoT's and ATTEMPT's sources). Each is
+   scored on its own task.
 2. **Combinations, scored on every task** (each task's own head in front of the combined body):
    the task LoRAs merged by each of ``merge_types`` (the method's adapter arithmetic: linear, TIES,
    DARE), and per task an AdapterFusion over every task adapter, trained on that task (Pfeiffer et
@@ -58,12 +59,15 @@ class MultitaskSuite:
     name: str = "multitask"
     model: str = ""
     data_dir: str | None = None
-    tasks: tuple[str, ...] = ("sst2", "cola", "rte", "mnli")
+    # The quick default: CoLA (the issue's fourth task) stays at MCC 0 at this budget; add it in the YAML.
+    tasks: tuple[str, ...] = ("sst2", "mnli", "rte")
     train_limit: int = 1000  # per task
-    eval_limit: int | None = 500  # per task
+    eval_limit: int | None = 400  # per task
     max_length: int = 128
     batch_size: int = 32
-    epochs: float = 1.0
+    # 3 epochs: LoRA on 2,000 MNLI pairs for one epoch (63 steps) stayed at the majority class (36.0 %);
+    # three epochs reached 52.6 % (measured 2026-12-03).
+    epochs: float = 3.0
     seed: int = 0
     lr_scale: float = 4.0
     method_options: dict[str, dict[str, Any]] = field(
@@ -80,7 +84,7 @@ class MultitaskSuite:
     mixture_method: str = "attempt"  # mixes the source prompts per input (ATTEMPT)
     target: str = "rte"
     target_shots: int = 128
-    target_epochs: float = 8.0
+    target_epochs: float = 5.0
     spot_source: str = "mnli"
     lorahub_steps: int = 40
     mixed_examples: int = 128  # per task
@@ -230,7 +234,9 @@ class MultitaskRunner:
         """Stage 1: one adapter per task and kind; returns them by kind, then task."""
         s = self.suite
         kept: dict[str, dict[str, TaskAdapter]] = {s.merge_method: {}, s.fusion_adapter: {}, s.prompt_method: {}}
-        plan = [(m, t) for m in (s.merge_method, s.fusion_adapter, s.prompt_method) for t in s.tasks]
+        # Prompts on the source tasks only: the target's own prompt is trained on its shots in stage 3.
+        plan = [(m, t) for m in (s.merge_method, s.fusion_adapter) for t in s.tasks]
+        plan += [(s.prompt_method, t) for t in s.tasks if t != s.target]
         for i, (method, task) in enumerate(plan, 1):
             started = time.perf_counter()
             adapter, value, fitted = self._fit(task, method, self.train[task])
