@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from peftlab.assess.jobs import Jobs
-from peftlab.assess.report import _name
+from peftlab.assess.report import method_title
 from peftlab.cli import main
 
 ARGS = ["assess", "--suite", "glue", "--methods", "lora", "--max-steps", "2", "--batch-size", "4",
@@ -125,7 +125,7 @@ def test_majority_baseline_gets_a_note(tmp_path, tiny_model):
     at_baseline = [r for r in results["runs"] if r["score"] <= r["baseline"] + 0.01]
     assert at_baseline
     for run in at_baseline:
-        assert f"{_name(run['method'])} on QNLI" in report
+        assert f"{method_title(run['method'])} on QNLI" in report
     assert "majority-class" in report
 
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from .report import _name, grid, task_label
+from .report import method_title, grid, task_label
 from .suites import FULL
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -29,7 +29,7 @@ def _pyplot() -> Any:
 def write_plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[str]:
     """Write the plots that the rows support; returns their paths relative to ``folder.parent``."""
     folder.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = pyplot()
     written: list[str] = []
     tasks, methods, cell = grid(rows)
 
@@ -39,7 +39,7 @@ def write_plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[st
         for ax, task in zip(axes[0], panels):
             _score_panel(ax, task, methods, cell)
         fig.suptitle(f"{title}: score against trainable share, per task")
-        written.append(_save(fig, folder / "score_vs_trainable.png", plt))
+        written.append(save_figure(fig, folder / "score_vs_trainable.png", plt))
 
     floor = any(r.get("step_x_floor") is not None for r in rows)
     costs = ((("memory_x_floor", "peak training memory (× the frozen floor in the same run)", "peak_memory.png"),
@@ -55,7 +55,7 @@ def write_plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[st
         ys = np.arange(len(methods))
         for i, t in enumerate(tasks):
             ax.barh(ys + i * height, np.nan_to_num(values[:, i]), height=height, label=task_label(t))
-        ax.set_yticks(ys + 0.4 - height / 2, [_name(m) for m in methods])
+        ax.set_yticks(ys + 0.4 - height / 2, [method_title(m) for m in methods])
         ax.invert_yaxis()
         ax.set_xlabel(label)
         if floor:
@@ -64,7 +64,7 @@ def write_plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[st
         if len(tasks) > 1:
             ax.legend(fontsize=8)
         ax.grid(True, axis="x", alpha=0.3)
-        written.append(_save(fig, folder / name, plt))
+        written.append(save_figure(fig, folder / name, plt))
     return [str(Path(folder.name) / Path(p).name) for p in written]
 
 
@@ -81,7 +81,7 @@ def _score_panel(ax: Any, task: str, methods: list[str], cell: dict[tuple[str, s
         if m == FULL:
             ax.axhline(row["score"], color="black", linestyle="--", linewidth=1, label="full fine-tuning")
         elif row.get("trainable_percent"):
-            points.append((row["trainable_percent"], row["score"], row.get("score_std") or 0.0, _name(m)))
+            points.append((row["trainable_percent"], row["score"], row.get("score_std") or 0.0, method_title(m)))
     baseline = next((cell[(task, m)]["baseline"] for m in methods if cell.get((task, m), {}).get("baseline") is not None),
                     None)
     if baseline is not None:
@@ -104,7 +104,7 @@ def _score_panel(ax: Any, task: str, methods: list[str], cell: dict[tuple[str, s
     ax.legend(fontsize=7, loc="lower right")
 
 
-def _save(fig: Any, path: Path, plt: Any) -> str:
+def save_figure(fig: Any, path: Path, plt: Any) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -130,7 +130,7 @@ def write_search_front(result: Any, folder: str | Path) -> tuple[Path, Path]:
     table = folder / "front.md"
     table.write_text(f"# {result.method} search: {len(result.trials)} trials, {result.seconds:.0f} s\n\n"
                      + "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in result.notes) + "\n")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([t.trainable for t in result.trials], [t.score for t in result.trials], c="0.6", label="trials")
     front = sorted(result.front, key=lambda i: result.trials[i].trainable)

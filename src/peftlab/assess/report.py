@@ -141,7 +141,7 @@ def baseline_notes(rows: list[dict[str, Any]], suite: Suite) -> list[str]:
             also = (" Full fine-tuning is at the baseline too, so the task is out of this model's reach at this "
                     "budget rather than a failure of the method." if full_too and method != FULL else "")
             where = "below" if row["score"] < row["baseline"] - margin else f"within {margin:.1f} of"
-            notes.append(f"{_name(method)} on {task_label(task)}: {row['score_metric']} {row['score']:.1f} is {where} "
+            notes.append(f"{method_title(method)} on {task_label(task)}: {row['score_metric']} {row['score']:.1f} is {where} "
                          f"the constant-prediction (majority-class) baseline {row['baseline']:.1f}; {why}.{also}")
     return notes
 
@@ -151,7 +151,7 @@ def _steps(n: int | None) -> str:
 
 
 def failure_notes(records: list[dict[str, Any]]) -> list[str]:
-    return [f"{_name(r['method'])} on {task_label(r['task'])} (seed {r['seed']}) failed: {r.get('error')}"
+    return [f"{method_title(r['method'])} on {task_label(r['task'])} (seed {r['seed']}) failed: {r.get('error')}"
             for r in records if r.get("status") != "ok"]
 
 
@@ -204,7 +204,7 @@ def drift_notes(records: list[dict[str, Any]]) -> list[str]:
 
 def spread_notes(rows: list[dict[str, Any]]) -> list[str]:
     """Results whose seeds disagree by more than :data:`SPREAD` points (std)."""
-    return [f"{_name(r['method'])} on {task_label(r['task'])}: its {r['seeds']} seeds disagree (std {r['score_std']:.1f} "
+    return [f"{method_title(r['method'])} on {task_label(r['task'])}: its {r['seeds']} seeds disagree (std {r['score_std']:.1f} "
             f"points on a mean of {r['score']:.1f}); rank it with care, or run more seeds"
             for r in rows if r.get("seeds", 0) > 1 and (r.get("score_std") or 0) > SPREAD]
 
@@ -225,7 +225,7 @@ def search_notes(records: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def _name(method: str) -> str:
+def method_title(method: str) -> str:
     """The method as the review writes it (its spec's title); a name no longer registered stays as stored."""
     if method == FULL:
         return "full fine-tuning"
@@ -258,7 +258,7 @@ def _count(n: int | None) -> str:
     return str(n)
 
 
-def _table(head: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
+def markdown_table(head: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
     """A Markdown table: the first ``text_columns`` columns left-aligned, the figures right-aligned."""
     out = ["| " + " | ".join(head) + " |",
            "|" + "|".join(["---"] * text_columns + ["---:"] * (len(head) - text_columns)) + "|"]
@@ -295,21 +295,21 @@ def score_table(rows: list[dict[str, Any]]) -> str:
         scores = [cell.get((t, m), {}).get("score") for t in tasks]
         avg = statistics.fmean(scores) if scores and all(s is not None for s in scores) else None
         family, sub = _first(cell, tasks, m, "family") or "", _first(cell, tasks, m, "subcategory")
-        body.append([_name(m), f"{family}: {sub}" if sub else family,
+        body.append([method_title(m), f"{family}: {sub}" if sub else family,
                      _count(_first(cell, tasks, m, "trainable_params")),
                      _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
                     + [_fmt_score(cell.get((t, m))) for t in tasks] + [_fmt(avg, ".1f")])
-    return _table(head, body, text_columns=2)
+    return markdown_table(head, body, text_columns=2)
 
 
 def trainable_table(rows: list[dict[str, Any]]) -> str:
     """Trainable parameters per model (the efficiency suite's tasks are model sizes)."""
     tasks, methods, cell = grid(rows)
     head = ["Method", "Family"] + [f"{task_label(t)} trainable" for t in tasks] + [f"{task_label(t)} %" for t in tasks]
-    body = [[_name(m), str(_first(cell, tasks, m, "family") or "")]
+    body = [[method_title(m), str(_first(cell, tasks, m, "family") or "")]
             + [_count(cell.get((t, m), {}).get("trainable_params")) for t in tasks]
             + [_fmt(cell.get((t, m), {}).get("trainable_percent"), ".3f") for t in tasks] for m in methods]
-    return _table(head, body, text_columns=2)
+    return markdown_table(head, body, text_columns=2)
 
 
 # The review's order of the families (its Figure 1, left to right).
@@ -333,7 +333,7 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
         head += [f"{task_label(t)} peak {ref}", "peak MB", f"step {ref}", "step ms", "tokens/s"]
     body = []
     for m in methods:
-        line = [_name(m), _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
+        line = [method_title(m), _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
         for t in tasks:
             row = cell.get((t, m), {})
             mem, step = row.get("peak_memory_mb"), row.get("median_step_ms")
@@ -342,7 +342,7 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
             line += [_fmt(mem_x, ".2f"), _fmt(mem, ",.0f"), _fmt(step_x, ".2f"), _fmt(step, ",.0f"),
                      _fmt(row.get("tokens_per_s"), ",.0f")]
         body.append(line)
-    return _table(head, body)
+    return markdown_table(head, body)
 
 
 def taxonomy_table(rows: list[dict[str, Any]]) -> str:
@@ -353,19 +353,19 @@ def taxonomy_table(rows: list[dict[str, Any]]) -> str:
         f"{task_label(t)} score" for t in tasks] + ["Peak memory × floor", "Step time × floor"]
     family_rank = {f: i for i, f in enumerate(FAMILIES)}
     order = sorted(methods, key=lambda m: (m != FULL, family_rank.get(_first(cell, tasks, m, "family"), len(FAMILIES)),
-                                           _first(cell, tasks, m, "subcategory") or "", _name(m).lower()))
+                                           _first(cell, tasks, m, "subcategory") or "", method_title(m).lower()))
     body = []
     for m in order:
         mem = [cell.get((t, m), {}).get("memory_x_floor") for t in tasks]
         step = [cell.get((t, m), {}).get("step_x_floor") for t in tasks]
         mem, step = [x for x in mem if x is not None], [x for x in step if x is not None]
         body.append([str(_first(cell, tasks, m, "family") or ""), str(_first(cell, tasks, m, "subcategory") or ""),
-                     _name(m), _count(_first(cell, tasks, m, "trainable_params")),
+                     method_title(m), _count(_first(cell, tasks, m, "trainable_params")),
                      _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
                     + [_fmt_score(cell.get((t, m))) for t in tasks]
                     + [_fmt(statistics.fmean(mem) if mem else None, ".2f"),
                        _fmt(statistics.fmean(step) if step else None, ".2f")])
-    return _table(head, body, text_columns=3)
+    return markdown_table(head, body, text_columns=3)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -389,9 +389,9 @@ def metrics_table(rows: list[dict[str, Any]]) -> str:
     if not columns or all(k == main[t] for t, k in columns):  # the score tables show every metric already
         return ""
     head = ["Method"] + [f"{task_label(t)} {'mean of the metrics' if k == 'score' else k}" for t, k in columns]
-    body = [[_name(m)] + [_fmt((cell.get((t, m), {}).get("metrics") or {}).get(k), ".2f") for t, k in columns]
+    body = [[method_title(m)] + [_fmt((cell.get((t, m), {}).get("metrics") or {}).get(k), ".2f") for t, k in columns]
             for m in methods]
-    return _table(head, body)
+    return markdown_table(head, body)
 
 
 def summary_text(rows: list[dict[str, Any]], width: int = 100) -> str:
@@ -410,7 +410,7 @@ def summary_text(rows: list[dict[str, Any]], width: int = 100) -> str:
         steps = [cell.get((t, m), {}).get(step_key) for t in tasks]
         mems = [x for x in mems if x is not None]
         steps = [x for x in steps if x is not None]
-        line = [_name(m)[:22], _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
+        line = [method_title(m)[:22], _fmt(_first(cell, tasks, m, "trainable_percent"), ".3f")]
         if has_scores:
             line += [_fmt_score(cell.get((t, m))).replace(" ± ", "±").replace("–", "-") if s is not None else
                      ("fail" if cell.get((t, m), {}).get("failed") else "-") for s, t in zip(scores, tasks)]
@@ -560,11 +560,11 @@ def published_section(rows: list[dict[str, Any]]) -> list[str]:
                 continue
             rho = spearmanr([best[m] for m in names], [cell[(t, m)]["score"] for m in names]).statistic
             agree.append(f"{task_label(t)}: Spearman's rho {rho:.2f} between the published and the measured "
-                         f"ranking of {', '.join(_name(m) for m in names)}")
+                         f"ranking of {', '.join(method_title(m) for m in names)}")
         lines += [f"### {table.source}", "",
                   f"**Published figures on {table.model}, not measured here**: a larger model trained on the full "
                   "training sets with tuned learning rates, so only the ranking of methods can be compared with "
-                  "this suite's.", "", _table(head, body, text_columns=2), ""] + [f"- {a}" for a in agree] + [""]
+                  "this suite's.", "", markdown_table(head, body, text_columns=2), ""] + [f"- {a}" for a in agree] + [""]
     return (["## Published reference figures", ""] + lines) if lines else []
 
 

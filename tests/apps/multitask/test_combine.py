@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftlab.apps.multitask import (TaskAdapter, build, check_same_base, close_extra_outputs, mixed_batch_throughput,
-                                    put_head, score)
+from peftlab.apps.multitask import (TaskAdapter, build, check_same_base, close_extra_outputs, joint_rows,
+                                    mixed_batch_throughput, put_head, score)
 from peftlab.core.config import config_from_options
 from peftlab.core.errors import PeftlabError
 from peftlab.tasks.glue import Example, get_glue_task
-from peftlab.train.glue_job import HEADS, classify, fit_classifier
+from peftlab.train.glue_job import HEADS, classify, fit_classifier, load_classifier
 from peftlab.train.loop import TrainArgs
 from tests.assess.conftest import write_tiny_model
 
@@ -85,6 +85,29 @@ def test_a_task_is_scored_on_its_own_classes_logits(adapters):
     assert score(model, tokenizer, get_glue_task("sst2"), examples, 16) == 50.0  # always class 1, never class 2
 
 
+def test_a_task_in_a_shared_head_is_scored_on_its_own_outputs(adapters):
+    model_path, found = adapters
+    model, tokenizer = build(str(model_path), 5, {"a": found["a"]}, heads=False)
+    head = next(iter(found["a"].head))
+    # outputs 0-1: one task's classes (class 0 wins), outputs 3-4: another's (class 1 wins)
+    put_head(model, {head: {"weight": torch.zeros(5, found["a"].head[head]["weight"].shape[1]),
+                            "bias": torch.tensor([100.0, 0.0, 50.0, 0.0, 5.0])}})
+    positive = [Example("the red cat", None, 1), Example("the blue dog", None, 1)]
+    sst2 = get_glue_task("sst2")
+    assert score(model, tokenizer, sst2, positive, 16, offset=3) == 100.0
+    assert score(model, tokenizer, sst2, positive, 16, offset=0) == 0.0
+
+
+def test_joint_rows_move_each_label_to_its_tasks_outputs_and_carry_the_task(adapters):
+    model_path, _ = adapters
+    _, tokenizer = load_classifier(str(model_path), 3)
+    examples = {"sst2": [Example("good", None, 1), Example("bad", None, 0)],
+                "mnli": [Example("a", "b", 2)], "rte": [Example("c", "d", 1)]}
+    rows = joint_rows(examples, tokenizer, 16, {"sst2": 0, "mnli": 2, "rte": 5})
+    assert [(r["task_ids"], r["labels"]) for r in rows] == [(0, 1), (0, 0), (1, 4), (2, 6)]
+    assert examples["mnli"][0].label == 2  # the examples themselves are left as they were
+
+
 def test_mixed_batches_give_each_row_its_own_adapter_and_head(adapters):
     model_path, found = adapters
     model, tokenizer = build(str(model_path), 3, found, heads=True)
@@ -107,7 +130,6 @@ def test_adapters_from_another_base_model_are_refused_by_name(adapters, tmp_path
 
 def test_closed_extra_outputs_train_as_a_head_of_the_tasks_own_width(tmp_path):
     from peftlab.core.model import get_peft_model
-    from peftlab.train.glue_job import load_classifier
 
     model_path = write_tiny_model(tmp_path / "m")
     base, tokenizer = load_classifier(str(model_path), 3)

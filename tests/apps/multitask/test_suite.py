@@ -34,8 +34,10 @@ def test_the_suite_runs_every_stage_and_reports_them(tmp_path, tiny_model, glue)
     assert {(r["method"], r["task"]) for r in results["single"]} == {
         *((m, t) for m in ("lora", "sequential_adapter") for t in TASKS), ("prompt_tuning", "sst2"),
         ("prompt_tuning", "qnli")}  # prompts on the sources only
-    assert [r["kind"] for r in results["combined"]] == ["linear", "ties", "dare_linear", "fusion"]
+    assert [r["kind"] for r in results["combined"]] == ["linear", "ties", "dare_linear", "fusion", "joint"]
     assert all(set(r["scores"]) == set(TASKS) for r in results["combined"])
+    joint = results["combined"][-1]
+    assert "one head over their 6 classes" in joint["combination"] and joint["trainable"] > 0
     kinds = [r["kind"] for r in results["transfer"]]
     assert kinds == ["alone", "alone", "alone", "from_source", "from_source", "lorahub", "fusion", "mixture"]
     hub = next(r for r in results["transfer"] if r["kind"] == "lorahub")
@@ -71,7 +73,9 @@ def test_preflight_refuses_before_training(tmp_path, tiny_model, glue):
                       tmp_path / "a")
     with pytest.raises(PeftlabError, match="target_shots=100 but mrpc has 24"):
         run_multitask(_suite(tiny_model, glue, target_shots=100), tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(PeftlabError, match="joint_method 'lora' cannot route examples by task"):
+        run_multitask(_suite(tiny_model, glue, joint_method="lora"), tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_the_yaml_and_the_command_line_reach_the_suite(tmp_path, tiny_model, glue):

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ...assess.plots import _pyplot, _save
-from ...assess.report import _name, _table, method_order
+from .. import report_tail
+from ...assess.plots import pyplot, save_figure
+from ...assess.report import method_title, markdown_table, method_order
 
 
 def _mean_std(values: list[float]) -> str:
@@ -31,12 +32,12 @@ def attack_table(attack: list[dict[str, Any]]) -> str:
     rows = []
     for m in methods:
         runs = [r for p in shares for r in cell.get((m, p), [])]
-        row = [_name(m), f"{runs[0]['trainable_percent']:.3g}"]
+        row = [method_title(m), f"{runs[0]['trainable_percent']:.3g}"]
         for p in shares:
             got = cell.get((m, p), [])
             row.append(f"{_mean_std([r['cacc'] for r in got])} / {_mean_std([r['asr'] for r in got])}" if got else "–")
         rows.append(row)
-    return _table(head, rows)
+    return markdown_table(head, rows)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -57,10 +58,10 @@ def markdown(results: dict[str, Any]) -> str:
             out += ["At p = 0 nothing is poisoned: the ASR there is the share of triggered non-target sentences the "
                     "clean model gets wrong anyway, the floor an attack is measured against.", ""]
     if results["shared"]:
-        out += [f"## 2. A poisoned shared adapter ({_name(s['shared_method'])}, p = {s['shared_share']:g})", "",
+        out += [f"## 2. A poisoned shared adapter ({method_title(s['shared_method'])}, p = {s['shared_share']:g})", "",
                 "Adapter arithmetic combines the adapters; the two task heads (full trainable copies) are averaged "
                 "for every merge type.", "",
-                _table(["What", "CACC", "ASR", "Seconds"], [[r["what"], f"{r['cacc']:.1f}", f"{r['asr']:.1f}",
+                markdown_table(["What", "CACC", "ASR", "Seconds"], [[r["what"], f"{r['cacc']:.1f}", f"{r['asr']:.1f}",
                                                             f"{r['seconds']:.0f}" if r["seconds"] else "–"]
                                                            for r in results["shared"]]), ""]
     if results["defences"]:
@@ -73,20 +74,17 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r['reset_entries']:,} trained entries reset"
             rows.append([r["defence"], extra, r["evaluated_on"], r["cost"], f"{r['cacc']:.1f}", f"{r['asr']:.1f}",
                          f"{r['seconds']:.0f}"])
-        out += [_table(["Defence", "What it did", "Evaluated on", "Cost", "CACC", "ASR", "Seconds"], rows, 4), "",
+        out += [markdown_table(["Defence", "What it did", "Evaluated on", "Cost", "CACC", "ASR", "Seconds"], rows, 4), "",
                 "STRIP's CACC is the accuracy on the clean inputs it accepts; its ASR counts a triggered input as a "
                 "success only when STRIP accepts it and the model answers the target.", ""]
     d = results.get("detector")
     if d:
         out += ["## 4. Detecting poisoned adapters from their weights", "",
-                f"{len(d['truth'])} {_name(d['method'])} adapters trained on {d['train_limit']} sentences (half clean, "
+                f"{len(d['truth'])} {method_title(d['method'])} adapters trained on {d['train_limit']} sentences (half clean, "
                 "half poisoned with varied triggers, shares and seeds); a logistic regression on per-tensor statistics "
                 f"(log norm, log largest entry, kurtosis), scored leave-one-out: **accuracy {100 * d['accuracy']:.0f} %** "
                 f"({d['false_alarms']} clean adapters flagged, {d['missed']} poisoned ones missed).", ""]
-    if results.get("notes"):
-        out += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
-    if results.get("plots"):
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]] + [""]
+    out += report_tail(results.get("notes", []), results.get("plots", []))
     return "\n".join(out)
 
 
@@ -94,15 +92,15 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[str]:
     methods, shares, cell = _by_cell(results["attack"])
     if not methods:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for m in methods:
         xs = [p for p in shares if cell.get((m, p))]
         for ax, key in zip(axes, ("asr", "cacc")):
             ax.plot([100 * p for p in xs], [np.mean([r[key] for r in cell[(m, p)]]) for p in xs], marker="o",
-                    label=_name(m))
+                    label=method_title(m))
     axes[0].set(xlabel="poisoned share of the training set (%)", ylabel="attack success rate (%)", ylim=(0, 101))
     axes[1].set(xlabel="poisoned share of the training set (%)", ylabel="clean accuracy (%)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Backdoor by data poisoning: trigger {results['suite']['trigger']!r}")
-    return [_save(fig, folder / "backdoor_attack.png", plt)]
+    return [save_figure(fig, folder / "backdoor_attack.png", plt)]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ...assess.jobs import Jobs, family_of
+from .. import run_app
 from ...assess.store import write_json_atomic, write_text_atomic
 from ...assess.suites import FULL, Suite, TaskSpec, check_method_options, shared_dir
 from ...core.errors import PeftlabError
@@ -335,6 +336,12 @@ class BackdoorRunner:
         self.echo(f"[detector] leave-one-out accuracy {100 * found['accuracy']:.0f}% over {len(labels)} adapters")
         self.write()
 
+    def stages(self, data: _Data) -> None:
+        kept = self.attack(data)
+        self.shared(data, kept)
+        self.defences(data, kept)
+        self.detector(data)
+
     def write(self) -> None:
         from .report import markdown
 
@@ -377,23 +384,6 @@ def merge_with_heads(model_path: str, num_labels: int, fits: dict[str, Any], com
 
 def run_backdoor(suite: BackdoorSuite, out: str | Path, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage into folder ``out`` (results.json, report.md, plots); returns the results."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one line per run is the progress here
-    out = Path(out)
-    started = time.perf_counter()
-    runner = BackdoorRunner(suite, out, echo)
-    data = runner.preflight()
-    out.mkdir(parents=True, exist_ok=True)
-    kept = runner.attack(data)
-    runner.shared(data, kept)
-    runner.defences(data, kept)
-    runner.detector(data)
-    runner.results["wall_s"] = time.perf_counter() - started
-    runner.results["threads"] = torch.get_num_threads()
     from .report import write_plots
 
-    runner.results["plots"] = write_plots(runner.results, out)
-    runner.write()
-    echo(f"backdoor suite: {runner.results['wall_s'] / 60:.1f} min; report {out / 'report.md'}")
-    return runner.results
+    return run_app("backdoor", BackdoorRunner(suite, Path(out), echo), write_plots)

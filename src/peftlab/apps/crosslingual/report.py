@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ...assess.plots import _pyplot, _save
-from ...assess.report import _table
+from .. import report_tail
+from ...assess.plots import pyplot, save_figure
+from ...assess.report import markdown_table
 
 TITLES = {"full": "Full fine-tuning", "adapter": "Task adapter", "madx": "MAD-X (language + invertible + task adapters)",
           "lt_sft": "LT-SFT (language SFT + task SFT)"}
@@ -25,7 +26,7 @@ def accuracy_table(summary: list[dict[str, Any]], languages: list[str]) -> str:
         cells = [f"{row['scores'][c]:.1f}" if c in row["scores"] else "–" for c in languages]
         gap = f"{row['gap']:.1f}" if row["gap"] is not None else "–"
         rows.append([_title(row["method"])] + cells + [f"{row['average']:.1f}", gap])
-    return _table(head, rows)
+    return markdown_table(head, rows)
 
 
 def _partial_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -72,7 +73,7 @@ def markdown(results: dict[str, Any]) -> str:
         rows = [[_title(r["method"]), r["stage"], r["language"], f"{r['trainable']:,}", str(r["steps"]),
                  f"{r['final_loss']:.3f}", f"{r['wall_s']:.0f}"] for r in results["stages"]]
         out += ["## Stages: trainable parameters and wall time", "",
-                _table(["Method", "Stage", "Language", "Trainable", "Steps", "Final loss", "Seconds"], rows, 3), "",
+                markdown_table(["Method", "Stage", "Language", "Trainable", "Steps", "Final loss", "Seconds"], rows, 3), "",
                 "Trainable: the entries the stage trains (for an SFT, its chosen entries; the language stages include "
                 "the new MLM head, which the task never uses, and MAD-X's invertible adapter). Steps: optimizer steps; an SFT "
                 "stage runs as many dense steps (LT-SFT's phase 1) before them. Seconds include loading the model where "
@@ -82,10 +83,7 @@ def markdown(results: dict[str, Any]) -> str:
             scoring[r["method"]] = scoring.get(r["method"], 0.0) + r["wall_s"]
         out += ["Scoring time per method (all languages): " + ", ".join(f"{_title(m)} {t:.0f} s"
                                                                          for m, t in scoring.items()) + ".", ""]
-    if results.get("notes"):
-        out += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
-    if results.get("plots"):
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]] + [""]
+    out += report_tail(results.get("notes", []), results.get("plots", []))
     return "\n".join(out)
 
 
@@ -94,7 +92,7 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[str]:
     if not summary:
         return []
     languages = list(results["suite"]["languages"]) + ["average"]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(languages) + 2), 4.2))
     width = 0.8 / len(summary)
     for i, row in enumerate(summary):
@@ -105,4 +103,4 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[str]:
     ax.set(ylabel="XNLI accuracy (%)", ylim=(0, 100))
     ax.legend(fontsize=7)
     fig.suptitle("Zero-shot cross-lingual transfer from English NLI")
-    return [_save(fig, folder / "crosslingual_accuracy.png", plt)]
+    return [save_figure(fig, folder / "crosslingual_accuracy.png", plt)]

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .. import run_app
 from ...assess.store import write_json_atomic, write_text_atomic
 from ...assess.suites import shared_dir
 from ...core.config import PeftConfig, config_from_options
@@ -364,6 +365,11 @@ class CrossLingualRunner:
             model.set_adapter([f"lang_{code}", "task"])
             self._score("lt_sft", model, data, code)
 
+    def stages(self, data: _Data) -> None:
+        for method in self.suite.methods:
+            getattr(self, method)(data)
+        self.results["summary"] = summary(self.results)
+
     def write(self) -> None:
         from .report import markdown
 
@@ -389,22 +395,6 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run_crosslingual(suite: CrossLingualSuite, out: str | Path, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every method into folder ``out`` (results.json, report.md, a plot); returns the results."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    out = Path(out)
-    started = time.perf_counter()
-    runner = CrossLingualRunner(suite, out, echo)
-    data = runner.preflight()
-    out.mkdir(parents=True, exist_ok=True)
-    for method in suite.methods:
-        getattr(runner, method)(data)
-    runner.results["summary"] = summary(runner.results)
-    runner.results["wall_s"] = time.perf_counter() - started
-    runner.results["threads"] = torch.get_num_threads()
     from .report import write_plots
 
-    runner.results["plots"] = write_plots(runner.results, out)
-    runner.write()
-    echo(f"crosslingual suite: {runner.results['wall_s'] / 60:.1f} min; report {out / 'report.md'}")
-    return runner.results
+    return run_app("crosslingual", CrossLingualRunner(suite, Path(out), echo), write_plots)

@@ -21,8 +21,9 @@ from ...core.errors import PeftlabError
 from ...core.layer import TrainableCopy
 from ...core.model import PeftModel, get_peft_model
 from ...tasks.glue import Example, GlueTask, glue_metrics
-from ...train.data import encode_pairs, make_loader
-from ...train.glue_job import HEADS, Fitted, classify, load_classifier
+from ...train.data import encode_pairs, make_loader, make_scoring_loader
+from ...train.glue_job import HEADS, Fitted, load_classifier
+from ...train.loop import predict
 
 
 @dataclass
@@ -113,10 +114,28 @@ def put_head(model: PeftModel, head: dict[str, dict[str, torch.Tensor]]) -> None
         module.load_state_dict(tensors)
 
 
-def score(model: Any, tokenizer: Any, task: GlueTask, examples: list[Example], max_length: int) -> float:
-    """The task's main metric (x 100) on ``examples``, from the logits of its own classes."""
-    logits, labels = classify(model, tokenizer, examples, max_length)
-    return 100 * glue_metrics(task, logits[:, :task.num_labels], labels)[task.main_metric]
+def score(model: Any, tokenizer: Any, task: GlueTask, examples: list[Example], max_length: int,
+          task_id: int | None = None, offset: int = 0) -> float:
+    """The task's main metric (x 100) on ``examples``, from the logits of its own classes: outputs
+    ``offset`` to ``offset + num_labels``. ``task_id``: every example goes in as that task
+    (``model(..., task_ids=...)``), for an adapter that routes by task."""
+    rows = encode_pairs(examples, tokenizer, max_length)
+    if task_id is not None:
+        rows = [{**row, "task_ids": task_id} for row in rows]
+    logits, labels = predict(model, make_scoring_loader(rows, tokenizer))  # length order: fine for a metric
+    return 100 * glue_metrics(task, logits[:, offset:offset + task.num_labels], labels)[task.main_metric]
+
+
+def joint_rows(examples: dict[str, list[Example]], tokenizer: Any, max_length: int,
+               offsets: dict[str, int]) -> list[dict[str, Any]]:
+    """Every task's examples as one training set for an adapter that routes by task: each row carries
+    its task's index (``task_ids``, in the order of ``offsets``) and its label moved to the task's
+    outputs in a head shared by all tasks (``label + offsets[task]``)."""
+    rows = []
+    for task_id, (task, offset) in enumerate(offsets.items()):
+        rows += [{**row, "labels": row["labels"] + offset, "task_ids": task_id}
+                 for row in encode_pairs(examples[task], tokenizer, max_length)]
+    return rows
 
 
 def _batches(rows: list[dict[str, Any]], tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ...assess.plots import _pyplot, _save
-from ...assess.report import _name, _table
+from .. import report_tail
+from ...assess.plots import pyplot, save_figure
+from ...assess.report import method_title, markdown_table
 from ...tasks.glue import get_glue_task
 
 _METRIC = {"accuracy": "acc.", "matthews_corr": "MCC", "f1": "F1"}
@@ -48,9 +49,9 @@ def markdown(results: dict[str, Any]) -> str:
         rows = []
         trainable = {r["method"]: r["trainable_percent"] for r in results["single"]}
         for method, scores in single_rows(results).items():
-            rows.append([_name(method), f"{trainable[method]:.3g}"] + [f"{scores[t]:.1f}" if t in scores else "–"
+            rows.append([method_title(method), f"{trainable[method]:.3g}"] + [f"{scores[t]:.1f}" if t in scores else "–"
                                                                        for t in tasks])
-        out += [_table(["Method", "Trainable %"] + heads, rows), ""]
+        out += [markdown_table(["Method", "Trainable %"] + heads, rows), ""]
     if results["combined"]:
         out += ["## 2. Combinations, scored on every task", ""]
         own = single_rows(results)
@@ -62,12 +63,13 @@ def markdown(results: dict[str, Any]) -> str:
         for method in (s["merge_method"], s["fusion_adapter"]):
             if set(own.get(method, {})) >= set(tasks):
                 rows.insert(0 if method == s["merge_method"] else len(rows),
-                            [f"each task's own {_name(method)}"] + [f"{own[method][t]:.1f}" for t in tasks]
+                            [f"each task's own {method_title(method)}"] + [f"{own[method][t]:.1f}" for t in tasks]
                             + [_mean({t: own[method][t] for t in tasks}), "0"])
-        out += [_table(["Combination"] + heads + ["Mean", "vs own adapters"], rows), "",
+        out += [markdown_table(["Combination"] + heads + ["Mean", "vs own adapters"], rows), "",
                 "The merges are one adapter for all tasks (no training); each AdapterFusion is trained on its task, "
-                "over every task's adapter. 'vs own adapters': the mean change against each task's own adapter of the "
-                "kind combined.", ""]
+                "over every task's adapter; the joint adapter is trained once on every task's examples, each routed by "
+                "its task id, with one head over all the tasks' classes. 'vs own adapters': the mean change against "
+                "each task's own adapter of the kind combined (for the joint adapter, the task LoRAs).", ""]
     if results["transfer"]:
         target = get_glue_task(s["target"])
         out += [f"## 3. Transfer to a low-resource {target.dir_name} ({s['target_shots']} training examples, "
@@ -78,29 +80,25 @@ def markdown(results: dict[str, Any]) -> str:
             if "weights" in r:
                 extra = "weights " + ", ".join(f"{t} {w:+.2f}" for t, w in r["weights"].items())
             rows.append([r["what"], f"{r['score']:.1f}", f"{r['trainable']:,}", f"{r['wall_s']:.0f}", extra])
-        out += [_table(["What", _head(s["target"]), "Trainable", "Seconds", "Notes"], rows), "",
+        out += [markdown_table(["What", _head(s["target"]), "Trainable", "Seconds", "Notes"], rows), "",
                 f"Training {target.dir_name} on its {s['train_limit']} examples instead: "
-                + ", ".join(f"{_name(m)} {v[s['target']]:.1f}" for m, v in single_rows(results).items()
+                + ", ".join(f"{method_title(m)} {v[s['target']]:.1f}" for m, v in single_rows(results).items()
                             if s["target"] in v) + ".", ""]
     m = results.get("mixed")
     if m:
         speed = m["mixed_examples_per_s"] / m["per_task_examples_per_s"]
         out += ["## 4. Mixed-task batches", "",
-                f"One model holding the {len(m['tasks'])} task {_name(s['merge_method'])} adapters and heads; "
+                f"One model holding the {len(m['tasks'])} task {method_title(s['merge_method'])} adapters and heads; "
                 f"{m['examples']} dev examples ({m['examples'] // len(m['tasks'])} per task), batches of "
                 f"{m['batch_size']}, inference, best of {s['mixed_repeats']} passes.", "",
-                _table(["Batches", "Examples/s", "Seconds", "Padded tokens"], [
+                markdown_table(["Batches", "Examples/s", "Seconds", "Padded tokens"], [
                     ["mixing the tasks (adapter_names per row)", f"{m['mixed_examples_per_s']:.0f}",
                      f"{m['mixed_s']:.2f}", f"{m['mixed_padded_tokens']:,}"],
                     ["one task per batch (set_adapter per batch)", f"{m['per_task_examples_per_s']:.0f}",
                      f"{m['per_task_s']:.2f}", f"{m['per_task_padded_tokens']:,}"]]), "",
                 f"Mixed batches run at {speed:.2f}× the speed of one task per batch; the largest difference between "
                 f"the two ways' logits is {m['max_logit_difference']:.1e}.", ""]
-    notes = list(results.get("notes", [])) + [
-        "Not run here: MoELoRA multi-task training (one adapter trained on all tasks at once); see docs/applications.md."]
-    out += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
-    if results.get("plots"):
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]] + [""]
+    out += report_tail(results.get("notes", []), results.get("plots", []))
     return "\n".join(out)
 
 
@@ -109,11 +107,12 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[str]:
     tasks = list(s["tasks"])
     plots = []
     if results["combined"]:
-        plt = _pyplot()
+        plt = pyplot()
         own = single_rows(results)
-        bars = [(f"own {_name(m)}", own[m]) for m in (s["merge_method"], s["fusion_adapter"])
+        bars = [(f"own {method_title(m)}", own[m]) for m in (s["merge_method"], s["fusion_adapter"])
                 if set(own.get(m, {})) >= set(tasks)]
-        bars += [(r["kind"] if r["kind"] != "fusion" else "AdapterFusion", r["scores"]) for r in results["combined"]]
+        bars += [({"fusion": "AdapterFusion", "joint": f"{method_title(r['method'])} (joint)"}.get(r["kind"], r["kind"]),
+                  r["scores"]) for r in results["combined"]]
         fig, ax = plt.subplots(figsize=(10, 4.2))
         width = 0.8 / len(bars)
         for i, (label, scores) in enumerate(bars):
@@ -121,9 +120,9 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[str]:
         ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, [_head(t) for t in tasks])
         ax.set(ylabel="dev score", title="Task adapters and their combinations")
         ax.legend(fontsize=8)
-        plots.append(_save(fig, folder / "multitask_combinations.png", plt))
+        plots.append(save_figure(fig, folder / "multitask_combinations.png", plt))
     if results["transfer"]:
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(10, 4.2))
         rows = results["transfer"]
         ax.barh(range(len(rows)), [r["score"] for r in rows], color=["#999" if r["kind"] == "alone" else "#36c"
@@ -131,5 +130,5 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[str]:
         ax.set_yticks(range(len(rows)), [r["what"][:60] for r in rows], fontsize=7)
         ax.set(xlabel=_head(s["target"]), title=f"Transfer to {get_glue_task(s['target']).dir_name} "
                                                  f"({s['target_shots']} examples); grey: the target alone")
-        plots.append(_save(fig, folder / "multitask_transfer.png", plt))
+        plots.append(save_figure(fig, folder / "multitask_transfer.png", plt))
     return plots
