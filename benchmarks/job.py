@@ -2,6 +2,7 @@
 
     python -m benchmarks.job                          # the LoRA job below, 2 rounds, writes docs/benchmarks_job.md/.json
     python -m benchmarks.job --methods families       # also one method of each other family
+    python -m benchmarks.job --seeds 0,1,2 --repeats 1  # accuracy over seeds (one seed's order is one draw)
     python -m benchmarks.job --train-limit 64 --repeats 1 --out /tmp/job   # smoke run
 
 The job a user would otherwise write: LoRA (r 8, alpha 16, query and value, the classification head
@@ -22,7 +23,9 @@ alternating (HF, peftlab, peftlab, HF, ...) so drifting machine load falls on bo
 - train tokens/s: non-padding training tokens (each example's length, summed over the epoch) over the
   training time alone (``Trainer.train`` / peftlab's loop);
 - peak RSS: the process's resident-set high-water mark (``ru_maxrss``), Python and libraries included;
-- dev accuracy.
+- dev accuracy. Both sides are deterministic for a seed, but they draw different batch orders (and
+  peftlab groups batches by length), so one seed compares two draws; ``--seeds`` gives the mean and
+  standard deviation over seeds on each side, the fair comparison of accuracy.
 """
 from __future__ import annotations
 
@@ -145,10 +148,10 @@ def _child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def _spawn(side: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
+def _spawn(side: str, method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     argv = [sys.executable, "-m", "benchmarks.job", "--side", side, "--method", method, "--model", args.model,
             "--data-dir", args.data_dir, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-            "--max-length", str(args.max_length), "--seed", str(args.seed),
+            "--max-length", str(args.max_length), "--seed", str(seed),
             "--lr", str(args.lrs[method]), "--scratch", args.scratch] + (["--plain-batches"] if args.plain_batches else [])
     if side == "hf" and args.peft_configs.get(method):
         argv += ["--peft-config", args.peft_configs[method]]
@@ -163,10 +166,17 @@ def _spawn(side: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    by_seed = {r["seed"]: r["accuracy"] for r in runs}  # a seed's runs agree: each job is deterministic
+    scores = list(by_seed.values())
     return {"wall_s": statistics.median(r["wall_s"] for r in runs),
             "tokens_per_s": statistics.median(r["tokens"] / r["train_s"] for r in runs),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
-            "accuracy": runs[0]["accuracy"], "impl": runs[0]["impl"]}
+            "accuracy": statistics.fmean(scores), "accuracy_std": statistics.stdev(scores) if len(scores) > 1 else None,
+            "by_seed": by_seed, "impl": runs[0]["impl"]}
+
+
+def _acc(side: dict[str, Any]) -> str:
+    return f"{side['accuracy']:.4f}" + (f" ± {side['accuracy_std']:.4f}" if side.get("accuracy_std") is not None else "")
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -177,25 +187,27 @@ def markdown(data: dict[str, Any]) -> str:
         f"Written by `python -m benchmarks.job` (edit that file, not this one) on {data['date']}. "
         f"{s['model_name']}, SST-2 first {s['train_limit'] or 'all'} training examples, 1 epoch, batch "
         f"{s['batch_size']}, max length {s['max_length']}, each method at its `default_lr` x {s['lr_scale']:g} "
-        f"(LoRA: 1e-3), seed {s['seed']}, {s['threads']} thread(s), the classification head trained; "
+        f"(LoRA: 1e-3), seed(s) {', '.join(str(x) for x in s['seeds'])}, {s['threads']} thread(s), the classification head trained; "
         + ("peftlab side on plain (not length-grouped) batches; " if s.get("plain_batches") else "") +
-        f"{s['repeats']} round(s), each job in its own process, alternating sides; medians over rounds. "
+        f"{s['repeats']} round(s), each job in its own process, alternating sides; times: medians over all runs; "
+        "dev accuracy: mean (± standard deviation) over the seeds, and the mean of peftlab minus HF per seed. "
         "HF side: the `transformers.Trainer` script with HF peft's adapter where peft has the method, else "
         "peftlab's adapter in `peftlab.train.hf.Trainer`; peftlab side: `peftlab train`'s job.",
         "",
         "| method | HF side | wall HF s | wall peftlab s | speed-up | tokens/s HF | tokens/s peftlab | "
-        "peak RSS HF MB | peak RSS peftlab MB | dev acc HF | dev acc peftlab |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "peak RSS HF MB | peak RSS peftlab MB | dev acc HF | dev acc peftlab | acc peftlab - HF |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, sides in data["summary"].items():
         hf, pl = sides["hf"], sides["peftlab"]
         lines.append(f"| {method} | {hf['impl']} | {hf['wall_s']:.1f} | {pl['wall_s']:.1f} | "
                      f"**{hf['wall_s'] / pl['wall_s']:.2f}x** | {hf['tokens_per_s']:.0f} | {pl['tokens_per_s']:.0f} | "
-                     f"{hf['peak_rss_mb']:.0f} | {pl['peak_rss_mb']:.0f} | {hf['accuracy']:.4f} | {pl['accuracy']:.4f} |")
+                     f"{hf['peak_rss_mb']:.0f} | {pl['peak_rss_mb']:.0f} | {_acc(hf)} | {_acc(pl)} | "
+                     f"{pl['accuracy'] - hf['accuracy']:+.4f} |")
     lines += ["", "Speed-up: HF wall / peftlab wall. Every run, in the order run:", "",
-              "| round | method | side | wall s | train s | real tokens | peak RSS MB | dev accuracy |",
-              "|---:|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['round']} | {r['method']} | {r['side']} | {r['wall_s']:.1f} | {r['train_s']:.1f} | {r['tokens']} | "
+              "| round | seed | method | side | wall s | train s | real tokens | peak RSS MB | dev accuracy |",
+              "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['round']} | {r['seed']} | {r['method']} | {r['side']} | {r['wall_s']:.1f} | {r['train_s']:.1f} | {r['tokens']} | "
               f"{r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} |" for r in data["runs"]]
     return "\n".join(lines) + "\n"
 
@@ -209,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--lr-scale", type=float, default=2.0, help="each method's default_lr times this")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each round runs every seed")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal: the one job's seed
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="rounds; each runs both jobs of every method")
     parser.add_argument("--plain-batches", action="store_true",
@@ -228,21 +241,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     from peftlab.core.registry import get_method
 
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
     methods = list(FAMILIES) if args.methods == "families" else [get_method(m).name for m in args.methods.split(",")]
     runs: list[dict[str, Any]] = []
     args.lrs = {m: get_method(m).default_lr * args.lr_scale for m in methods}
     with tempfile.TemporaryDirectory() as scratch:
         args.scratch = scratch
         args.peft_configs = {m: _write_peft_config(m, args) for m in methods}
+        turn = 0
         for r in range(args.repeats):
-            for method in methods:
-                for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
-                    result = _spawn(side, method, args)
-                    runs.append({"round": r, "method": method, "side": side, **result})
-                    print(f"round {r} {method} {side}: {result['wall_s']:.1f} s, accuracy {result['accuracy']:.4f}",
-                          flush=True)
-    settings = {k: getattr(args, k) for k in ("train_limit", "batch_size", "max_length", "lr_scale", "seed", "threads",
+            for seed in seeds:
+                for method in methods:
+                    for side in (SIDES if turn % 2 == 0 else SIDES[::-1]):
+                        result = _spawn(side, method, seed, args)
+                        runs.append({"round": r, "seed": seed, "method": method, "side": side, **result})
+                        print(f"round {r} seed {seed} {method} {side}: {result['wall_s']:.1f} s, "
+                              f"accuracy {result['accuracy']:.4f}", flush=True)
+                turn += 1
+    settings = {k: getattr(args, k) for k in ("train_limit", "batch_size", "max_length", "lr_scale", "threads",
                                                "repeats", "plain_batches")}
+    settings["seeds"] = seeds
     settings["model_name"] = Path(args.model).name
     data = {"date": time.strftime("%Y-%m-%d"), "settings": settings, "runs": runs,
             "summary": {m: {side: _summary([r for r in runs if r["side"] == side and r["method"] == m])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftlab.apps.multitask import (TaskAdapter, build, check_same_base, close_extra_outputs, joint_rows,
+from peftlab.apps.multitask import (TaskAdapter, TaskHeads, build, check_same_base, close_extra_outputs, joint_rows,
                                     mixed_batch_throughput, put_head, score)
 from peftlab.core.config import config_from_options
 from peftlab.core.errors import PeftlabError
@@ -85,27 +85,33 @@ def test_a_task_is_scored_on_its_own_classes_logits(adapters):
     assert score(model, tokenizer, get_glue_task("sst2"), examples, 16) == 50.0  # always class 1, never class 2
 
 
-def test_a_task_in_a_shared_head_is_scored_on_its_own_outputs(adapters):
-    model_path, found = adapters
-    model, tokenizer = build(str(model_path), 5, {"a": found["a"]}, heads=False)
-    head = next(iter(found["a"].head))
-    # outputs 0-1: one task's classes (class 0 wins), outputs 3-4: another's (class 1 wins)
-    put_head(model, {head: {"weight": torch.zeros(5, found["a"].head[head]["weight"].shape[1]),
-                            "bias": torch.tensor([100.0, 0.0, 50.0, 0.0, 5.0])}})
-    positive = [Example("the red cat", None, 1), Example("the blue dog", None, 1)]
-    sst2 = get_glue_task("sst2")
-    assert score(model, tokenizer, sst2, positive, 16, offset=3) == 100.0
-    assert score(model, tokenizer, sst2, positive, 16, offset=0) == 0.0
-
-
-def test_joint_rows_move_each_label_to_its_tasks_outputs_and_carry_the_task(adapters):
+def test_joint_rows_carry_each_examples_task_and_keep_its_label(adapters):
     model_path, _ = adapters
     _, tokenizer = load_classifier(str(model_path), 3)
     examples = {"sst2": [Example("good", None, 1), Example("bad", None, 0)],
                 "mnli": [Example("a", "b", 2)], "rte": [Example("c", "d", 1)]}
-    rows = joint_rows(examples, tokenizer, 16, {"sst2": 0, "mnli": 2, "rte": 5})
-    assert [(r["task_ids"], r["labels"]) for r in rows] == [(0, 1), (0, 0), (1, 4), (2, 6)]
-    assert examples["mnli"][0].label == 2  # the examples themselves are left as they were
+    rows = joint_rows(examples, tokenizer, 16)
+    assert [(r["task_ids"], r["labels"]) for r in rows] == [(0, 1), (0, 0), (1, 2), (2, 1)]
+
+
+def test_task_heads_give_each_example_its_own_tasks_head_and_width():
+    torch.manual_seed(0)
+    heads = TaskHeads(4, [2, 3], init_std=0.5)
+    x = torch.randn(5, 4)
+    heads.task_ids = torch.tensor([0, 1, 1, 0, 1])
+    mixed = heads(x)
+    for row, task in enumerate(heads.task_ids.tolist()):  # the same as that task's head alone
+        own = x[row] @ heads.weight[task].T + heads.bias[task]
+        assert torch.allclose(mixed[row, :2], own[:2], atol=1e-6)
+        assert (mixed[row, 2] < -1e3) == (task == 0)  # a 2-class task's third output is closed
+    heads.task_ids = torch.tensor(1)  # one id for the whole batch
+    assert torch.allclose(heads(x), x @ heads.weight[1].T + heads.bias[1], atol=1e-6)
+    heads.task_ids = torch.tensor([0, 0, 0, 0, 0])
+    torch.nn.functional.cross_entropy(heads(x), torch.tensor([0, 1, 0, 1, 0])).backward()
+    assert heads.weight.grad[1].abs().sum() == 0 and heads.weight.grad[0].abs().sum() > 0  # task 1's head untouched
+    heads.task_ids = None
+    with pytest.raises(PeftlabError, match="no task ids"):
+        heads(x)
 
 
 def test_mixed_batches_give_each_row_its_own_adapter_and_head(adapters):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ...core.config import PeftConfig
 from ...core.errors import PeftlabError
@@ -115,27 +116,69 @@ def put_head(model: PeftModel, head: dict[str, dict[str, torch.Tensor]]) -> None
 
 
 def score(model: Any, tokenizer: Any, task: GlueTask, examples: list[Example], max_length: int,
-          task_id: int | None = None, offset: int = 0) -> float:
-    """The task's main metric (x 100) on ``examples``, from the logits of its own classes: outputs
-    ``offset`` to ``offset + num_labels``. ``task_id``: every example goes in as that task
-    (``model(..., task_ids=...)``), for an adapter that routes by task."""
+          task_id: int | None = None) -> float:
+    """The task's main metric (x 100) on ``examples``, from the logits of its own classes. ``task_id``:
+    every example goes in as that task (``model(..., task_ids=...)``), for a model that routes by task."""
     rows = encode_pairs(examples, tokenizer, max_length)
     if task_id is not None:
         rows = [{**row, "task_ids": task_id} for row in rows]
     logits, labels = predict(model, make_scoring_loader(rows, tokenizer))  # length order: fine for a metric
-    return 100 * glue_metrics(task, logits[:, offset:offset + task.num_labels], labels)[task.main_metric]
+    return 100 * glue_metrics(task, logits[:, :task.num_labels], labels)[task.main_metric]
 
 
-def joint_rows(examples: dict[str, list[Example]], tokenizer: Any, max_length: int,
-               offsets: dict[str, int]) -> list[dict[str, Any]]:
-    """Every task's examples as one training set for an adapter that routes by task: each row carries
-    its task's index (``task_ids``, in the order of ``offsets``) and its label moved to the task's
-    outputs in a head shared by all tasks (``label + offsets[task]``)."""
-    rows = []
-    for task_id, (task, offset) in enumerate(offsets.items()):
-        rows += [{**row, "labels": row["labels"] + offset, "task_ids": task_id}
-                 for row in encode_pairs(examples[task], tokenizer, max_length)]
-    return rows
+def joint_rows(examples: dict[str, list[Example]], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """Every task's examples as one training set for a model that routes by task: each row carries its
+    task's index in ``examples`` (``task_ids``)."""
+    return [{**row, "task_ids": task_id} for task_id, task in enumerate(examples)
+            for row in encode_pairs(examples[task], tokenizer, max_length)]
+
+
+class TaskHeads(nn.Module):
+    """One classification head per task in place of the model's head, for batches that mix tasks:
+    each example's logits come from its own task's head (the task id the model is called with), and
+    the outputs past that task's class count are closed (-10^4, as :func:`close_extra_outputs`), so
+    every task trains and scores as a head of its own width."""
+
+    def __init__(self, in_features: int, widths: list[int], init_std: float) -> None:
+        super().__init__()
+        width = max(widths)
+        self.weight = nn.Parameter(torch.randn(len(widths), width, in_features) * init_std)
+        self.bias = nn.Parameter(torch.zeros(len(widths), width))
+        closed = torch.zeros(len(widths), width)
+        for task, classes in enumerate(widths):
+            closed[task, classes:] = _CLOSED
+        self.register_buffer("closed", closed, persistent=False)
+        self.task_ids: torch.Tensor | None = None  # the current call's, set by the hook of :meth:`install`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.task_ids is None:
+            raise PeftlabError("TaskHeads: the call gave no task ids; call the model with task_ids= (one int, or "
+                               "one id per example)")
+        ids = self.task_ids.to(x.device).expand(x.shape[0]) if self.task_ids.dim() == 0 else self.task_ids.to(x.device)
+        logits = torch.einsum("b...i,bwi->b...w", x, self.weight[ids])
+        return logits + (self.bias[ids] + self.closed[ids]).view(x.shape[0], *[1] * (x.dim() - 2), -1)
+
+    @classmethod
+    def install(cls, base: nn.Module, widths: list[int]) -> "TaskHeads":
+        """Replace ``base``'s classification head (one of HEADS, a Linear) by task heads, trainable."""
+        path = next((p for p in HEADS if isinstance(getattr(base, p, None), nn.Linear)), None)
+        if path is None:
+            raise PeftlabError(f"TaskHeads: {type(base).__name__} has no linear head named {' or '.join(HEADS)}")
+        old = getattr(base, path)
+        heads = cls(old.in_features, widths, getattr(base.config, "initializer_range", 0.02)).to(old.weight.device)
+        setattr(base, path, heads)
+        return heads
+
+    def follow(self, model: nn.Module) -> None:
+        """Read each call's ``task_ids`` from ``model``'s keyword arguments (a forward pre-hook), and
+        keep the heads trainable (wrapping the base in a PeftModel froze them)."""
+        def read(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("task_ids")
+            self.task_ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
+
+        model.register_forward_pre_hook(read, with_kwargs=True)
+        self.weight.requires_grad_(True)
+        self.bias.requires_grad_(True)
 
 
 def _batches(rows: list[dict[str, Any]], tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
