@@ -15,7 +15,7 @@ def test_both_jobs_run_and_the_page_is_written(tmp_path):
     data = write_glue(tmp_path / "glue", tasks=("SST-2",), n_train=24, n_dev=8)
     out = tmp_path / "job"
     result = main(["--model", str(model), "--data-dir", str(data), "--train-limit", "24", "--batch-size", "8",
-                   "--repeats", "1", "--threads", "1", "--methods", "lora,bitfit", "--out", str(out)])
+                   "--repeats", "1", "--seeds", "0", "--threads", "1", "--methods", "lora,bitfit", "--out", str(out)])
     assert [(r["method"], r["side"]) for r in result["runs"]] == [("lora", "hf"), ("lora", "peftlab"), ("bitfit", "hf"), ("bitfit", "peftlab")]
     assert result["summary"]["lora"]["hf"]["impl"] == "HF peft" and "peftlab" in result["summary"]["bitfit"]["hf"]["impl"]
     for run in result["runs"]:
