@@ -391,6 +391,10 @@ def test_prefix_form_refuses_a_second_prefix_method_and_unloads_cleanly():
     pm = get_peft_model(tiny_bert(), PrefixTuningConfig(num_virtual_tokens=P))
     with pytest.raises(PeftlabError, match="already carries a prefix-tuning adapter"):
         pm.add_adapter("pro", ProPETLConfig(form="prefix", num_virtual_tokens=P))
+    pm = get_peft_model(tiny_bert(), ProPETLConfig(form="prefix", num_virtual_tokens=P))
+    with pytest.raises(PeftlabError, match="already carries another prefix method's adapters"):  # the other order
+        pm.add_adapter("plain", PrefixTuningConfig(num_virtual_tokens=P))
+    assert set(pm.peft_configs) == {"default"}  # nothing half-added
     model = tiny_bert()
     implementation = model.config._attn_implementation
     pm = get_peft_model(model, ProPETLConfig(form="prefix", num_virtual_tokens=P))

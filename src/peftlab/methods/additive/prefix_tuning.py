@@ -535,6 +535,12 @@ def attach(model: nn.Module, name: str, config: PrefixTuningConfig, host: Any) -
     targets = prefixed_modules(model, config)
     owner = host.model_adapters[_KEY] if _KEY in host.model_adapters else None
     if owner is None:
+        # A method built on prefix tuning's hook (ProPETL's prefix form) already hooks this attention.
+        other = next((key for key, m in host.model_adapters.items() if isinstance(m, PrefixKV)), None)
+        if other is not None:
+            raise PeftlabError(f"prefix tuning: this model already carries another prefix method's adapters "
+                               f"({other!r}), and the two would hook the same attention modules; use one prefix "
+                               "method per model")
         kv_heads, head_dim = _kv_shape(model)
         owner = PrefixKV(len(targets), kv_heads, head_dim, int(model.config.get_text_config().hidden_size))
         owner.install(model, targets)
