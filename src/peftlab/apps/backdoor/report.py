@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import report_tail
 from ...assess.plots import pyplot, save_figure
 from ...assess.report import method_title, markdown_table, method_order
+from .. import report_tail
 
 
 def _mean_std(values: list[float]) -> str:

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from ...assess.jobs import Jobs, family_of
-from .. import run_app
 from ...assess.store import write_json_atomic, write_text_atomic
 from ...assess.suites import FULL, Suite, TaskSpec, check_method_options, shared_dir
 from ...core.errors import PeftlabError
@@ -42,6 +41,7 @@ from ...core.registry import get_method
 from ...tasks.glue import Example, get_glue_task, load_glue
 from ...train.glue_job import HEADS, classify, fit_classifier, load_classifier
 from ...train.loop import train
+from .. import run_app
 from .defences import adapter_features, detect_poisoned, fine_mix, strip_entropies, strip_threshold
 from .poison import KURITA_TRIGGERS, check_share, check_trigger, poison, triggered_eval
 

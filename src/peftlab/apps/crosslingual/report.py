@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import report_tail
 from ...assess.plots import pyplot, save_figure
 from ...assess.report import markdown_table
+from .. import report_tail
 
 TITLES = {"full": "Full fine-tuning", "adapter": "Task adapter", "madx": "MAD-X (language + invertible + task adapters)",
           "lt_sft": "LT-SFT (language SFT + task SFT)"}

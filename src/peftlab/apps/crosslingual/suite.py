@@ -37,7 +37,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import run_app
 from ...assess.store import write_json_atomic, write_text_atomic
 from ...assess.suites import shared_dir
 from ...core.config import PeftConfig, config_from_options
@@ -47,6 +46,7 @@ from ...tasks.glue import Example, get_glue_task, load_glue
 from ...train.data import encode_pairs, make_loader
 from ...train.glue_job import classify, model_source_hint
 from ...train.loop import TrainArgs, train
+from .. import run_app
 from .data import mlm_batches, read_xnli, split_halves, unlabelled_text, xnli_languages
 from .modeling import EncoderWithHeads
 

@@ -148,7 +148,7 @@ class TaskHeads(nn.Module):
         for task, classes in enumerate(widths):
             closed[task, classes:] = _CLOSED
         self.register_buffer("closed", closed, persistent=False)
-        self.task_ids: torch.Tensor | None = None  # the current call's, set by the hook of :meth:`install`
+        self.task_ids: torch.Tensor | None = None  # the current call's, set by the hook of :meth:`follow`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.task_ids is None:

@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import report_tail
 from ...assess.plots import pyplot, save_figure
 from ...assess.report import method_title, markdown_table
 from ...tasks.glue import get_glue_task
+from .. import report_tail
 
 _METRIC = {"accuracy": "acc.", "matthews_corr": "MCC", "f1": "F1"}
 

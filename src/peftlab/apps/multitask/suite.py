@@ -45,9 +45,8 @@ from typing import Any, Callable
 
 import torch
 
-from ...assess.report import method_title
-from .. import run_app
 from ...assess.jobs import Jobs
+from ...assess.report import method_title
 from ...assess.store import write_json_atomic, write_text_atomic
 from ...assess.suites import Suite, TaskSpec, check_method_options, shared_dir
 from ...core.errors import PeftlabError
@@ -58,6 +57,7 @@ from ...tasks.glue import Example, get_glue_task, load_glue
 from ...train.data import encode_pairs, make_loader
 from ...train.glue_job import HEADS, fit_classifier, load_classifier, load_eval_splits
 from ...train.loop import train
+from .. import run_app
 from .combine import (TaskAdapter, TaskHeads, build, close_extra_outputs, joint_rows, mixed_batch_throughput,
                       put_head, score)
 
