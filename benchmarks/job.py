@@ -22,8 +22,9 @@ alternating (HF, peftlab, peftlab, HF, ...) so drifting machine load falls on bo
 - train tokens/s: non-padding training tokens (each example's length, summed over the epoch) over the
   training time alone (``Trainer.train`` / peftlab's loop);
 - peak RSS: the process's resident-set high-water mark (``ru_maxrss``), Python and libraries included;
-- dev accuracy. Both sides are deterministic for a seed, but they draw different batch orders (and
-  peftlab groups batches by length), so one seed compares two draws; ``--seeds`` gives the mean and
+- dev accuracy. Both sides draw plainly shuffled batches (peftlab runs each as parts of similar
+  length, the same gradient) and are deterministic for a seed, but their shuffles and dropout masks
+  come from different generators, so one seed compares two draws; ``--seeds`` gives the mean and
   standard deviation over seeds on each side, the fair comparison of accuracy.
 """
 from __future__ import annotations
@@ -131,7 +132,7 @@ def run_peftlab(args: argparse.Namespace) -> dict[str, Any]:
     from peftlab.train.loop import TrainArgs
 
     run = GlueRun(model=args.model, task="sst2", data_dir=args.data_dir, train_limit=args.train_limit,
-                  batch_size=args.batch_size, max_length=args.max_length, group_by_length=not args.plain_batches)
+                  batch_size=args.batch_size, max_length=args.max_length, split_by_length=not args.plain_batches)
     summary = run_glue(run, _config(args.method),
                        TrainArgs(lr=args.lr, epochs=1, warmup_ratio=0.0, seed=args.seed, progress=False))
     return {"wall_s": time.perf_counter() - PROCESS_START, "train_s": summary["train_s"], "tokens": summary["tokens"],
@@ -187,7 +188,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{s['model_name']}, SST-2 first {s['train_limit'] or 'all'} training examples, 1 epoch, batch "
         f"{s['batch_size']}, max length {s['max_length']}, each method at its `default_lr` x {s['lr_scale']:g} "
         f"(LoRA: 1e-3), seed(s) {', '.join(str(x) for x in s['seeds'])}, {s['threads']} thread(s), the classification head trained; "
-        + ("peftlab side on plain (not length-grouped) batches; " if s.get("plain_batches") else "") +
+        + ("peftlab side with batches run whole (not split by length); " if s.get("plain_batches") else "") +
         f"{s['repeats']} round(s), each job in its own process, alternating sides; times: medians over all runs; "
         "dev accuracy: mean (± standard deviation) over the seeds, and the mean of peftlab minus HF per seed. "
         "HF side: the `transformers.Trainer` script with HF peft's adapter where peft has the method, else "
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="rounds; each runs both jobs of every method and seed")
     parser.add_argument("--plain-batches", action="store_true",
-                        help="peftlab side without length-grouped batches (as the HF side batches)")
+                        help="peftlab side with each batch run whole, padded to its longest row (as the HF side runs it)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_job"), help="writes OUT.md and OUT.json")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one job in this process
     parser.add_argument("--method", help=argparse.SUPPRESS)

@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     lr = args.lr or (get_method(args.method).default_lr if config else 5e-5)
     run = GlueRun(model=args.model, task=task, data_dir=root, train_limit=args.train_limit,
                   eval_limit=args.eval_limit, batch_size=args.batch_size, max_length=args.max_length,
-                  group_by_length=not args.no_group_by_length)
+                  split_by_length=not args.no_split_by_length)
     train_args = TrainArgs(epochs=args.epochs, lr=lr, seed=args.seed, grad_accum_steps=args.grad_accum,
                            mixed_precision=args.mixed_precision, save_every=args.save_every,
                            checkpoint_dir=str(checkpoints), resume=args.resume)
@@ -371,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-limit", type=_LIMIT, default=None, help="use the first N training examples")
     train.add_argument("--epochs", type=_positive(float), default=1.0)
     train.add_argument("--batch-size", type=_positive(int), default=32)
-    train.add_argument("--no-group-by-length", action="store_true",
-                       help="plain shuffled batches (default: shuffled batches of similar-length examples, less padding)")
+    train.add_argument("--no-split-by-length", action="store_true",
+                       help="run each shuffled batch whole, padded to its longest example (default: as parts of "
+                            "similar length, the same gradient with less padding)")
     train.add_argument("--lr", type=_positive(float), default=None, help="default: the method's own default_lr")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--grad-accum", type=_positive(int), default=1, metavar="N",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +12,9 @@ from torch.utils.data import DataLoader
 from peftlab import LoraConfig, get_peft_model
 from peftlab.core.errors import PeftlabError
 from peftlab.core.registry import get_method
+from peftlab.train import data
 from peftlab.train.loop import TrainArgs, latest_checkpoint, train
-from peftlab.train.data import LengthGroupedBatches
-from tests.conftest import apply_method, tiny_bert
+from tests.conftest import apply_method, tiny_bert, tiny_gpt2
 from tests.train import ddp_worker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,15 +122,10 @@ def bert_with(method: str):
 
 def loader(batch_size: int, shuffle: bool | str) -> DataLoader:
     # Shuffled as peftlab's loaders shuffle, by their own generator. A loader without one draws
-    # each epoch's iterator seed from the global RNG (which dropout uses too). "grouped": the
-    # length-grouped batches peftlab's GLUE job trains on, drawn by the same generator.
+    # each epoch's iterator seed from the global RNG (which dropout uses too).
     generator = torch.Generator().manual_seed(3) if shuffle else None
     rows = ddp_worker.rows()[:ROWS]
-    if shuffle == "grouped":
-        lengths = [int(r["attention_mask"].sum()) for r in rows]
-        return DataLoader(rows, batch_sampler=LengthGroupedBatches(lengths, batch_size, generator, pool=2),
-                          generator=generator)
-    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(rows, batch_size=batch_size, shuffle=bool(shuffle), generator=generator)
 
 
 class Crash(Exception):
@@ -151,16 +145,18 @@ def crash_at(step: int):
     ("lora", 1, 4, True),  # at step 3: the end of the first epoch
     ("lora", 1, 5, True),  # at step 4: mid second epoch
     ("lora", 1, 5, False),
-    ("lora", 1, 3, "grouped"),  # length-grouped batches: mid-epoch
-    ("lora", 1, 5, "grouped"),  # and into the second epoch (a new draw of pools and batch order)
+    ("lora", 1, 3, "split"),  # batches split by length (dropout on: parts draw their own masks): mid-epoch
+    ("lora", 1, 5, "split"),  # and into the second epoch
     ("lora", 2, 2, True),  # accumulation: resumes at step 1, one batch into the epoch's second step
     ("fish_mask", 1, 5, True),  # a data pass chose the entries: kept, not chosen again
     ("child_tuning_D", 1, 5, True),  # a Fisher pass chose the child network, a hook masks gradients
     ("child_tuning_F", 1, 5, True),  # a fresh random gradient mask each step (the global RNG)
     ("full", 1, 5, True),  # not a PeftModel: accelerate saves and loads the whole model
 ])
-def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, method, accum, crash, shuffle):
-    args = quiet(epochs=2, warmup_ratio=0.2, lr=1e-3, grad_accum_steps=accum)
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch, method, accum, crash, shuffle):
+    if shuffle == "split":  # cut even these short batches (lengths 6-10) into parts
+        monkeypatch.setattr(data, "PART_COST_TOKENS", 1)
+    args = quiet(epochs=2, warmup_ratio=0.2, lr=1e-3, grad_accum_steps=accum, split_by_length=shuffle == "split")
     batch = 8 // accum
     whole = bert_with(method)
     full = train(whole, loader(batch, shuffle), args)
@@ -209,3 +205,58 @@ def test_a_method_with_stateful_step_hooks_refuses_checkpoints(tmp_path):
     with pytest.raises(PeftlabError, match="adalora keeps state between optimizer steps"):
         train(model, DataLoader(ddp_worker.rows(), batch_size=8),
               quiet(max_steps=2, save_every=1, checkpoint_dir=str(tmp_path)))
+
+
+# -- batches split by length -----------------------------------------------------------------------
+def skewed_rows(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Rows of lengths 3 and 48 (padded to 48): splitting each batch pays for itself."""
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for i in range(n):
+        length = 48 if i % 4 == 0 else 3
+        ids = torch.zeros(48, dtype=torch.long)
+        ids[:length] = torch.randint(3, 100, (length,), generator=g)
+        rows.append({"input_ids": ids, "attention_mask": (torch.arange(48) < length).long(),
+                     "labels": torch.tensor(i % 2)})
+    return rows
+
+
+def calls_and_widths(model) -> list[int]:
+    widths: list[int] = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
+    return widths
+
+
+def test_split_by_length_trains_to_the_whole_batches_weights_on_fewer_padded_tokens():
+    runs = {}
+    for split in (False, True):
+        model = ddp_worker.model()  # no dropout: the two runs must agree
+        widths = calls_and_widths(model)
+        loader = DataLoader(skewed_rows(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+        result = train(model, loader, quiet(epochs=2, split_by_length=split))
+        runs[split] = (adapter(model), widths, result)
+    assert_same(runs[True][0], runs[False][0], atol=1e-5, rtol=1e-4)
+    assert runs[True][2].losses == pytest.approx(runs[False][2].losses, abs=1e-5)
+    assert runs[True][2].tokens == runs[False][2].tokens  # real tokens, counted once per batch
+    assert runs[False][1] == [48] * 4  # 4 steps, each batch padded to 48
+    assert len(runs[True][1]) == 8 and sorted(set(runs[True][1])) == [3, 48]  # each batch as two parts
+
+
+def test_a_method_drawing_per_forward_pass_runs_whole_batches_with_a_notice():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_bert(), get_method("adamix").config_cls())
+    widths = calls_and_widths(model)
+    loader = DataLoader(skewed_rows(8), batch_size=8)
+    with pytest.warns(UserWarning, match="adamix draws its random choice once per forward pass"):
+        train(model, loader, quiet(split_by_length=True))
+    assert widths and set(widths) == {48}  # whole batches (AdaMix's consistency term runs two passes)
+
+
+def test_a_batch_that_cannot_be_split_runs_whole_with_one_notice():
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, targets=("c_attn",)))
+    widths = calls_and_widths(model)
+    rows = [{**r, "labels": r["input_ids"].clone()} for r in skewed_rows(8)]  # a language model's loss over tokens
+    with pytest.warns(UserWarning, match="labels are per token") as notices:
+        train(model, DataLoader(rows, batch_size=4), quiet(split_by_length=True))
+    assert sum("split_by_length" in str(n.message) for n in notices) == 1
+    assert widths == [48, 48]

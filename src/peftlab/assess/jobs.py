@@ -148,7 +148,7 @@ class Jobs:
         return {"kind": suite.kind, "model": suite.model, "data_dir": suite.data_dir, "task": task.to_dict(),
                 "method": method, "config": config.to_dict() if config else None,
                 "lr": suite.learning_rate(method), "epochs": suite.epochs, "max_steps": suite.max_steps,
-                "batch_size": suite.batch_size, "group_by_length": suite.group_by_length,
+                "batch_size": suite.batch_size, "split_by_length": suite.split_by_length,
                 "warmup_ratio": suite.warmup_ratio,
                 "weight_decay": suite.weight_decay, "seed": seed, "timed_steps": suite.timed_steps,
                 "floor_steps": suite.floor_steps,
@@ -164,7 +164,7 @@ class Jobs:
         s = self.suite
         return TrainArgs(epochs=s.epochs, lr=s.learning_rate(method), weight_decay=s.weight_decay,
                          warmup_ratio=s.warmup_ratio, max_steps=max_steps or s.max_steps, seed=seed,
-                         progress=self.progress)
+                         progress=self.progress, split_by_length=s.split_by_length)
 
     def measure(self, task: TaskSpec, method: str, seed: int) -> Measured:
         raise NotImplementedError
@@ -273,7 +273,7 @@ class GlueJobs(Jobs):
         s = self.suite
         run = GlueRun(model=s.model, task=task.name, data_dir=s.data_dir, train_limit=task.train_limit,
                       eval_limit=task.eval_limit, batch_size=s.batch_size, max_length=task.max_length,
-                      group_by_length=s.group_by_length)
+                      split_by_length=s.split_by_length)
         config, search = s.method_config(method), None
         if config is not None and _searched(method):
             config, search = self._search(run, method, seed, config)

@@ -472,7 +472,7 @@ def markdown(suite: Suite, rows: list[dict[str, Any]], notes: list[str], totals:
         "",
         f"- Model: `{suite.model}`" + (f"; data: `{suite.data_dir}`" if suite.data_dir else ""),
         f"- Tasks and budget: {budget}; batch {suite.batch_size}"
-        + (" (length-grouped)" if suite.group_by_length and suite.kind == "glue" else "") + ", "
+        + (" (batches split by length)" if suite.split_by_length and suite.kind == "glue" else "") + ", "
         + (f"{suite.max_steps} steps" if suite.max_steps else f"{suite.epochs:g} epoch(s)")
         + f", seeds {', '.join(map(str, suite.seeds))}" if suite.kind != "efficiency" else
         f"- Models (random weights, built from their configurations): {budget}; a fixed batch of "

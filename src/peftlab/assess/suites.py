@@ -77,7 +77,7 @@ class Suite:
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 32
-    group_by_length: bool = True  # GLUE: shuffled batches of similar-length examples (less padding)
+    split_by_length: bool = True  # GLUE: each batch run as parts of similar length (less padding, same gradient)
     lr_scale: float = 1.0
     full_lr: float = 5e-5
     warmup_ratio: float = 0.06

@@ -91,6 +91,10 @@ class MethodSpec:
     # :class:`~peftlab.core.search.SearchResult` whose ``config`` is this method's config; the study
     # runs it before training the found config like any other.
     search: Callable[..., Any] | None = None
+    # It draws a random choice once per forward pass (AdaMix's expert route, AdapterDrop's dropped
+    # layers, a hard-concrete gate sample): a batch cut into parts (``TrainArgs.split_by_length``) would
+    # draw it once per part, so peftlab's loop runs its batches whole.
+    draws_per_forward: bool = False
     # A stage of another method, not a method of the taxonomy (S3Delta-M's gated supernet, which its
     # search trains): the conformance suite tests it; the study's "all" and the benchmarks leave it out.
     internal: bool = False

@@ -36,9 +36,9 @@ class GlueRun:
     eval_limit: int | None = None
     batch_size: int = 32
     max_length: int = 64
-    # Training batches of rows of similar length (shuffled): far less padding on sentences of varied
-    # length; every row still once per epoch (see peftlab.train.data.LengthGroupedBatches).
-    group_by_length: bool = True
+    # Each training batch (drawn as plain shuffling draws it) run as parts of similar length, its
+    # gradient unchanged: far less padding on sentences of varied length (TrainArgs.split_by_length).
+    split_by_length: bool = True
 
     def __post_init__(self) -> None:
         # Refused here: a limit of 0 used to surface as an IndexError deep inside the tokenizer.
@@ -134,7 +134,7 @@ class Fitted:
 
 
 def fit_classifier(model_path: str, num_labels: int, config: PeftConfig | None, examples: list[Example],
-                   args: TrainArgs, max_length: int, batch_size: int, group_by_length: bool = True,
+                   args: TrainArgs, max_length: int, batch_size: int, split_by_length: bool = True,
                    probe: StepProbe | None = None, keep_batches: int = 0, keep_initial: bool = False,
                    prepare: Callable[[Any], None] | None = None) -> Fitted:
     """Load ``model_path`` with a new head, wrap it with ``config`` (``None``: full fine-tuning; the head
@@ -152,10 +152,11 @@ def fit_classifier(model_path: str, num_labels: int, config: PeftConfig | None, 
     if config is None:
         trainable = total = sum(p.numel() for p in model.parameters())
     loader = make_loader(encode_pairs(examples, tokenizer, max_length), tokenizer, batch_size, shuffle=True,
-                         seed=args.seed, group_by_length=group_by_length)
+                         seed=args.seed)
     initial = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                if keep_initial else None)
-    result = train(model, loader, args, probe=probe, keep_batches=keep_batches)
+    result = train(model, loader, replace(args, split_by_length=split_by_length), probe=probe,
+                   keep_batches=keep_batches)
     if config is not None:
         # Counted after training: a masked method's trainable entries are chosen by its data pass.
         # The review's count: entries that can change; the total is the base model plus those.
@@ -188,7 +189,7 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     train_examples, eval_examples = load_splits(task, run)
     started = time.perf_counter()
     fitted = fit_classifier(run.model, task.num_labels, config, train_examples, args, run.max_length, run.batch_size,
-                            run.group_by_length, probe=probe, keep_batches=floor_steps)
+                            run.split_by_length, probe=probe, keep_batches=floor_steps)
     model, result = fitted.model, fitted.result
     metrics: dict[str, float] = {}
     for split, examples in eval_examples.items():

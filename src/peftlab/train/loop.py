@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import PeftlabError
 from ..core.model import PeftModel
-from ..core.registry import get_method
+from ..core.registry import get_method, spec_for_config
 from ..core.state import atomic_write_bytes, read_tensors, save_tensors
 
 # ``probe(step, model, optimizer)`` may return a context manager to run one training step inside
@@ -48,6 +49,7 @@ def _whole(value: Any) -> bool:
 class TrainArgs:
     """``max_steps``, ``save_every`` and the schedule count optimizer steps; with
     ``grad_accum_steps`` = k, one step takes k batches of the loader (its gradients averaged).
+    ``split_by_length``: see :func:`~peftlab.train.data.split_by_length`.
     ``checkpoint_dir``: where ``save_every`` writes checkpoints and ``resume`` reads the newest."""
 
     epochs: float = 1.0
@@ -60,6 +62,9 @@ class TrainArgs:
     progress: bool = True
     grad_accum_steps: int = 1
     mixed_precision: str = "no"
+    # Each batch run as parts of similar length, its gradient unchanged (peftlab.train.data.split_by_length):
+    # less padding computed on text of varied length, and the same batches as plain shuffling.
+    split_by_length: bool = False
     save_every: int | None = None
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -292,6 +297,7 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
         shuffle.restore("now")
     elif loop["batch"]:
         shuffle.restore("epoch_start")
+    splitter = _splitter(args, peft, accelerator)
     model.train()
     sync_device = accelerator.device.type == "cuda"
     result = TrainResult(steps=loop["step"], final_loss=float("nan"), losses=list(loop["losses"]),
@@ -323,8 +329,7 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
                         steps.enter_context(context)
                     t0, step_losses, step_tokens = time.perf_counter(), [], 0
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)  # divided by grad_accum_steps: the step averages its batches
+                    loss = _forward_backward(model, batch, accelerator, splitter)
                     if accelerator.sync_gradients:
                         if args.max_grad_norm:
                             accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -371,6 +376,59 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
     if peft:
         peft.end_training(loader)  # post-hoc fits (a Laplace approximation) over the training batches
     return result
+
+
+class _Splitter:
+    """Cuts training batches by length (``TrainArgs.split_by_length``); a batch that cannot be cut
+    exactly runs whole, with one notice per run naming why."""
+
+    def __init__(self) -> None:
+        from .data import split_by_length  # here: .data imports .generation, which imports this module
+
+        self.split, self.warned = split_by_length, False
+
+    def __call__(self, batch: Any) -> list[tuple[Any, float]] | None:
+        parts, why = self.split(batch) if isinstance(batch, dict) else (None, "the batch is not a dict")
+        if parts is None and not self.warned:
+            self.warned = True
+            warnings.warn(f"split_by_length: {why}; batches run whole (padded to their longest row)", stacklevel=4)
+        return parts
+
+
+def _splitter(args: TrainArgs, peft: PeftModel | None, accelerator: Any) -> _Splitter | None:
+    if not args.split_by_length:
+        return None
+    if accelerator.device.type != "cpu":
+        # The part cost is measured on CPU threads; on an accelerator a kernel launch per part may cost
+        # more than the padding it saves, and no GPU was at hand to measure it.
+        warnings.warn(f"split_by_length is measured for CPU training only; on {accelerator.device.type} batches run "
+                      "whole", stacklevel=3)
+        return None
+    drawing = sorted({spec.name for spec in map(spec_for_config, peft.peft_configs.values())
+                      if spec.draws_per_forward}) if peft else []
+    if drawing:
+        warnings.warn(f"split_by_length: {', '.join(drawing)} draws its random choice once per forward pass, so a "
+                      "batch cut into parts would draw it once per part; batches run whole", stacklevel=3)
+        return None
+    return _Splitter()
+
+
+def _forward_backward(model: nn.Module, batch: Any, accelerator: Any, splitter: _Splitter | None) -> torch.Tensor:
+    """Forward and backward on one batch; returns its loss. Split: each part's loss times its share
+    of the rows, so the gradients summed over the parts are the whole batch's."""
+    parts = splitter(batch) if splitter else None
+    if not parts or len(parts) == 1:
+        loss = model(**batch).loss
+        accelerator.backward(loss)  # divided by grad_accum_steps: the step averages its batches
+        return loss
+    total = 0.0
+    for i, (part, share) in enumerate(parts):
+        # Under DDP, gradients are averaged across processes once, on the batch's last part.
+        with accelerator.no_sync(model) if i < len(parts) - 1 else contextlib.nullcontext():
+            loss = model(**part).loss * share
+            accelerator.backward(loss)
+        total = total + loss.detach()
+    return total
 
 
 def _adamw(groups: Any, args: TrainArgs) -> torch.optim.Optimizer:

@@ -86,11 +86,11 @@ def glue_search_context(run: Any, args: TrainArgs, holdout: float = 0.2) -> Loop
     score_rows = encode_pairs(scored, tokenizer, run.max_length)
 
     def train_loader() -> Any:
-        return make_loader(fit_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed,
-                           group_by_length=run.group_by_length)
+        return make_loader(fit_rows, tokenizer, run.batch_size, shuffle=True, seed=args.seed)
 
     def score(model: nn.Module) -> float:
         logits, labels = predict(model, make_scoring_loader(score_rows, tokenizer))
         return glue_metrics(task, logits, labels)[task.main_metric]
 
-    return LoopSearchContext(base, train_loader, score, args, head=HEADS)
+    return LoopSearchContext(base, train_loader, score, dataclasses.replace(args, split_by_length=run.split_by_length),
+                             head=HEADS)

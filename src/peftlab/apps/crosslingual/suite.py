@@ -266,15 +266,15 @@ class CrossLingualRunner:
         return config_from_options("lt_sft", {"keep_ratio": str(self.suite.sft_keep_ratio), "l1_reg": str(l1),
                                               "modules_to_save": _json_list(heads)})
 
-    def _args(self, lr: float, epochs: float = 1.0) -> TrainArgs:
-        return TrainArgs(epochs=epochs, lr=lr, seed=self.suite.seed, progress=False)
+    def _args(self, lr: float, epochs: float = 1.0, split_by_length: bool = False) -> TrainArgs:
+        return TrainArgs(epochs=epochs, lr=lr, seed=self.suite.seed, progress=False, split_by_length=split_by_length)
 
     def _fit_task(self, model: Any, data: _Data, lr: float) -> Any:
         s = self.suite
         loader = make_loader(encode_pairs(data.train, self.tokenizer, s.max_length), self.tokenizer, s.batch_size,
-                             shuffle=True, seed=s.seed, group_by_length=True)
+                             shuffle=True, seed=s.seed)
         torch.manual_seed(s.seed)
-        return train(model, loader, self._args(lr, s.epochs))
+        return train(model, loader, self._args(lr, s.epochs, split_by_length=True))  # a loss per pair: splits exactly
 
     def _fit_mlm(self, model: Any, data: _Data, code: str, lr: float) -> Any:
         s = self.suite

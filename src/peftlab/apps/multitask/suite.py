@@ -264,7 +264,7 @@ class MultitaskRunner:
         model = get_peft_model(base, self._joint_config())
         heads.follow(model)
         loader = make_loader(joint_rows({t: self.train[t] for t in s.tasks}, tokenizer, s.max_length), tokenizer,
-                             s.batch_size, shuffle=True, seed=s.seed, group_by_length=True)
+                             s.batch_size, shuffle=True, seed=s.seed)
         train(model, loader, self._args(s.joint_method))
         scores = {task: score(model, tokenizer, get_glue_task(task), self.dev[task], s.max_length, task_id=i)
                   for i, task in enumerate(s.tasks)}

@@ -257,4 +257,5 @@ SPEC = register(MethodSpec(
     paper="Rücklé et al. 2021, AdapterDrop: On the Efficiency of Adapters in Transformers",
     # The sequential adapter's near-identity init is not exactly the identity.
     mergeable=False, identity_at_init=False, default_lr=1e-3, around_forward=around_forward,
+    draws_per_forward=True,  # the dropped layers are drawn per forward pass
 ))

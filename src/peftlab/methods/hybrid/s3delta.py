@@ -411,6 +411,7 @@ SUPERNET_SPEC = register(MethodSpec(
     attach=attach_supernet, paper="Hu et al. 2022, Sparse Structure Search for Delta Tuning (the search's supernet)",
     mergeable=False, identity_at_init=True, default_lr=3e-4, around_forward=_around_forward,
     hooks=TrainingHooks(param_groups=_param_groups), internal=True,
+    draws_per_forward=True,  # a binary-concrete gate sample per forward pass
 ))
 
 

@@ -190,4 +190,5 @@ SPEC = register(MethodSpec(
     attach=attach, paper="Guo, Rush and Kim 2021, Parameter-Efficient Transfer Learning with Diff Pruning",
     mergeable=True, merge_tolerance=1e-5, default_lr=5e-5, needs_weight_gradients=True,
     hooks=TrainingHooks(before_training=_prune), combine=combine_sparse, combination_types=("linear",),
+    draws_per_forward=True,  # a hard-concrete gate sample per forward pass
 ))

@@ -294,4 +294,5 @@ SPEC = register(MethodSpec(
     # N(0, 0.02) projections: not the identity at init; GELU: not foldable into the base weight.
     mergeable=False, identity_at_init=False, default_lr=4e-4, around_forward=around_forward,
     hooks=TrainingHooks(loss=_consistency_term, before_step=_drop_unrouted_grads),
+    draws_per_forward=True,  # one expert route per forward pass
 ))
