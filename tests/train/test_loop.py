@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
+from transformers import BatchEncoding
 
 from peftlab import LoraConfig, get_peft_model
 from peftlab.core.errors import PeftlabError
@@ -232,7 +233,9 @@ def test_split_by_length_trains_to_the_whole_batches_weights_on_fewer_padded_tok
     for split in (False, True):
         model = ddp_worker.model()  # no dropout: the two runs must agree
         widths = calls_and_widths(model)
-        loader = DataLoader(skewed_rows(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+        # Collated into a BatchEncoding, as transformers' collators (and so peftlab's loaders) return.
+        loader = DataLoader(skewed_rows(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0),
+                            collate_fn=lambda rows: BatchEncoding(default_collate(rows)))
         result = train(model, loader, quiet(epochs=2, split_by_length=split))
         runs[split] = (adapter(model), widths, result)
     assert_same(runs[True][0], runs[False][0], atol=1e-5, rtol=1e-4)

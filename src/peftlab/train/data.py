@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -51,7 +51,7 @@ def length_parts(lengths: Sequence[int], part_cost: float = PART_COST_TOKENS) ->
     return runs[::-1]
 
 
-def split_by_length(batch: dict[str, Any], part_cost: float | None = None
+def split_by_length(batch: Mapping[str, Any], part_cost: float | None = None
                     ) -> tuple[list[tuple[dict[str, Any], float]] | None, str]:
     """The batch's rows sorted by length and cut into parts (:func:`length_parts`), each trimmed to
     its own longest row, with each part's share of the rows: ``sum(share * part loss)`` is the whole

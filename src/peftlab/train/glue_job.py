@@ -200,7 +200,9 @@ def run_glue(run: GlueRun, config: PeftConfig | None, args: TrainArgs, out: str 
     floor = None
     if floor_steps:
         steps = min(floor_steps, result.steps)
-        reference = frozen_floor(run, task, result.kept_batches[:steps], args, floor_probe)
+        # Batches split as the run's were (a method drawing per forward pass ran them whole): the same work.
+        reference = frozen_floor(run, task, result.kept_batches[:steps],
+                                 replace(args, split_by_length=result.split_by_length), floor_probe)
         # The same batches as the run's first steps, so identical work: with batches of very different
         # lengths, the ratio of summed times is steadier than a ratio of medians.
         floor = {"steps": steps, "median_step_s": reference.median_step_s_over(steps),  # the drift notes' figure

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
@@ -97,6 +98,7 @@ class TrainResult:
     step_tokens: list[int] = field(default_factory=list)
     probed_steps: list[int] = field(default_factory=list)
     start_step: int = 0  # steps done before this call (a resumed run); timings cover the rest
+    split_by_length: bool = False  # batches ran as parts of similar length (TrainArgs.split_by_length applied)
     kept_batches: list[Any] = field(default_factory=list, repr=False)  # see train(keep_batches=)
 
     @property
@@ -301,7 +303,7 @@ def train(model: nn.Module, loader: DataLoader, args: TrainArgs, accelerator: An
     model.train()
     sync_device = accelerator.device.type == "cuda"
     result = TrainResult(steps=loop["step"], final_loss=float("nan"), losses=list(loop["losses"]),
-                         tokens=loop["tokens"], start_step=loop["step"])
+                         tokens=loop["tokens"], start_step=loop["step"], split_by_length=splitter is not None)
     bar = tqdm(total=total, initial=result.steps, desc="train",
                disable=not (args.progress and accelerator.is_local_main_process))
     start = time.perf_counter()
@@ -388,7 +390,8 @@ class _Splitter:
         self.split, self.warned = split_by_length, False
 
     def __call__(self, batch: Any) -> list[tuple[Any, float]] | None:
-        parts, why = self.split(batch) if isinstance(batch, dict) else (None, "the batch is not a dict")
+        # A Mapping: transformers' collators return a BatchEncoding, which is not a dict.
+        parts, why = self.split(batch) if isinstance(batch, Mapping) else (None, "the batch is not a mapping")
         if parts is None and not self.warned:
             self.warned = True
             warnings.warn(f"split_by_length: {why}; batches run whole (padded to their longest row)", stacklevel=4)
