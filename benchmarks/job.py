@@ -1,12 +1,12 @@
 """The whole fine-tuning job, side by side: the HF ``Trainer`` script against ``peftlab train``.
 
-    python -m benchmarks.job                          # the LoRA job below, seeds 0-2, writes docs/benchmarks_job.md/.json
+    python -m benchmarks.job                          # the LoRA job below, seeds 0-4, writes docs/benchmarks_job.md/.json
     python -m benchmarks.job --methods families       # also one method of each other family
     python -m benchmarks.job --train-limit 64 --repeats 1 --out /tmp/job   # smoke run
 
 The job a user would otherwise write: LoRA (r 8, alpha 16, query and value, the classification head
 trained in full) on the MiniLM, the first 5,000 SST-2 training examples, one epoch, batch 32, max
-length 64, learning rate 1e-3 (the method's ``default_lr`` x 2), seeds 0, 1 and 2, scored on the whole SST-2 dev
+length 64, learning rate 1e-3 (the method's ``default_lr`` x 2), seeds 0 to 4, scored on the whole SST-2 dev
 set. The HF side is the plain script (no peftlab import where peft has the method): SST-2 read with ``csv``, the
 tokenizer over the examples, ``DataCollatorWithPadding``
 (each batch padded to its longest example), ``TrainingArguments`` defaults otherwise (AdamW, linear
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--lr-scale", type=float, default=2.0, help="each method's default_lr times this")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; each round runs every seed")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds; each round runs every seed")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal: the one job's seed
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="rounds; each runs both jobs of every method and seed")
