@@ -156,7 +156,7 @@ def crash_at(step: int):
 ])
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch, method, accum, crash, shuffle):
     if shuffle == "split":  # cut even these short batches (lengths 6-10) into parts
-        monkeypatch.setattr(data, "PART_COST_TOKENS", 1)
+        monkeypatch.setattr(data, "PART_COST_TOKENS_PER_THREAD", 1)
     args = quiet(epochs=2, warmup_ratio=0.2, lr=1e-3, grad_accum_steps=accum, split_by_length=shuffle == "split")
     batch = 8 // accum
     whole = bert_with(method)

@@ -26,14 +26,15 @@ def encode_pairs(examples: Sequence[Any], tokenizer: Any, max_length: int) -> li
     return rows
 
 
-# What one more forward and backward pass costs, in padded tokens: a part of a batch pays this on top
-# of its tokens. Measured on the SST-2 LoRA job (MiniLM, 2 CPU threads): 64, 128 and 256 all ran a
-# 60-step stretch within 10 % of each other; 128 was the fastest. One padded call per batch (no split)
-# took 1.6x as long there, pools of length-sorted batches 0.6x.
-PART_COST_TOKENS = 128
+# What one more forward and backward pass costs, in padded tokens per CPU thread: a part of a batch
+# pays this times torch's thread count on top of its tokens (a token costs less time with more threads;
+# a call's fixed cost does not shrink). Measured on LoRA training of the MiniLM on SST-2 (40 steps):
+# 1 thread: 17.7 / 16.8 / 19.5 / 22.3 s at 32 / 64 / 128 / 256 per thread x 1; whole batches 34.3 s.
+# 2 threads: 13.0-13.7 / 11.5-12.3 / 12.6 s at 64 / 128 / 256 in all; whole batches 22.9 s.
+PART_COST_TOKENS_PER_THREAD = 64
 
 
-def length_parts(lengths: Sequence[int], part_cost: float = PART_COST_TOKENS) -> list[tuple[int, int]]:
+def length_parts(lengths: Sequence[int], part_cost: float) -> list[tuple[int, int]]:
     """Cut ``lengths`` (sorted ascending) into runs ``[start, end)`` that minimise the padded work:
     each run costs ``part_cost`` plus its rows times its longest row. Exact (dynamic programming
     over the cut points; a batch has few rows)."""
@@ -58,7 +59,7 @@ def split_by_length(batch: Mapping[str, Any], part_cost: float | None = None
     batch's loss when the loss averages over the batch's examples (classification, regression), so
     the gradient is the whole batch's, with less padding computed. Returns ``(parts, "")``, or
     ``(None, why)`` when the batch cannot be split that way. ``part_cost``: default
-    :data:`PART_COST_TOKENS`."""
+    :data:`PART_COST_TOKENS_PER_THREAD` times torch's thread count."""
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None, "the batch has no 2-d attention_mask to read row lengths from"
@@ -76,7 +77,9 @@ def split_by_length(batch: Mapping[str, Any], part_cost: float | None = None
     order = torch.argsort(lengths, stable=True)
     sorted_lengths = lengths[order].tolist()
     parts = []
-    for start, end in length_parts(sorted_lengths, PART_COST_TOKENS if part_cost is None else part_cost):
+    if part_cost is None:
+        part_cost = PART_COST_TOKENS_PER_THREAD * torch.get_num_threads()
+    for start, end in length_parts(sorted_lengths, part_cost):
         rows_in, longest = order[start:end], sorted_lengths[end - 1]
         parts.append(({key: value[rows_in][:, :longest] if sequence[key] else value[rows_in]
                        for key, value in batch.items()}, (end - start) / rows))
