@@ -56,8 +56,9 @@ def split_by_length(batch: Mapping[str, Any], part_cost: float | None = None
                     ) -> tuple[list[tuple[dict[str, Any], float]] | None, str]:
     """The batch's rows sorted by length and cut into parts (:func:`length_parts`), each trimmed to
     its own longest row, with each part's share of the rows: ``sum(share * part loss)`` is the whole
-    batch's loss when the loss averages over the batch's examples (classification, regression), so
-    the gradient is the whole batch's, with less padding computed. Returns ``(parts, "")``, or
+    batch's loss when the loss averages over all the batch's examples (classification, regression;
+    not when some rows' labels are ignored), so the gradient is the whole batch's, with less padding
+    computed. Returns ``(parts, "")``, or
     ``(None, why)`` when the batch cannot be split that way. ``part_cost``: default
     :data:`PART_COST_TOKENS_PER_THREAD` times torch's thread count."""
     mask = batch.get("attention_mask")
